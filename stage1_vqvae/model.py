@@ -1,0 +1,455 @@
+"""The whole VQ-VAE of van den Oord et al. 2017 ("Neural Discrete Representation Learning") in one file.
+
+    encoder:  x -> [4x4 stride-2 conv, ReLU] * log2(downsample) -> 3x3 conv -> residual blocks -> ReLU -> 1x1 -> z_e
+    quantize: k = argmin_j ||z_e - e_j||^2,  z_q = e_k  (straight-through: the encoder receives dL/dz_q)
+    decoder:  z_q -> 3x3 conv -> residual blocks -> ReLU -> [4x4 stride-2 transposed conv] * log2(downsample) -> x
+
+Loss (paper, eq. 3): -log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2, beta = commitment_weight = 0.25.
+With a Gaussian decoder of fixed variance the first term is the MSE up to constants. The codebook term is used
+when `decay is None`; otherwise the codebook follows the EMA update of the paper's appendix A.1 (Laplace
+smoothed, as in Sonnet) and only the commitment term enters the loss. Every reduction is a mean over
+elements, so beta keeps its meaning whatever D is.
+
+Under several processes the EMA statistics are all-reduced and k-means init / dead-code restarts are
+broadcast from rank 0, so every rank holds the same codebook (DDP's buffer broadcast alone would throw away
+every rank's statistics but rank 0's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1  # image channels (1 = L, 3 = RGB)
+    image_size: int = 28  # square input side; must be divisible by `downsample`
+    hidden_channels: int = 256  # width of every conv (paper: 256)
+    res_channels: int = 256  # hidden width inside a residual block (paper: 256)
+    num_res_blocks: int = 2  # residual blocks in encoder and decoder each (paper: 2)
+    downsample: int = 4  # total spatial reduction, a power of two: one 4x4 stride-2 conv per factor 2
+    codebook_size: int = 512  # K
+    codebook_dim: int = 64  # D
+    commitment_weight: float = 0.25  # beta, on ||z_e - sg[e]||^2 (never on the codebook term)
+    decay: float | None = 0.99  # EMA decay gamma; None learns the codebook by the codebook loss term
+    epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes
+    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
+    kmeans_iters: int = 10
+    dead_code_window: int = 0  # restart codes unused for this many training steps (0: never)
+
+    def __post_init__(self):
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size (K) must be >= 2, got {self.codebook_size}")
+        for name in ("in_channels", "image_size", "hidden_channels", "res_channels", "codebook_dim", "downsample"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_res_blocks < 0 or self.dead_code_window < 0 or self.kmeans_iters < 0:
+            raise ValueError("num_res_blocks, dead_code_window and kmeans_iters must be >= 0")
+        if self.downsample & (self.downsample - 1):
+            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
+        if self.decay is not None and not 0.0 < self.decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1) or null, got {self.decay}")
+        if self.commitment_weight < 0:
+            raise ValueError(f"commitment_weight must be >= 0, got {self.commitment_weight}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizer
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor  # (B, D, h, w), straight-through: forward value e_k, gradient to z_e
+    codes: torch.Tensor  # (B, h, w) int64
+    loss: torch.Tensor  # codebook_loss (loss mode only) + commitment_weight * commitment_loss
+    codebook_loss: torch.Tensor  # ||sg[z_e] - e||^2 (mean); reported in EMA mode, not optimised
+    commitment_loss: torch.Tensor  # ||z_e - sg[e]||^2 (mean)
+    counts: torch.Tensor  # (K,) code histogram of this batch (all ranks when distributed)
+    perplexity: torch.Tensor
+    usage: torch.Tensor  # fraction of K used in this batch
+    dead_codes: torch.Tensor  # codes unused for >= dead_code_window steps (0 when restarts are off)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means on (N, D) -> (k, D) centroids; empty clusters keep their previous centroid."""
+    n = x.shape[0]
+    idx = torch.randperm(n, generator=generator, device="cpu")[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+    centroids = x[idx.to(x.device)].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return centroids
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantizer with the paper's loss, an optional EMA codebook and dead-code restarts.
+
+    Args:
+        codebook_size: K, the number of codes.
+        codebook_dim: D, the size of each code vector.
+        commitment_weight: beta of the commitment term ||z_e - sg[e]||^2.
+        decay: EMA decay gamma (paper appendix: 0.99); None learns the codebook by gradient of ||sg[z_e] - e||^2.
+        epsilon: Laplace smoothing of the EMA cluster sizes (keeps empty codes from dividing by zero).
+        kmeans_init: initialise the codebook by k-means on the first training batch.
+        dead_code_window: re-seed codes unused for this many training steps from the batch's encoder outputs.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        codebook_dim: int,
+        commitment_weight: float = 0.25,
+        decay: float | None = 0.99,
+        epsilon: float = 1e-5,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_window: int = 0,
+    ):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.commitment_weight = commitment_weight
+        self.decay = decay
+        self.epsilon = epsilon
+        self.kmeans_iters = kmeans_iters
+        self.dead_code_window = dead_code_window
+        # Sonnet's init: uniform in +-sqrt(3/K) (unit-variance-ish codes that the encoder can reach).
+        bound = math.sqrt(3.0 / codebook_size)
+        embed = torch.empty(codebook_size, codebook_dim).uniform_(-bound, bound)  # (K, D)
+        if decay is None:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+            self.register_buffer("cluster_size", torch.ones(codebook_size))
+            self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        # Steps since each code was last chosen: drives dead-code restarts and the dead-code stat.
+        self.register_buffer("code_age", torch.zeros(codebook_size, dtype=torch.long))
+
+    # -- the nearest code -------------------------------------------------------------------------
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N,) index of the closest code in squared L2; ||x||^2 is constant per row and dropped."""
+        embed = self.embed.detach()
+        dist_ = torch.addmm((embed * embed).sum(1), flat, embed.t(), beta=1.0, alpha=-2.0)  # (N, K)
+        return dist_.argmin(dim=1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, D, h, w) code vectors."""
+        return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z_e.shape
+        if d != self.codebook_dim:
+            raise ValueError(f"z_e has {d} channels but codebook_dim is {self.codebook_dim}")
+        # Distances, argmin and EMA statistics are unstable in half precision: compute all of it in fp32.
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            z_e = z_e.float()
+            flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+            if self.training and not bool(self.initted):
+                self._kmeans_init(flat.detach())
+            codes = self.nearest(flat.detach())  # (N,)
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
+            if self.training:
+                if _distributed():
+                    counts_all = counts.clone()
+                    dist.all_reduce(counts_all)
+                else:
+                    counts_all = counts
+                if self.decay is not None:
+                    self._ema_update(flat.detach(), codes, counts_all)
+                self.code_age.add_(1).masked_fill_(counts_all > 0, 0)
+                if self.dead_code_window > 0:
+                    self._restart_dead_codes(flat.detach())
+            else:
+                counts_all = counts
+
+            quantized = F.embedding(codes, self.embed)  # (N, D); carries grad to embed in loss mode
+            codebook_loss = F.mse_loss(quantized, flat.detach())
+            commitment_loss = F.mse_loss(flat, quantized.detach())
+            loss = self.commitment_weight * commitment_loss
+            if self.decay is None:
+                loss = loss + codebook_loss
+            # Straight-through: forward value e_k, gradient d/dz_q copied to z_e.
+            z_q_flat = flat + (quantized - flat).detach()
+            z_q = z_q_flat.view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+            probs = counts_all / counts_all.sum().clamp_min(1)
+            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+            usage = (counts_all > 0).float().mean()
+            if self.dead_code_window > 0:
+                dead = (self.code_age >= self.dead_code_window).sum()
+            else:
+                dead = torch.zeros((), dtype=torch.long, device=z_e.device)
+        return QuantizerOutput(
+            z_q=z_q,
+            codes=codes.view(b, h, w),
+            loss=loss,
+            codebook_loss=codebook_loss.detach(),
+            commitment_loss=commitment_loss.detach(),
+            counts=counts_all,
+            perplexity=perplexity,
+            usage=usage,
+            dead_codes=dead,
+        )
+
+    # -- codebook maintenance -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
+        """N_i <- g N_i + (1-g) n_i ;  m_i <- g m_i + (1-g) sum z_e ;  e_i = m_i / N~_i (Laplace-smoothed N_i)."""
+        embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, codes, flat)  # (K, D)
+        if _distributed():
+            dist.all_reduce(embed_sum)  # counts arrive already reduced
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_avg.lerp_(embed_sum, 1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor) -> None:
+        self.embed.data[which] = vectors
+        if self.decay is not None:
+            self.cluster_size[which] = 1.0
+            self.embed_avg[which] = vectors
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        centroids = kmeans(flat, self.codebook_size, self.kmeans_iters)
+        if _distributed():
+            dist.broadcast(centroids, src=0)
+        self._set_codes(torch.arange(self.codebook_size, device=flat.device), centroids)
+        if self.decay is not None:
+            self.cluster_size.fill_(1.0)
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        dead = self.code_age >= self.dead_code_window  # (K,), identical on every rank (reduced counts)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        # Re-seed from this batch's encoder outputs; rank 0 picks and broadcasts so all ranks agree.
+        pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
+        vectors = flat[pick]
+        if _distributed():
+            dist.broadcast(vectors, src=0)
+        self._set_codes(dead.nonzero().squeeze(1), vectors)
+        self.code_age[dead] = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder / decoder
+
+
+class ResidualBlock(nn.Module):
+    """x + 1x1(ReLU(3x3(ReLU(x)))), the paper's residual block."""
+
+    def __init__(self, channels: int, res_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, res_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(res_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        n_down = int(math.log2(cfg.downsample))
+        layers: list[nn.Module] = []
+        ch = cfg.in_channels
+        for _ in range(n_down):
+            layers += [nn.Conv2d(ch, cfg.hidden_channels, 4, stride=2, padding=1), nn.ReLU()]
+            ch = cfg.hidden_channels
+        layers.append(nn.Conv2d(ch, cfg.hidden_channels, 3, padding=1))
+        layers += [ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(cfg.hidden_channels, cfg.codebook_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, C, H, W) -> (B, D, H/ds, W/ds)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        n_up = int(math.log2(cfg.downsample))
+        layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_dim, cfg.hidden_channels, 3, padding=1)]
+        layers += [ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)]
+        layers.append(nn.ReLU())
+        for i in range(n_up):
+            last = i == n_up - 1
+            out = cfg.in_channels if last else cfg.hidden_channels
+            layers.append(nn.ConvTranspose2d(cfg.hidden_channels, out, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.ReLU())
+        if n_up == 0:
+            layers.append(nn.Conv2d(cfg.hidden_channels, cfg.in_channels, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.net(z_q)  # (B, D, h, w) -> (B, C, h*ds, w*ds)
+
+
+# --------------------------------------------------------------------------------------------------
+# The VQ-VAE
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor  # (B, C, H, W), in the [-1, 1] scale of the input
+    codes: torch.Tensor  # (B, h, w) int64
+    loss: torch.Tensor  # recon_loss + quantizer loss: what training minimises
+    recon_loss: torch.Tensor  # MSE, the Gaussian -log p(x|z_q) up to constants
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+    dead_codes: torch.Tensor
+    counts: torch.Tensor = field(repr=False, default=None)
+
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title | default("VQ-VAE", true) }}
+
+A VQ-VAE (van den Oord et al. 2017, [arXiv:1711.00937](https://arxiv.org/abs/1711.00937)) trained with
+[vqgen]({{ repo_url | default("https://github.com/vqgen/vqgen", true) }}). It maps a
+{{ image_size }}x{{ image_size }} image with {{ in_channels }} channel(s) to a {{ grid }}x{{ grid }} grid of
+codes from a codebook of K={{ codebook_size }} vectors of dimension {{ codebook_dim }}.
+
+{% if training_data %}Training data: `{{ training_data }}`.{% endif %}
+
+{% if metrics %}## Evaluation
+
+| metric | value |
+|---|---|
+{% for k, v in metrics.items() %}| {{ k }} | {{ v }} |
+{% endfor %}{% endif %}
+{% if image %}![reconstructions: originals (top) and reconstructions (bottom)]({{ image }}){% endif %}
+
+## Use
+
+```python
+from stage1_vqvae.model import VQVAE
+vqvae = VQVAE.from_pretrained("{{ repo_id | default("path/to/model", true) }}")
+codes = vqvae.encode(images)           # images (B, C, H, W) in [-1, 1] -> (B, h, w) int64
+images = vqvae.decode_codes(codes)     # back to (B, C, H, W)
+```
+"""
+
+
+class VQVAE(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="vqgen",
+    repo_url="https://github.com/vqgen/vqgen",
+    paper_url="https://arxiv.org/abs/1711.00937",
+    pipeline_tag="image-feature-extraction",
+    license="apache-2.0",
+    tags=["vq-vae", "image-tokenizer", "vqgen"],
+    model_card_template=MODEL_CARD_TEMPLATE,
+):
+    """Encoder, vector quantizer and decoder. Images are (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = VQVAEConfig(**config)
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(
+            config.codebook_size,
+            config.codebook_dim,
+            commitment_weight=config.commitment_weight,
+            decay=config.decay,
+            epsilon=config.epsilon,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            dead_code_window=config.dead_code_window,
+        )
+        self.decoder = Decoder(config)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c, s = self.config.in_channels, self.config.image_size
+        if images.ndim != 4 or images.shape[1] != c or images.shape[-2:] != (s, s):
+            raise ValueError(f"expected images of shape (B, {c}, {s}, {s}), got {tuple(images.shape)}")
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        self._check_images(images)
+        z_e = self.encoder(images)  # (B, D, h, w)
+        q = self.quantizer(z_e)
+        reconstruction = self.decoder(q.z_q.to(z_e.dtype))  # (B, C, H, W)
+        recon_loss = F.mse_loss(reconstruction.float(), images.float())
+        return VQVAEOutput(
+            reconstruction=reconstruction,
+            codes=q.codes,
+            loss=recon_loss + q.loss,
+            recon_loss=recon_loss,
+            codebook_loss=q.codebook_loss,
+            commitment_loss=q.commitment_loss,
+            perplexity=q.perplexity,
+            usage=q.usage,
+            dead_codes=q.dead_codes,
+            counts=q.counts,
+        )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, h, w) int64 codes; never touches the codebook statistics."""
+        self._check_images(images)
+        z_e = self.encoder(images).float()  # (B, D, h, w)
+        b, d, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        return self.quantizer.nearest(flat).view(b, h, w)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int codes -> (B, C, H, W) images in (about) [-1, 1]."""
+        k = self.config.codebook_size
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"codes must lie in [0, {k}); got range [{int(codes.min())}, {int(codes.max())}]")
+        z_q = self.quantizer.lookup(codes.long())  # (B, D, h, w)
+        param = next(self.decoder.parameters())
+        return self.decoder(z_q.to(param.dtype))
+
+    # -- Hub: strict, safetensors-only loading ---------------------------------------------------------
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
+                         map_location="cpu", strict=True, **model_kwargs):
+        from stage1_vqvae.hub import load_safetensors_model
+
+        model = cls(**model_kwargs)
+        return load_safetensors_model(model, model_id, revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only,
+                                      token=token, map_location=map_location)
