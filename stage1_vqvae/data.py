@@ -250,36 +250,49 @@ def decode_image(value, where: str) -> Image.Image:
         raise VqgenError(f"{where} ({src}): cannot decode the image ({e}). Remove or replace that file") from None
 
 
+def iter_image_batches(ds: datasets.Dataset, cfg: DataConfig, split: str, batch_size: int = 512,
+                       start: int = 0, stop: int | None = None):
+    """Decode rows [start, stop) of a split in batches -> (uint8 (B, C, R, R), labels (B,) or None).
+
+    Only one batch is decoded at a time, so memory does not grow with the split.
+    """
+    image_col, label_col = find_columns(ds, cfg)
+    n_classes = len(ds.features[label_col].names) if label_col else 0
+    stop = len(ds) if stop is None else stop
+    raw = ds.cast_column(image_col, datasets.Image(decode=False))
+    transform = ImageTransform(cfg)
+    for lo in range(start, stop, batch_size):
+        rows = raw[lo : min(lo + batch_size, stop)]
+        images = torch.stack([transform(decode_image(v, f"split {split!r} row {lo + j}"))
+                              for j, v in enumerate(rows[image_col])])  # (B, C, R, R)
+        labels = None
+        if label_col:
+            bad = [v for v in rows[label_col] if v is None or not 0 <= v < n_classes]
+            if bad:
+                raise VqgenError(f"split {split!r}: label {bad[0]} is outside the {n_classes} class names; "
+                                 "fix the label column or set data.label_column=none")
+            labels = torch.tensor(rows[label_col], dtype=torch.long)
+        yield images, labels
+
+
 class ImageSplit(torch.utils.data.Dataset):
     """One split as uint8 tensors, decoded once into memory (fast epochs on few cores)."""
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, split: str = "train", progress: bool = False):
+        from tqdm.auto import tqdm
+
         self.cfg = cfg
         self.image_column, self.label_column = find_columns(ds, cfg)
         self.class_names = ds.features[self.label_column].names if self.label_column else None
-        raw = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        transform = ImageTransform(cfg)
-        c = 1 if cfg.channels == "L" else 3
-        n = len(raw)
-        self.images = torch.empty(n, c, cfg.resolution, cfg.resolution, dtype=torch.uint8)  # (N, C, R, R)
-        self.labels = torch.full((n,), -1, dtype=torch.long)
-        from tqdm.auto import tqdm
-
-        it = raw.iter(batch_size=1024)
-        bar = tqdm(total=n, desc=f"decoding {split}", disable=not progress, leave=False)
-        i = 0
-        for batch in it:
-            for j, value in enumerate(batch[self.image_column]):
-                self.images[i + j] = transform(decode_image(value, f"split {split!r} row {i + j}"))
-            if self.label_column:
-                labels = batch[self.label_column]
-                if any(v is None or v < 0 or v >= len(self.class_names) for v in labels):
-                    bad = next(v for v in labels if v is None or v < 0 or v >= len(self.class_names))
-                    raise VqgenError(f"split {split!r}: label {bad} is outside the {len(self.class_names)} class names")
-                self.labels[i : i + len(labels)] = torch.tensor(labels)
-            i += len(batch[self.image_column])
-            bar.update(len(batch[self.image_column]))
+        images, labels = [], []
+        bar = tqdm(total=len(ds), desc=f"decoding {split}", disable=not progress, leave=False)
+        for x, y in iter_image_batches(ds, cfg, split, batch_size=1024):
+            images.append(x)
+            labels.append(y if y is not None else torch.full((len(x),), -1, dtype=torch.long))
+            bar.update(len(x))
         bar.close()
+        self.images = torch.cat(images)  # (N, C, R, R) uint8
+        self.labels = torch.cat(labels)  # (N,), -1 when unlabelled
 
     def __len__(self) -> int:
         return self.images.shape[0]

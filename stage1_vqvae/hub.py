@@ -59,7 +59,10 @@ def load_safetensors_model(model: torch.nn.Module, model_id: str, *, map_locatio
             )
         raise VqgenError(f"{folder} has no model.safetensors; is this a vqgen model folder?")
     state = load_file(str(weights), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise VqgenError(f"{weights} does not match the model built from its config.json: {str(e)[:300]}") from None
     if missing or unexpected:
         raise VqgenError(
             f"{weights} does not match the model built from its config.json: missing {sorted(missing)[:5]}, "
@@ -91,3 +94,37 @@ def upload_folder(folder: Path, repo_id: str, *, repo_type: str = "model", priva
         raise VqgenError(f"could not push to the Hub repo {repo_id} ({type(e).__name__}); the local copy "
                          f"in {folder} is complete. Check your network and token, then retry") from None
     return str(getattr(info, "commit_url", info))
+
+
+# --------------------------------------------------------------------------------------------------
+# Code datasets (written by stage1_vqvae.extract, read by stage 2)
+
+CODES_METADATA = "vqgen_codes.json"
+
+
+def read_codes_metadata(folder: Path) -> dict:
+    import json
+
+    path = Path(folder) / CODES_METADATA
+    if not path.is_file():
+        raise VqgenError(f"{folder} has no {CODES_METADATA}; it was not written by stage1_vqvae.extract")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VqgenError(f"{path} is not valid JSON ({e}); re-run stage1_vqvae.extract") from None
+
+
+def load_code_dataset(name_or_path: str | os.PathLike):
+    """(DatasetDict, metadata) from an extract folder (save_to_disk) or a Hub/parquet layout."""
+    import datasets
+
+    folder = resolve_folder(name_or_path, "code dataset", repo_type="dataset")
+    meta = read_codes_metadata(folder)
+    if (folder / "data" / "dataset_dict.json").is_file():
+        dd = datasets.load_from_disk(str(folder / "data"))
+    else:
+        files = {p.name.split("-")[0]: str(p) for p in sorted((folder / "data").glob("*.parquet"))}
+        if not files:
+            raise VqgenError(f"{folder} holds no code data (data/dataset_dict.json or data/*.parquet)")
+        dd = datasets.load_dataset("parquet", data_files=files)
+    return dd, meta

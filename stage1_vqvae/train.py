@@ -256,10 +256,19 @@ def main(argv: list[str] | None = None) -> Path:
     bar.close()
 
     accelerator.wait_for_everyone()
+    wall = time.perf_counter() - t0
+    # Every rank must hold the same codebook (all-reduced EMA, broadcast restarts): check, do not assume.
+    embed = accelerator.unwrap_model(model).quantizer.embed.detach()
+    gathered = accelerator.gather(embed.unsqueeze(0))  # (world, K, D)
+    rank_diff = (gathered - gathered[:1]).abs().max().item()
     if not val_metrics:
         val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
     if accelerator.is_main_process:
         save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out)
+        write_json(out / "train_summary.json", {
+            "steps": step, "num_processes": accelerator.num_processes, "wall_time_s": wall,
+            "images_per_s": images_seen / wall if wall > 0 else None,
+            "codebook_max_abs_diff_across_ranks": rank_diff, "validation": val_metrics})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "model"

@@ -1,0 +1,196 @@
+"""Encode every split of a dataset into discrete code grids, saved as a Hugging Face dataset for stage 2.
+
+    python -m stage1_vqvae.extract --model runs/mnist/stage1/model --out runs/mnist/codes
+    accelerate launch -m stage1_vqvae.extract --model user/vqvae-mnist --out codes --push_to_hub user/mnist-codes
+    python -m stage1_vqvae.extract --model ... --out ... data.source=/path/to/images   # other images
+
+Output (`save_to_disk` layout): one split per source split with `codes: Array2D((h, w), int16)` (int32 when
+K > 32767) and `label: ClassLabel` when the source has labels, in the source's order; plus `vqgen_codes.json`
+with K, the grid, the VQ-VAE's fingerprint and location, the source, split sizes and image size. Rows are
+encoded in batches under no_grad and streamed to Arrow files, so memory does not grow with the dataset.
+Under `accelerate launch`, each rank encodes a contiguous slice and the main process concatenates them in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, to_dict, write_json
+from stage1_vqvae.data import iter_image_batches, load_source, to_model_input
+from stage1_vqvae.evaluate import load_model_and_data_config
+from stage1_vqvae.hub import CODES_METADATA, state_fingerprint, upload_folder
+
+DATASET_CARD = """---
+{{ card_data }}
+---
+
+# Code grids of `{{ source }}` from a VQ-VAE
+
+Discrete codes made by [vqgen](https://github.com/vqgen/vqgen) stage 1: every image of `{{ source }}` encoded
+into a {{ grid[0] }}x{{ grid[1] }} grid of indices into a codebook of K={{ codebook_size }} vectors.
+
+- VQ-VAE: `{{ vqvae_location }}` (weights sha256 fingerprint `{{ vqvae_fingerprint }}`)
+- image size: {{ image_size }}, channels: {{ channels }}
+- splits: {% for k, v in splits.items() %}{{ k }} ({{ v }}) {% endfor %}
+
+`vqgen_codes.json` holds this metadata for stage 2, which refuses codes from another VQ-VAE.
+"""
+
+
+def _encode_slice(model, ds, data_cfg, split, start, stop, batch_size, device, dtype, has_label):
+    """Generator of rows for Dataset.from_generator: encodes [start, stop) batch by batch."""
+    for images, labels in iter_image_batches(ds, data_cfg, split, batch_size, start, stop):
+        with torch.no_grad():
+            codes = model.encode(to_model_input(images.to(device))).cpu().numpy().astype(dtype)  # (B, h, w)
+        for j in range(len(codes)):
+            row = {"codes": codes[j]}
+            if has_label:
+                row["label"] = int(labels[j])
+            yield row
+
+
+def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int = 512,
+            accelerator: Accelerator | None = None, overwrite: bool = False) -> Path:
+    """Encode all splits into `out` (atomically: a temp folder renamed into place when complete)."""
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise VqgenError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    cfg = model.config
+    model = model.to(accelerator.device).eval()
+    h = w = cfg.grid_size
+    dtype = np.int16 if cfg.codebook_size <= 32767 else np.int32
+    dd = load_source(data_cfg)
+    first = dd["train"]
+    from stage1_vqvae.data import find_columns
+
+    _, label_col = find_columns(first, data_cfg)
+    features = {"codes": datasets.Array2D((h, w), "int16" if dtype == np.int16 else "int32")}
+    class_names = None
+    if label_col:
+        class_names = first.features[label_col].names
+        features["label"] = datasets.ClassLabel(names=class_names)
+    features = datasets.Features(features)
+    fingerprint = state_fingerprint(model)
+
+    work = out.parent / f".{out.name}.work"
+    if accelerator.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for split, ds in dd.items():
+        n = len(ds)
+        start, stop = n * rank // world, n * (rank + 1) // world
+        part = datasets.Dataset.from_generator(
+            _encode_slice,
+            features=features,
+            cache_dir=str(work / f"cache_{rank}"),
+            # The model is hashed through its fingerprint, not pickled by datasets' hasher.
+            fingerprint=f"{fingerprint[:16]}-{split}-{rank}-{world}-{start}-{stop}",
+            gen_kwargs=dict(model=model, ds=ds, data_cfg=data_cfg, split=split, start=start, stop=stop,
+                            batch_size=batch_size, device=accelerator.device, dtype=dtype,
+                            has_label=label_col is not None),
+        )
+        part.save_to_disk(str(work / f"{split}_{rank:05d}"))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        tmp = atomic_dir(out)
+        splits = {}
+        for split in dd:
+            parts = [datasets.load_from_disk(str(work / f"{split}_{r:05d}")) for r in range(world)]
+            splits[split] = datasets.concatenate_datasets(parts) if world > 1 else parts[0]
+        merged = datasets.DatasetDict(splits)
+        merged.save_to_disk(str(tmp / "data"))
+        meta = {
+            "format": "vqgen-codes/1",
+            "codebook_size": cfg.codebook_size,
+            "grid": [h, w],
+            "vqvae_fingerprint": fingerprint,
+            "vqvae_location": model_location,
+            "source_dataset": data_cfg.source,
+            "splits": {k: len(v) for k, v in merged.items()},
+            "image_size": cfg.image_size,
+            "channels": cfg.in_channels,
+            "class_names": class_names,
+            "data_config": to_dict(data_cfg),
+        }
+        write_json(tmp / CODES_METADATA, meta)
+        commit_dir(tmp, out)
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                  api=None) -> str:
+    """Write the Hub layout (data/{split}-00000-of-00001.parquet, README.md card, metadata) and upload it."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    from stage1_vqvae.hub import read_codes_metadata
+
+    codes_dir = Path(codes_dir)
+    meta = read_codes_metadata(codes_dir)
+    dd = datasets.load_from_disk(str(codes_dir / "data"))
+    staging = atomic_dir(codes_dir.parent / f"{codes_dir.name}.hub")
+    (staging / "data").mkdir()
+    for split, ds in dd.items():
+        ds.to_parquet(str(staging / "data" / f"{split}-00000-of-00001.parquet"))
+    shutil.copy(codes_dir / CODES_METADATA, staging / CODES_METADATA)
+    card_data = DatasetCardData(
+        pretty_name=f"VQ-VAE codes of {meta['source_dataset']}",
+        tags=["vqgen", "vq-vae", "image-tokens"],
+        source_datasets=[meta["source_dataset"]],
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in dd]}],
+    )
+    card = DatasetCard.from_template(card_data, template_str=DATASET_CARD, source=meta["source_dataset"],
+                                     **{k: meta[k] for k in ("grid", "codebook_size", "vqvae_location",
+                                                             "vqvae_fingerprint", "image_size", "channels",
+                                                             "splits")})
+    card.save(staging / "README.md")
+    url = upload_folder(staging, repo_id, repo_type="dataset", token=token, private=private, api=api)
+    shutil.rmtree(staging, ignore_errors=True)
+    return url
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="VQ-VAE folder or Hub repo id")
+    parser.add_argument("--out", required=True, help="output folder (save_to_disk layout + vqgen_codes.json)")
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also publish as a parquet dataset")
+    parser.add_argument("--private", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.batch_size < 1:
+        raise VqgenError("--batch_size must be positive")
+    model, folder, data_cfg = load_model_and_data_config(args.model, rest)
+    location = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    accelerator = Accelerator()
+    out = extract(model, data_cfg, Path(args.out), model_location=location, batch_size=args.batch_size,
+                  accelerator=accelerator, overwrite=args.overwrite)
+    if args.push_to_hub and accelerator.is_main_process:
+        print(publish_codes(out, args.push_to_hub, private=args.private or None))
+    return out
+
+
+def cli(argv: list[str] | None = None) -> None:
+    try:
+        main(argv)
+    except VqgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,151 @@
+"""The quantizer against the paper: brute-force nearest codes, the loss and its gradient routing, EMA, restarts."""
+
+import torch
+import torch.nn.functional as F
+
+from stage1_vqvae.model import VQVAE, VectorQuantizer
+
+
+def test_codes_equal_brute_force_nearest_neighbours():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=37, codebook_dim=5, decay=None).eval()
+    z_e = torch.randn(3, 5, 4, 6)
+    out = vq(z_e)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 5)
+    brute = torch.stack([((vq.embed - v) ** 2).sum(1).argmin() for v in flat]).view(3, 4, 6)
+    assert torch.equal(out.codes, brute)
+    # The forward value of z_q is the chosen code vector itself.
+    assert torch.allclose(out.z_q, vq.embed[brute].permute(0, 3, 1, 2))
+
+
+def test_loss_matches_paper_and_gradients_are_routed_as_in_the_paper(tiny_config):
+    """L = recon + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2; decoder <- recon, codebook <- codebook term,
+    encoder <- recon + beta * commitment (straight-through)."""
+    cfg = tiny_config
+    cfg.decay = None
+    cfg.commitment_weight = 0.25
+    torch.manual_seed(1)
+    model = VQVAE(cfg).train()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    out = model(x)
+
+    # Reference computed from the equation with explicit stop-gradients.
+    z_e = model.encoder(x)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim)
+    codes = torch.cdist(flat.detach(), model.quantizer.embed.detach()).argmin(1)
+    e = model.quantizer.embed[codes]
+    z_q = (flat + (e - flat).detach()).view(4, 4, 4, -1).permute(0, 3, 1, 2)
+    recon_term = F.mse_loss(model.decoder(z_q), x)
+    codebook_term = F.mse_loss(e, flat.detach())
+    commit_term = F.mse_loss(flat, e.detach())
+    assert torch.equal(out.codes.flatten(), codes)
+    assert torch.allclose(out.loss, recon_term + codebook_term + 0.25 * commit_term, atol=1e-6)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward(retain_graph=True)
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+    g_model = grads(out.loss)
+    g_recon = grads(recon_term)
+    g_codebook = grads(codebook_term)
+    g_commit = grads(commit_term)
+    for name in g_model:
+        if name.startswith("decoder."):
+            assert torch.allclose(g_model[name], g_recon[name], atol=1e-6), name
+            assert g_codebook[name].abs().max() == 0 and g_commit[name].abs().max() == 0, name
+        elif name == "quantizer.embed":
+            assert torch.allclose(g_model[name], g_codebook[name], atol=1e-7)
+            assert g_recon[name].abs().max() == 0 and g_commit[name].abs().max() == 0
+            assert g_model[name].abs().max() > 0
+        else:
+            assert name.startswith("encoder.")
+            assert torch.allclose(g_model[name], g_recon[name] + 0.25 * g_commit[name], atol=1e-6), name
+            assert g_codebook[name].abs().max() == 0, name
+
+
+def test_commitment_weight_is_on_the_commitment_term_not_the_codebook_term():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, commitment_weight=0.25, decay=None).train()
+    z_e = torch.randn(2, 3, 2, 2, requires_grad=True)
+    out = vq(z_e)
+    out.loss.backward()
+    # d/d z_e of beta * mean||z_e - sg[e]||^2 = beta * 2 (z_e - e) / numel
+    e = vq.embed.detach()[out.codes].permute(0, 3, 1, 2)
+    expected = 0.25 * 2 * (z_e.detach() - e) / z_e.numel()
+    assert torch.allclose(z_e.grad, expected, atol=1e-7)
+    expected_embed = torch.zeros_like(vq.embed).index_add_(
+        0, out.codes.flatten(), (2 * (e - z_e.detach()) / z_e.numel()).permute(0, 2, 3, 1).reshape(-1, 3))
+    assert torch.allclose(vq.embed.grad, expected_embed, atol=1e-7)
+
+
+def test_one_ema_step_matches_hand_computation():
+    torch.manual_seed(0)
+    k, d, gamma, eps = 4, 2, 0.9, 1e-5
+    vq = VectorQuantizer(k, d, decay=gamma, epsilon=eps).train()
+    vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0], [-3.0, 2.0]]))
+    vq.embed_avg.copy_(vq.embed)
+    vq.cluster_size.fill_(1.0)
+    pts = torch.tensor([[0.1, 0.0], [0.0, -0.2], [0.9, 1.2], [1.1, 0.8], [1.0, 1.0]])  # codes 0,0,1,1,1
+    z_e = pts.T.reshape(1, d, 1, 5)  # (B=1, D, h=1, w=5)
+    out = vq(z_e)
+    assert out.codes.flatten().tolist() == [0, 0, 1, 1, 1]
+    n_i = torch.tensor([2.0, 3.0, 0.0, 0.0])
+    sums = torch.stack([pts[:2].sum(0), pts[2:].sum(0), torch.zeros(2), torch.zeros(2)])
+    N = gamma * torch.ones(k) + (1 - gamma) * n_i
+    m = gamma * torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0], [-3.0, 2.0]]) + (1 - gamma) * sums
+    smoothed = (N + eps) / (N.sum() + k * eps) * N.sum()
+    assert torch.allclose(vq.cluster_size, N)
+    assert torch.allclose(vq.embed_avg, m)
+    assert torch.allclose(vq.embed, m / smoothed[:, None], atol=1e-6)
+    # In EMA mode the codebook is a buffer and the loss is the commitment term alone.
+    assert "embed" not in dict(vq.named_parameters())
+    assert torch.allclose(out.loss, 0.25 * out.commitment_loss)
+
+
+def test_eval_mode_never_updates_the_codebook():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, decay=0.99, dead_code_window=1).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(2, 3, 4, 4))
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs_after_the_window():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, decay=0.99, dead_code_window=3).train()
+    vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
+    vq.embed_avg.copy_(vq.embed)
+    z_e = (torch.rand(1, 2, 4, 4) * 1.0)  # all near codes 0/1: codes 2 and 3 are never chosen
+    for step in range(2):
+        out = vq(z_e)
+        assert out.dead_codes == 0
+        assert vq.embed[2].min() > 50  # still far from the data: not restarted yet
+    vq(z_e)  # third step unused: codes 2 and 3 restart from rows of this batch
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 2)
+    for c in (2, 3):
+        assert any(torch.allclose(vq.embed[c], v) for v in flat), c
+        assert vq.code_age[c] == 0
+    out = vq(z_e)
+    assert out.usage > 0.5  # the restarted codes are now in use
+
+
+def test_kmeans_init_places_codes_on_the_data():
+    torch.manual_seed(0)
+    centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
+    pts = centres.repeat_interleave(25, 0) + 0.1 * torch.randn(100, 2)
+    vq = VectorQuantizer(4, 2, decay=0.99, kmeans_init=True, kmeans_iters=20).train()
+    assert not bool(vq.initted)
+    vq(pts.T.reshape(1, 2, 10, 10))
+    assert bool(vq.initted)
+    dists = torch.cdist(centres, vq.embed).min(1).values
+    assert dists.max() < 0.5
+
+
+def test_quantizer_runs_in_fp32_under_autocast():
+    vq = VectorQuantizer(8, 4, decay=0.99).train()
+    z = torch.randn(2, 4, 3, 3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vq(z)
+    assert out.z_q.dtype == torch.float32 and vq.embed.dtype == torch.float32
