@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,19 +18,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m stage1_vqvae.train --config configs/mnist/stage1.yaml --overwrite
-	$(BIN)/python -m stage1_vqvae.evaluate --model runs/mnist/stage1/model --split test --out runs/mnist/stage1/test_metrics.json
-	$(BIN)/python -m stage1_vqvae.extract --model runs/mnist/stage1/model --out runs/mnist/codes --overwrite
+	$(BIN)/python -m stage2_prior.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-
-bench: $(STAMP)
-	$(BIN)/pip install -q vector-quantize-pytorch
-	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf runs

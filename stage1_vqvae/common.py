@@ -274,3 +274,22 @@ def dump_yaml(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
+    """save_state into a temp folder, then rename to step_XXXXXXXX: `latest` never sees a partial save."""
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / STATE_FILE, {"step": step})
+        commit_dir(tmp, final)
+        prune_checkpoints(ckpt_root, keep)
+    accelerator.wait_for_everyone()
+    return final

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from stage1_vqvae.common import VqgenError, from_dict, parse_overrides, write_json
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 
-SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(29)]  # 0.5 .. 64 pixel levels, 4 per octave
+SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
 
 # --------------------------------------------------------------------------------------------------

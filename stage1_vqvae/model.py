@@ -90,7 +90,10 @@ def _distributed() -> bool:
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Lloyd's k-means on (N, D) -> (k, D) centroids; empty clusters keep their previous centroid."""
     n = x.shape[0]
-    idx = torch.randperm(n, generator=generator, device="cpu")[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+    if n >= k:
+        idx = torch.randperm(n, generator=generator)[:k]
+    else:
+        idx = torch.randint(n, (k,), generator=generator)
     centroids = x[idx.to(x.device)].clone()
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(dim=1)

@@ -38,8 +38,8 @@ from stage1_vqvae.common import (
     load_config,
     lr_at,
     prepare_output_dir,
-    prune_checkpoints,
     resolve_resume,
+    save_checkpoint,
     to_dict,
     write_json,
 )
@@ -109,27 +109,6 @@ def save_image_grid(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> torc
     save_image(grid, tmp, format="png")
     tmp.replace(path)
     return (grid * 255).round().byte().permute(1, 2, 0)  # (H, W, 3)
-
-
-def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
-    """save_state into a temp folder, then rename to step_XXXXXXXX: `latest` never sees a partial save."""
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".step_{step:08d}.tmp"
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, {"step": step})
-        commit_dir(tmp, final)
-        prune_checkpoints(ckpt_root, keep)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -118,7 +118,7 @@ def test_dead_codes_are_restarted_from_encoder_outputs_after_the_window():
     vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
     vq.embed_avg.copy_(vq.embed)
     z_e = (torch.rand(1, 2, 4, 4) * 1.0)  # all near codes 0/1: codes 2 and 3 are never chosen
-    for step in range(2):
+    for _ in range(2):
         out = vq(z_e)
         assert out.dead_codes == 0
         assert vq.embed[2].min() > 50  # still far from the data: not restarted yet

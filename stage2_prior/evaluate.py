@@ -1,0 +1,137 @@
+"""Evaluate a prior: held-out NLL in nats and bits per code, and the paper's two-stage bound in bits/dim.
+
+    python -m stage2_prior.evaluate --prior runs/mnist/stage2/model --split test
+    python -m stage2_prior.evaluate --prior user/prior --codes user/codes --vqvae user/vqvae --out m.json
+
+Bits per code are measured over the K code tokens (the distribution that sampling draws from), against the
+uniform prior's log2 K. The two-stage bound (paper, sec. 4.1) is
+    bpd = ( -log p(x|z_q) - log p(z) ) / (C*H*W) / ln 2,   z = the VQ-VAE's codes of x,
+with the same discretised-Gaussian decoder likelihood (sigma fitted on the validation split) as stage-1
+evaluation and p(z) the prior's unconditional (NULL-class) probability; with a uniform prior it equals the
+stage-1 bound exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from stage1_vqvae.common import VqgenError, write_json
+from stage2_prior.model import code_nll, grid_to_input_ids, layout_of
+
+
+def load_prior(name_or_path: str):
+    """A vqgen prior from a folder or Hub id: safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    from stage1_vqvae.hub import resolve_folder
+
+    folder = resolve_folder(name_or_path, "prior", allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"])
+    if not (folder / "model.safetensors").is_file():
+        raise VqgenError(f"{folder} has no model.safetensors (pickle checkpoints are never loaded)")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
+    layout_of(model)  # raises when it is not a vqgen prior
+    return model.eval()
+
+
+@torch.no_grad()
+def sequences_nll(prior, input_ids: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean per-sequence code NLL (nats) over (N, T) input ids."""
+    device = next(prior.parameters()).device
+    total = 0.0
+    for lo in range(0, len(input_ids), batch_size):
+        total += code_nll(prior, input_ids[lo : lo + batch_size].to(device)).double().sum().item()
+    return total / len(input_ids)
+
+
+@torch.no_grad()
+def two_stage_bits_per_dim(prior, vqvae, loaders: dict, split: str) -> dict:
+    """The paper's bound on `split`; sigma of the decoder likelihood fitted on loaders['validation']."""
+    from stage1_vqvae.data import to_model_input
+    from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
+
+    layout = layout_of(prior)
+    sigma = fit_sigma(vqvae, loaders["validation"])
+    dec, pri, n = 0.0, 0.0, 0
+    device = next(vqvae.parameters()).device
+    for batch in loaders[split]:
+        u8 = batch["images"].to(device)
+        codes = vqvae.encode(to_model_input(u8))  # (B, h, w)
+        recon = vqvae.decode_codes(codes).float()
+        dec += discretized_gaussian_nll(u8, recon, sigma).sum().item()
+        ids = grid_to_input_ids(codes, layout)  # NULL class: the unconditional p(z)
+        pri += code_nll(prior, ids.to(next(prior.parameters()).device)).double().sum().item()
+        n += len(u8)
+    cfg = vqvae.config
+    subpixels = cfg.in_channels * cfg.image_size**2
+    return {"bits_per_dim": (dec + pri) / n / subpixels / math.log(2),
+            "bits_per_dim_decoder_term": dec / n / subpixels / math.log(2),
+            "bits_per_dim_prior_term": pri / n / subpixels / math.log(2),
+            "decoder_sigma_levels": sigma, "num_images": n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prior", required=True)
+    parser.add_argument("--codes", default=None, help="code dataset (default: the one the prior was trained on)")
+    parser.add_argument("--vqvae", default=None, help="VQ-VAE for the bits/dim bound (default: the prior's)")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from stage1_vqvae.hub import state_fingerprint
+    from stage2_prior.data import CodeDataConfig, load_code_splits
+    from stage2_prior.model import bits_per_code, check_fingerprints
+
+    prior = load_prior(args.prior)
+    meta = prior.config.vqgen
+    layout = layout_of(prior)
+    codes = args.codes or meta.get("code_dataset")
+    if not codes:
+        raise VqgenError("the prior does not record its code dataset; pass --codes")
+    splits, codes_meta, data_layout = load_code_splits(CodeDataConfig(codes=codes,
+                                                                      conditional=layout.num_classes > 0))
+    check_fingerprints(meta, codes_meta, f"code dataset {codes}")
+    ids = splits[args.split].input_ids
+    nll = sequences_nll(prior, ids, args.batch_size)
+    result = {"split": args.split, "nll_nats_per_code": nll / layout.num_codes,
+              "bits_per_code": bits_per_code(nll, layout), "uniform_bits_per_code": math.log2(layout.codebook_size),
+              "num_sequences": len(ids), "conditional": layout.num_classes > 0}
+    if layout.num_classes:
+        uncond = ids.clone()
+        uncond[:, 1] = layout.null
+        result["bits_per_code_unconditional"] = bits_per_code(sequences_nll(prior, uncond, args.batch_size), layout)
+    vq_loc = args.vqvae or meta.get("vqvae_location")
+    if vq_loc:
+        from stage1_vqvae.evaluate import load_model_and_data_config
+
+        vqvae, _, data_cfg = load_model_and_data_config(vq_loc, [])
+        check_fingerprints(meta, {"vqvae_fingerprint": state_fingerprint(vqvae),
+                                  "codebook_size": vqvae.config.codebook_size,
+                                  "grid": [vqvae.config.grid_size] * 2}, f"VQ-VAE {vq_loc}")
+        from stage1_vqvae.data import load_splits
+
+        images = load_splits(data_cfg, splits=sorted({"validation", args.split}))
+        loaders = {k: torch.utils.data.DataLoader(v, batch_size=args.batch_size) for k, v in images.items()}
+        result["two_stage"] = two_stage_bits_per_dim(prior, vqvae, loaders, args.split)
+    if args.out:
+        write_json(Path(args.out), result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cli(argv: list[str] | None = None) -> None:
+    try:
+        main(argv)
+    except VqgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,148 @@
+"""Stage-2 training (resume, two processes, fingerprints), evaluation, export and sample.py end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stage1_vqvae.common import VqgenError
+from stage1_vqvae.data import DataConfig
+from stage1_vqvae.extract import extract
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY2 = os.path.join(ROOT, "configs", "tiny", "stage2.yaml")
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, image_folder):
+    """A tiny trained VQ-VAE folder (with data_config.json) and its extracted codes."""
+    from stage1_vqvae.train import main as train1
+
+    root = tmp_path_factory.mktemp("pipe")
+    model_dir = train1(["--config", os.path.join(ROOT, "configs", "tiny", "stage1.yaml"),
+                        f"train.output_dir={root / 's1'}", f"data.source={image_folder}", "data.max_samples=null",
+                        "train.batch_size=8", "train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=0"])
+    from stage1_vqvae.model import VQVAE
+
+    codes = extract(VQVAE.from_pretrained(model_dir), DataConfig(source=str(image_folder), resolution=16,
+                                                                 resize_mode="stretch"),
+                    root / "codes", model_location=str(model_dir))
+    return root, model_dir, codes
+
+
+def train2(out, codes, *extra):
+    from stage2_prior.train import main
+
+    return main(["--config", TINY2, f"train.output_dir={out}", f"data.codes={codes}", *extra])
+
+
+def test_training_resume_reproduces_the_uninterrupted_run(stage1, tmp_path):
+    _, _, codes = stage1
+    common = ["train.max_steps=5", "train.checkpoint_every=2", "train.checkpoints_total_limit=5"]
+    full = train2(tmp_path / "a", codes, *common)
+    train2(tmp_path / "b", codes, *common)
+    for name in ("step_00000004", "step_00000005"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = train2(tmp_path / "b", codes, *common, "--resume", "latest")
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps"] == 5
+    assert (full / "samples.png").is_file()  # the VQ-VAE was found and a sample grid decoded
+
+
+def test_resuming_on_codes_of_another_vqvae_is_refused(stage1, tmp_path):
+    _, _, codes = stage1
+    train2(tmp_path / "a", codes, "train.max_steps=2", "train.checkpoint_every=2")
+    other = tmp_path / "other_codes"
+    shutil.copytree(codes, other)
+    meta = json.loads((other / "vqgen_codes.json").read_text())
+    meta["vqvae_fingerprint"] = "0" * 64
+    (other / "vqgen_codes.json").write_text(json.dumps(meta))
+    with pytest.raises(VqgenError, match="fingerprints differ"):
+        train2(tmp_path / "a", other, "train.max_steps=4", "--resume", "latest")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(stage1, tmp_path):
+    _, _, codes = stage1
+    args = ["train.max_steps=3", "train.checkpoint_every=0", "train.sample_every_eval=false",
+            "model.class_dropout=0.0"]
+    one = train2(tmp_path / "one", codes, *args)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "stage2_prior.train", "--config", TINY2, f"train.output_dir={tmp_path / 'two'}",
+           f"data.codes={codes}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
+    from sample import main as sample
+    from stage2_prior.evaluate import main as evaluate
+    from stage2_prior.export import main as export
+
+    _, vqvae_dir, codes = stage1
+    prior = train2(tmp_path / "s2", codes, "train.max_steps=3", "train.checkpoint_every=0")
+    r = evaluate(["--prior", str(prior), "--split", "test", "--out", str(tmp_path / "m.json")])
+    assert r["uniform_bits_per_code"] == 4.0 and 0 < r["bits_per_code"] < 6
+    assert r["two_stage"]["num_images"] == 8 and r["two_stage"]["bits_per_dim"] > 0
+    pipe = export(["--vqvae", str(vqvae_dir), "--prior", str(prior), "--out", str(tmp_path / "pipe")])
+    assert json.loads((pipe / "pipeline.json").read_text())["class_names"] == ["a", "b"]
+
+    out = sample(["--pipeline", str(pipe), "--per-class", "3", "--seed", "5", "--out", str(tmp_path / "o1")])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{i:05d}_class{c}.png" for i, c in enumerate("aaabbb")] + ["grid.png", "samples.json"])
+    info = json.loads((out / "samples.json").read_text())
+    assert info["seed"] == 5 and info["classes"] == [0, 0, 0, 1, 1, 1] and len(info["vqvae_fingerprint"]) == 64
+    again = sample(["--vqvae", str(vqvae_dir), "--prior", str(prior), "--per-class", "3", "--seed", "5",
+                    "--out", str(tmp_path / "o2")])
+    for n in names:
+        if n.endswith(".png"):
+            assert (out / n).read_bytes() == (again / n).read_bytes(), n  # same seed, same images
+    guided = sample(["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance-scale", "3", "--out",
+                     str(tmp_path / "o3")])
+    assert json.loads((guided / "samples.json").read_text())["classes"] == [1, 0, 1]
+    unc = sample(["--pipeline", str(pipe), "--num-images", "4", "--out", str(tmp_path / "o4")])
+    assert sorted(p.name for p in unc.glob("0*.png")) == [f"{i:05d}.png" for i in range(4)]
+    comp = sample(["--pipeline", str(pipe), "--complete", str(out / "00000_classa.png"), "--keep-rows", "2",
+                   "--num-images", "3", "--out", str(tmp_path / "o5")])
+    assert (comp / "completion.png").is_file()
+
+    with pytest.raises(VqgenError, match="already holds files"):
+        sample(["--pipeline", str(pipe), "--out", str(out)])
+    with pytest.raises(VqgenError, match="not a class"):
+        sample(["--pipeline", str(pipe), "--classes", "zebra", "--out", str(tmp_path / "o6")])
+    with pytest.raises(VqgenError, match="no such folder"):
+        sample(["--vqvae", str(tmp_path / "missing"), "--prior", str(prior), "--out", str(tmp_path / "o7")])
+    with pytest.raises(VqgenError, match="Hub could not be reached"):
+        sample(["--pipeline", "nobody/no-pipeline", "--out", str(tmp_path / "o8")])
+
+
+def test_sampling_with_a_mismatching_vqvae_fails_clearly(stage1, tmp_path, tiny_model):
+    from sample import main as sample
+
+    _, _, codes = stage1
+    prior = train2(tmp_path / "s2", codes, "train.max_steps=1", "train.checkpoint_every=0")
+    tiny_model.save_pretrained(tmp_path / "other_vqvae")
+    with pytest.raises(VqgenError, match="fingerprints differ"):
+        sample(["--vqvae", str(tmp_path / "other_vqvae"), "--prior", str(prior), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_cli_errors_print_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--pipeline", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr

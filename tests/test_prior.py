@@ -1,0 +1,199 @@
+"""Stage 2: token layout, the untrained loss, sampling (range, determinism, guidance), fingerprints, Hub, bounds."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from stage1_vqvae.common import VqgenError
+from stage2_prior.model import (
+    PriorConfig,
+    TokenLayout,
+    build_prior,
+    check_fingerprints,
+    grid_to_input_ids,
+    guided_logits,
+    input_ids_to_grid,
+    labels_for,
+    layout_of,
+    sample_codes,
+)
+
+LAYOUT = TokenLayout(codebook_size=16, num_classes=3, height=4, width=4)
+
+
+def tiny_prior(layout=LAYOUT, arch="gpt2", meta=None):
+    torch.manual_seed(0)
+    return build_prior(PriorConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, dropout=0.0), layout, meta).eval()
+
+
+def test_token_layout_round_trip():
+    codes = torch.randint(0, 16, (5, 4, 4))
+    classes = torch.tensor([0, 1, 2, 1, 0])
+    ids = grid_to_input_ids(codes, LAYOUT, classes)
+    assert ids.shape == (5, 18)
+    assert (ids[:, 0] == 16).all() and ids[:, 1].tolist() == [17, 18, 19, 18, 17]
+    assert torch.equal(ids[:, 2:6], codes[:, 0])  # raster order: first row first
+    assert torch.equal(input_ids_to_grid(ids, LAYOUT), codes)
+    assert (grid_to_input_ids(codes, LAYOUT)[:, 1] == LAYOUT.null).all() and LAYOUT.null == 20
+    assert LAYOUT.vocab_size == 21
+    labels = labels_for(ids)
+    assert (labels[:, :2] == -100).all() and torch.equal(labels[:, 2:], ids[:, 2:])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_untrained_loss_is_about_ln_vocab(arch):
+    layout = TokenLayout(codebook_size=64, num_classes=2, height=4, width=4)
+    model = tiny_prior(layout, arch)
+    ids = grid_to_input_ids(torch.randint(0, 64, (8, 4, 4)), layout, torch.tensor([0, 1] * 4))
+    loss = model(input_ids=ids, labels=labels_for(ids)).loss.item()
+    assert abs(loss - math.log(64)) < 0.3
+
+
+def test_samples_are_codes_never_special_tokens_and_seeded():
+    model = tiny_prior()
+    # Make special tokens overwhelmingly likely: sampling must still never return one.
+    with torch.no_grad():
+        model.lm_head.weight[16:] += 5.0
+    for kw in (dict(), dict(top_k=3), dict(top_p=0.5), dict(temperature=0.0), dict(guidance_scale=3.0)):
+        g = torch.Generator().manual_seed(1)
+        codes = sample_codes(model, 6, classes=[0, 1, 2, 0, 1, 2], generator=g, **kw)
+        assert codes.shape == (6, 4, 4) and codes.min() >= 0 and codes.max() < 16, kw
+    a = sample_codes(model, 4, classes=[0, 1, 2, 0], generator=torch.Generator().manual_seed(7))
+    b = sample_codes(model, 4, classes=[0, 1, 2, 0], generator=torch.Generator().manual_seed(7))
+    c = sample_codes(model, 4, classes=[0, 1, 2, 0], generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Batching does not change the samples' distribution code path: same seed, batch 2 vs 4 are valid codes.
+    d = sample_codes(model, 4, generator=torch.Generator().manual_seed(7), batch_size=2)
+    assert d.shape == (4, 4, 4)
+
+
+def test_kv_cached_greedy_sampling_equals_full_recomputation():
+    model = tiny_prior()
+    codes = sample_codes(model, 3, classes=[0, 1, 2], temperature=0.0)
+    ids = grid_to_input_ids(torch.zeros(3, 4, 4, dtype=torch.long), LAYOUT, torch.tensor([0, 1, 2]))[:, :2]
+    for _ in range(16):  # no cache: recompute the whole prefix for every token
+        nxt = model(input_ids=ids, use_cache=False).logits[:, -1, :16].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+    assert torch.equal(codes, input_ids_to_grid(ids, LAYOUT))
+
+
+def test_guidance_scale_one_equals_conditional_sampling_and_the_doubled_batch_is_exact():
+    model = tiny_prior()
+    a = sample_codes(model, 3, classes=[2, 1, 0], guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_codes(model, 3, classes=[2, 1, 0], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    cond = torch.randn(4, 16)
+    unc = torch.randn(4, 16)
+    assert torch.allclose(guided_logits(cond, unc, 1.0).softmax(-1), cond.softmax(-1), atol=1e-6)
+    assert torch.allclose(guided_logits(cond, unc, 0.0).softmax(-1), unc.softmax(-1), atol=1e-6)
+    # Guided greedy sampling in one doubled batch equals a reference that runs the two prompts separately.
+    g = sample_codes(model, 2, classes=[0, 2], guidance_scale=2.5, temperature=0.0)
+    ids_c = grid_to_input_ids(torch.zeros(2, 4, 4, dtype=torch.long), LAYOUT, torch.tensor([0, 2]))[:, :2]
+    ids_u = grid_to_input_ids(torch.zeros(2, 4, 4, dtype=torch.long), LAYOUT)[:, :2]
+    for _ in range(16):
+        lc = model(input_ids=ids_c).logits[:, -1, :16]
+        lu = model(input_ids=ids_u).logits[:, -1, :16]
+        nxt = guided_logits(lc, lu, 2.5).argmax(-1)[:, None]
+        ids_c, ids_u = torch.cat([ids_c, nxt], 1), torch.cat([ids_u, nxt], 1)
+    assert torch.equal(g, input_ids_to_grid(ids_c, LAYOUT))
+
+
+def test_prefix_codes_are_kept_for_completion():
+    model = tiny_prior()
+    prefix = torch.randint(0, 16, (1, 8)).expand(3, -1)
+    codes = sample_codes(model, 3, prefix_codes=prefix, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes.reshape(3, -1)[:, :8], prefix)
+
+
+def test_fingerprint_mismatch_raises_naming_both():
+    meta = {"layout": {"codebook_size": 16, "num_classes": 3, "height": 4, "width": 4}, "vqvae_fingerprint": "a" * 64}
+    check_fingerprints(meta, {"vqvae_fingerprint": "a" * 64, "codebook_size": 16, "grid": [4, 4]}, "x")
+    with pytest.raises(VqgenError, match="fingerprints differ"):
+        check_fingerprints(meta, {"vqvae_fingerprint": "b" * 64}, "VQ-VAE y")
+    with pytest.raises(VqgenError, match="K=32"):
+        check_fingerprints(meta, {"codebook_size": 32}, "codes")
+    with pytest.raises(VqgenError, match="grid"):
+        check_fingerprints(meta, {"grid": [8, 8]}, "codes")
+
+
+def test_save_load_round_trip_keeps_layout_and_outputs(tmp_path):
+    from stage2_prior.evaluate import load_prior
+
+    model = tiny_prior(meta={"vqvae_fingerprint": "f" * 64, "class_names": ["a", "b", "c"]})
+    model.save_pretrained(tmp_path / "p")
+    assert {"model.safetensors", "config.json", "generation_config.json"} <= {p.name for p in (tmp_path / "p").iterdir()}
+    loaded = load_prior(str(tmp_path / "p"))
+    assert layout_of(loaded) == LAYOUT and loaded.config.vqgen["class_names"] == ["a", "b", "c"]
+    ids = grid_to_input_ids(torch.randint(0, 16, (2, 4, 4)), LAYOUT, torch.tensor([0, 1]))
+    assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_pushed_prior_loads_back(tmp_path):
+    from stage1_vqvae.hub import upload_folder
+    from stage2_prior.evaluate import load_prior
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, *, folder_path, repo_id, **kw):
+            shutil.copytree(folder_path, tmp_path / "remote")
+            return "https://hub.local/commit"
+
+    model = tiny_prior()
+    model.save_pretrained(tmp_path / "p")
+    upload_folder(tmp_path / "p", "me/prior", api=FakeApi())
+    assert layout_of(load_prior(str(tmp_path / "remote"))) == LAYOUT
+
+
+def test_a_non_vqgen_or_pickle_prior_is_refused(tmp_path):
+    from stage2_prior.evaluate import load_prior
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"not loaded")
+    (tmp_path / "p" / "config.json").write_text("{}")
+    with pytest.raises(VqgenError, match="no model.safetensors"):
+        load_prior(str(tmp_path / "p"))
+
+
+def test_uniform_prior_bound_equals_the_stage1_bound(tiny_model, image_folder):
+    from stage1_vqvae.data import DataConfig, ImageSplit, load_source
+    from stage1_vqvae.evaluate import full_evaluation
+    from stage2_prior.evaluate import two_stage_bits_per_dim
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    src = load_source(cfg)
+    loaders = {s: torch.utils.data.DataLoader(ImageSplit(src[s], cfg), batch_size=4) for s in ("validation", "test")}
+    stage1 = full_evaluation(tiny_model.eval(), loaders, "test")
+    prior = tiny_prior(TokenLayout(codebook_size=16, num_classes=0, height=4, width=4))
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.zero_()  # all logits equal: the uniform prior over the K codes
+    two = two_stage_bits_per_dim(prior, tiny_model, loaders, "test")
+    assert two["bits_per_dim"] == pytest.approx(stage1["bits_per_dim"], rel=1e-9)
+    assert two["bits_per_dim_prior_term"] == pytest.approx(16 * 4 / 256)
+
+
+def test_frechet_distance_against_the_closed_form():
+    from stage2_prior.quality import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 3, generator=g)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
+    y = torch.randn(20000, 3, generator=g) * 2 + torch.tensor([1.0, 2.0, 0.0])
+    assert frechet_distance(x, y) == pytest.approx(5.0 + 3.0, rel=0.05)
+
+
+def test_small_classifier_learns_separable_classes():
+    from stage2_prior.quality import predict, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=g)
+    images = torch.randn(400, 1, 8, 8, generator=g) * 0.3
+    images[labels == 1, :, :4] += 1.0  # class 1: bright top half
+    model = train_classifier(images, labels, 2, steps=60, batch_size=64)
+    preds, feats = predict(model, images)
+    assert (preds == labels).float().mean() > 0.95 and feats.shape == (400, 128)
