@@ -48,7 +48,7 @@ into a {{ grid[0] }}x{{ grid[1] }} grid of indices into a codebook of K={{ codeb
 def _encode_slice(model, ds, data_cfg, split, start, stop, batch_size, device, dtype, has_label):
     """Generator of rows for Dataset.from_generator: encodes [start, stop) batch by batch."""
     for images, labels in iter_image_batches(ds, data_cfg, split, batch_size, start, stop):
-        with torch.no_grad():
+        with torch.inference_mode():
             codes = model.encode(to_model_input(images.to(device))).cpu().numpy().astype(dtype)  # (B, h, w)
         for j in range(len(codes)):
             row = {"codes": codes[j]}
@@ -65,7 +65,7 @@ def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int 
     if out.exists() and not overwrite:
         raise VqgenError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     cfg = model.config
-    model = model.to(accelerator.device).eval()
+    model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
     h = w = cfg.grid_size
     dtype = np.int16 if cfg.codebook_size <= 32767 else np.int32
     dd = load_source(data_cfg)

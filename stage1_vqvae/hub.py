@@ -73,12 +73,12 @@ def load_safetensors_model(model: torch.nn.Module, model_id: str, *, map_locatio
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes), independent of file layout."""
+    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes), independent of memory layout."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().to("cpu").clone(memory_format=torch.contiguous_format).reshape(-1)  # row-major bytes
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 

@@ -400,13 +400,17 @@ class VQVAE(
         )
         self.decoder = Decoder(config)
 
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         c, s = self.config.in_channels, self.config.image_size
         if images.ndim != 4 or images.shape[1] != c or images.shape[-2:] != (s, s):
             raise ValueError(f"expected images of shape (B, {c}, {s}, {s}), got {tuple(images.shape)}")
+        # Follow the weights' memory format: channels_last convolutions are ~1.4x faster on CPU.
+        if self.encoder.net[0].weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
-        self._check_images(images)
+        images = self._check_images(images)
         z_e = self.encoder(images)  # (B, D, h, w)
         q = self.quantizer(z_e)
         reconstruction = self.decoder(q.z_q.to(z_e.dtype))  # (B, C, H, W)
@@ -427,7 +431,7 @@ class VQVAE(
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, h, w) int64 codes; never touches the codebook statistics."""
-        self._check_images(images)
+        images = self._check_images(images)
         z_e = self.encoder(images).float()  # (B, D, h, w)
         b, d, h, w = z_e.shape
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)

@@ -74,6 +74,7 @@ class TrainConfig:
     num_workers: int = 0
     channels_last: bool = True
     compile: bool = False  # torch.compile through Accelerate's dynamo plugin
+    push_to_hub: str | None = None  # Hub repo id: upload model/ when training ends (token from `hf auth login`)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
@@ -244,6 +245,10 @@ def main(argv: list[str] | None = None) -> Path:
         val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
     if accelerator.is_main_process:
         save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out)
+        if tc.push_to_hub:
+            from stage1_vqvae.hub import upload_folder
+
+            logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
         write_json(out / "train_summary.json", {
             "steps": step, "num_processes": accelerator.num_processes, "wall_time_s": wall,
             "images_per_s": images_seen / wall if wall > 0 else None,
@@ -258,7 +263,8 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
     accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        images = next(iter(val_dl))["images"][:8].to(accelerator.device)
+        # Straight from the dataset: iterating a prepared loader on one rank only could hang a collective.
+        images = val_dl.dataset.images[:8].to(accelerator.device)
         with torch.no_grad():
             x = to_model_input(images)
             recon = unwrapped.decode_codes(unwrapped.encode(x))

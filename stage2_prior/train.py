@@ -70,6 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
     compile: bool = False
+    push_to_hub: str | None = None  # Hub repo id: upload model/ when training ends (token from `hf auth login`)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
@@ -116,7 +117,7 @@ def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> 
         if max_batches is not None and i >= max_batches:
             break
         with accelerator.autocast():
-            nll = code_nll(model, batch["input_ids"])
+            nll = code_nll(unwrapped, batch["input_ids"])
         total += torch.stack([nll.double().sum(), torch.tensor(float(len(nll)), device=nll.device).double()])
     total = accelerator.reduce(total) if accelerator.num_processes > 1 else total
     model.train(was)
@@ -254,6 +255,10 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         save_final_prior(unwrapped, out / "model", cfg, val, out)
+        if tc.push_to_hub:
+            from stage1_vqvae.hub import upload_folder
+
+            logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
         write_json(out / "train_summary.json", {"steps": step, "num_processes": accelerator.num_processes,
                                                  "wall_time_s": wall, "tokens_per_s": tokens_seen / wall,
                                                  "validation": val})

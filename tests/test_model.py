@@ -145,3 +145,13 @@ def test_wrong_input_shape_names_the_expected_shape(tiny_model):
         tiny_model(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="codes must lie"):
         tiny_model.decode_codes(torch.full((1, 4, 4), 99))
+
+
+def test_fingerprint_ignores_memory_layout_but_not_values(tiny_model):
+    from stage1_vqvae.hub import state_fingerprint
+
+    before = state_fingerprint(tiny_model)
+    assert state_fingerprint(tiny_model.to(memory_format=torch.channels_last)) == before
+    with torch.no_grad():
+        tiny_model.decoder.net[0].bias[0] += 1e-3
+    assert state_fingerprint(tiny_model) != before

@@ -123,7 +123,8 @@ def test_save_load_round_trip_keeps_layout_and_outputs(tmp_path):
 
     model = tiny_prior(meta={"vqvae_fingerprint": "f" * 64, "class_names": ["a", "b", "c"]})
     model.save_pretrained(tmp_path / "p")
-    assert {"model.safetensors", "config.json", "generation_config.json"} <= {p.name for p in (tmp_path / "p").iterdir()}
+    files = {p.name for p in (tmp_path / "p").iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json"} <= files
     loaded = load_prior(str(tmp_path / "p"))
     assert layout_of(loaded) == LAYOUT and loaded.config.vqgen["class_names"] == ["a", "b", "c"]
     ids = grid_to_input_ids(torch.randint(0, 16, (2, 4, 4)), LAYOUT, torch.tensor([0, 1]))
