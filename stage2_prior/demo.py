@@ -84,7 +84,7 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 |---|---|---|---|
 | {s2[bits_per_code]:.4f} | {s2[uniform_bits_per_code]:.1f} | {two:.4f} | {s1[bits_per_dim]:.4f} |
 
-## Samples ({q[num_samples]} class-conditional, guidance scale {guidance})
+## Samples ({q[num_samples]} class-conditional, guidance scale {guidance}, temperature {temperature})
 - recognised as the class asked for: **{acc:.1%}** (classifier test accuracy {q[classifier_test_accuracy]:.2%})
 - Frechet distance to the test split: {q[frechet_distance_samples_vs_test]:.3f}
   (train split vs test split: {q[frechet_distance_train_vs_test_reference]:.3f})
@@ -97,7 +97,8 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=2.0)
+    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=3.0)
+    parser.add_argument("--temperature", type=float, default=0.85)
     parser.add_argument("--stage1-steps", dest="stage1_steps", type=int, default=None)
     parser.add_argument("--stage2-steps", dest="stage2_steps", type=int, default=None)
     args = parser.parse_args(argv)
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_step("pipeline export", ["-m", "stage2_prior.export", "--vqvae", str(s1 / "model"), "--prior",
                                  str(s2 / "model"), "--out", str(out / "pipeline")], t)
     run_step("sampling", ["sample.py", "--pipeline", str(out / "pipeline"), "--per-class", "10", "--seed", "0",
-                          "--guidance-scale", str(args.guidance_scale), "--out", str(out / "samples")], t)
+                          "--guidance-scale", str(args.guidance_scale), "--temperature", str(args.temperature),
+                          "--out", str(out / "samples")], t)
     t0 = time.perf_counter()
     quality = sample_quality(out / "samples")
     t["sample quality"] = round(time.perf_counter() - t0, 1)
@@ -135,12 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = json.loads((out / "stage1_test.json").read_text())
     stage2 = json.loads((out / "stage2_test.json").read_text())
     metrics = {"stage1_test": stage1, "stage2_test": stage2, "samples": quality,
-               "guidance_scale": args.guidance_scale, "wall_time_s": t}
+               "guidance_scale": args.guidance_scale, "temperature": args.temperature, "wall_time_s": t}
     write_json(out / "metrics.json", metrics)
     times = "\n".join(f"- {k}: {v}" for k, v in t.items())
     (out / "report.md").write_text(REPORT.format(
         grid="grid.png", s1=stage1, s2=stage2, two=stage2.get("two_stage", {}).get("bits_per_dim", float("nan")),
-        q=quality, acc=quality["samples_recognised_as_asked"], guidance=args.guidance_scale, times=times))
+        q=quality, acc=quality["samples_recognised_as_asked"], guidance=args.guidance_scale,
+        temperature=args.temperature, times=times))
     print(f"\nDemo done in {t['total']} s: {out / 'report.md'}")
     print(json.dumps({k: v for k, v in quality.items() if isinstance(v, float)}, indent=2))
     return metrics

@@ -1,0 +1,265 @@
+"""`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
+
+    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,extraction,demo] [--repeats 7]
+
+Every timing is the median of interleaved repeats. The reference rate is the fp32 matmul rate of a large
+torch.mm measured here, and FLOPs are counted with torch.utils.flop_counter. Prints a markdown table; paste it
+into docs/benchmarks.md with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def timeit(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, calls interleaved so drifts in machine speed hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def reference_rate(repeats: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = timeit({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
+    return 2 * 2048**3 / t
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def row(what: str, figure: str, target: str, detail: str) -> None:
+    ROWS.append((what, figure, target, detail))
+    print(f"| {what} | {figure} | {target} | {detail} |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_quantizer(rate: float, repeats: int) -> None:
+    from stage1_vqvae.model import VectorQuantizer
+
+    n, d, k = 8192, 64, 512
+    torch.manual_seed(0)
+    ours = VectorQuantizer(k, d, commitment_weight=0.25, decay=0.99).train()
+    z = torch.randn(8, d, 32, 32, requires_grad=True)  # (B, D, h, w): 8*32*32 = 8192 vectors
+
+    def run_ours():
+        out = ours(z)
+        (out.loss + out.z_q.sum() * 0).backward()
+        out.perplexity.item()
+
+    fns = {"ours": run_ours}
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+
+        theirs = VectorQuantize(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25).train()
+        x = torch.randn(8, 1024, d, requires_grad=True)  # (B, N, D)
+
+        def run_theirs():
+            q, idx, loss = theirs(x)
+            (loss.sum() + q.sum() * 0).backward()
+
+        fns["vector_quantize_pytorch"] = run_theirs
+    except ImportError:
+        print("vector_quantize_pytorch is not installed: pip install vector-quantize-pytorch", file=sys.stderr)
+    t = timeit(fns, repeats)
+    gemm = 2 * n * d * k / rate
+    if "vector_quantize_pytorch" in t:
+        row("quantizer fwd+bwd, EMA + stats (N=8192, D=64, K=512)",
+            f"{t['vector_quantize_pytorch'] / t['ours']:.2f}x faster than vector_quantize_pytorch", ">= 4x",
+            f"ours {t['ours'] * 1e3:.2f} ms, theirs {t['vector_quantize_pytorch'] * 1e3:.2f} ms")
+    row("quantizer vs its distance GEMM", f"{t['ours'] / gemm:.2f}x the GEMM time", "<= 2x",
+        f"GEMM floor {gemm * 1e3:.2f} ms at the reference rate")
+
+
+def bench_stage1(rate: float, repeats: int) -> None:
+    from stage1_vqvae.common import load_config
+    from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.train import Stage1Config, resolve_model_config
+
+    cfg = load_config(Stage1Config, ROOT / "configs" / "mnist" / "stage1.yaml", [])
+    model = VQVAE(resolve_model_config(cfg)).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    b = cfg.train.batch_size
+    x = (torch.rand(b, 1, 28, 28) * 2 - 1).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        out = model(x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.loss.item()
+
+    flops = flops_of(lambda: model(x).loss.backward())
+    t = timeit({"step": step}, repeats)["step"]
+    row("stage-1 training step (demo config, batch 128)", f"{flops / t / rate:.0%} of the matmul rate",
+        ">= 60%", f"{b / t:.0f} img/s, {flops / t / 1e9:.1f} GFLOP/s, {t * 1e3:.0f} ms/step")
+
+
+def bench_stage2(rate: float, repeats: int) -> None:
+    from stage1_vqvae.common import load_config
+    from stage2_prior.model import TokenLayout, build_prior, labels_for
+    from stage2_prior.train import Stage2Config, param_groups
+
+    cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
+    layout = TokenLayout(256, 10, 7, 7)
+    model = build_prior(cfg.model, layout).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    ids = torch.randint(0, 256, (cfg.train.batch_size, layout.seq_len))
+    labels = labels_for(ids)
+
+    def step():
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.loss.item()
+
+    flops = flops_of(lambda: model(input_ids=ids, labels=labels).loss.backward())
+    t = timeit({"step": step}, repeats)["step"]
+    tokens = ids.numel()
+    row("stage-2 training step (demo config, batch 64 x 51 tokens)", f"{flops / t / rate:.0%} of the matmul rate",
+        ">= 40%", f"{tokens / t:.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s")
+
+
+def bench_sampling(rate: float, repeats: int) -> None:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from stage1_vqvae.common import load_config
+    from stage2_prior.model import TokenLayout, build_prior, prefix_ids, sample_codes
+    from stage2_prior.train import Stage2Config
+
+    cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
+    layout = TokenLayout(256, 10, 7, 7)
+    model = build_prior(cfg.model, layout).eval()
+    classes = torch.arange(10).repeat_interleave(10)
+    n = len(classes)
+
+    class OnlyCodes(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, layout.codebook_size :] = float("-inf")
+            return scores
+
+    prompt = prefix_ids(layout, n, classes)
+    ones = torch.ones_like(prompt)
+
+    def hf(guided: bool):
+        extra = {}
+        if guided:
+            neg = prefix_ids(layout, n, None)
+            extra = dict(guidance_scale=3.0, negative_prompt_ids=neg, negative_prompt_attention_mask=ones)
+        model.generate(prompt, attention_mask=ones, do_sample=True, max_new_tokens=layout.num_codes,
+                       min_new_tokens=layout.num_codes, logits_processor=LogitsProcessorList([OnlyCodes()]),
+                       **extra)
+
+    def ours(guided: bool):
+        sample_codes(model, n, classes=classes, guidance_scale=3.0 if guided else 1.0,
+                     generator=torch.Generator().manual_seed(0))
+
+    params = sum(p.numel() for p in model.parameters())
+    for guided in (False, True):
+        t = timeit({"ours": lambda: ours(guided), "generate": lambda: hf(guided)}, max(3, repeats // 2), warmup=1)
+        floor = 2 * params * n * layout.num_codes * (2 if guided else 1) / rate
+        row(f"sampling 100 class-conditional images{' with guidance 3' if guided else ''}",
+            f"{t['generate'] / t['ours']:.2f}x faster than generate()", ">= 2x",
+            f"ours {n / t['ours']:.0f} img/s, generate {n / t['generate']:.0f} img/s; "
+            f"{t['ours'] / floor:.1f}x the compute floor (target <= 1.5x)")
+
+
+def bench_extraction(repeats: int) -> None:
+    """Peak RSS of extracting the MNIST test split and the same split repeated 10 times (must not grow)."""
+    import datasets
+
+    from stage1_vqvae.data import DataConfig, load_source
+    from stage1_vqvae.model import VQVAE, VQVAEConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        test = load_source(DataConfig())["test"]
+        for name, reps in (("x1", 1), ("x10", 10)):
+            ds = datasets.concatenate_datasets([test] * reps)
+            datasets.DatasetDict({"train": ds, "validation": test.select(range(10)),
+                                  "test": test.select(range(10))}).save_to_disk(str(tmp / name))
+        model = VQVAE(VQVAEConfig(hidden_channels=64, res_channels=32, codebook_size=256, codebook_dim=32))
+        model.save_pretrained(tmp / "vq")
+        (tmp / "vq" / "data_config.json").write_text(json.dumps({"source": "mnist"}))
+        results = {}
+        for name in ("x1", "x10"):
+            code = (f"import resource, time; from stage1_vqvae.extract import main; t=time.perf_counter(); "
+                    f"main(['--model', '{tmp / 'vq'}', '--out', '{tmp / ('codes_' + name)}', "
+                    f"'data.source={tmp / name}']); "
+                    f"print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            secs, rss = out.stdout.strip().splitlines()[-1].split()
+            results[name] = (float(secs), int(rss) / 1024)
+        n1 = len(test) + 20
+        row("extraction (MNIST test split vs the same x10)",
+            f"peak RSS {results['x10'][1]:.0f} MiB vs {results['x1'][1]:.0f} MiB", "must not grow",
+            f"{n1 / results['x1'][0]:.0f} img/s (x1), {(10 * len(test) + 20) / results['x10'][0]:.0f} img/s (x10)")
+
+
+def bench_demo() -> None:
+    path = ROOT / "runs" / "demo" / "metrics.json"
+    if not path.is_file():
+        print("no runs/demo/metrics.json: run `make demo` first for the demo's wall time", file=sys.stderr)
+        return
+    t = json.loads(path.read_text())["wall_time_s"]
+    row("demo wall time per stage (s)", f"total {t['total']}", "<= 900 s",
+        ", ".join(f"{k} {v}" for k, v in t.items() if k != "total"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,extraction,demo")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    which = set(args.only.split(","))
+    torch.manual_seed(0)
+    rate = reference_rate(args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference fp32 matmul rate "
+          f"{rate / 1e9:.1f} GFLOP/s\n")
+    print("| what | figure | target | detail |\n|---|---|---|---|")
+    if "quantizer" in which:
+        bench_quantizer(rate, args.repeats)
+    if "stage1" in which:
+        bench_stage1(rate, args.repeats)
+    if "stage2" in which:
+        bench_stage2(rate, args.repeats)
+    if "sampling" in which:
+        bench_sampling(rate, args.repeats)
+    if "extraction" in which:
+        bench_extraction(args.repeats)
+    if "demo" in which:
+        bench_demo()
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

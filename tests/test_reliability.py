@@ -1,0 +1,159 @@
+"""Reliability and security: kill -9 and resume, interrupted saves, non-finite losses, bad input, secrets."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stage1_vqvae.common import STATE_FILE, VqgenError, commit_dir, resolve_resume, safe_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
+
+
+def args_for(out, image_folder, *extra):
+    return ["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
+            "train.batch_size=8", "train.eval_every=0", "train.report_to=none", *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image_folder):
+    common = ["train.max_steps=300", "train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stage1_vqvae.train"]
+    ref = subprocess.run(cmd + args_for(tmp_path / "ref", image_folder, *common), env=env, capture_output=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    proc = subprocess.Popen(cmd + args_for(tmp_path / "run", image_folder, *common), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step_00000010" for p in ckpts.iterdir())):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "model").exists(), "the run finished before it could be killed"
+    assert resolve_resume("latest", ckpts) is not None
+
+    resumed = subprocess.run(cmd + args_for(tmp_path / "run", image_folder, *common) + ["--resume", "latest"],
+                             env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    for k in a:  # bitwise: model, optimizer, codebook EMA, dead-code ages, RNG and data position all restored
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder):
+    from stage1_vqvae.train import main
+
+    out = tmp_path / "run"
+    main(args_for(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2"))
+    ckpts = out / "checkpoints"
+    # What a kill during save_state leaves: a temp folder, and a step folder without its state file.
+    shutil.copytree(ckpts / "step_00000004", ckpts / ".step_00000006.tmp")
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000008")
+    (ckpts / "step_00000008" / STATE_FILE).unlink()
+    (ckpts / "step_00000008" / "model.safetensors").write_bytes(b"truncated")
+    assert resolve_resume("latest", ckpts) == ckpts / "step_00000004"
+    main(args_for(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2") + ["--resume", "latest"])
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
+
+
+def test_commit_dir_replaces_a_folder_only_when_the_new_one_is_complete(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old").write_text("1")
+    tmp = tmp_path / ".model.tmp"
+    tmp.mkdir()
+    (tmp / "new").write_text("2")
+    commit_dir(tmp, final)
+    assert [p.name for p in final.iterdir()] == ["new"] and not tmp.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, image_folder):
+    from stage1_vqvae.train import main
+
+    out = tmp_path / "run"
+    main(args_for(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
+    good = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002"):
+        main(args_for(out, image_folder, "train.max_steps=50", "train.checkpoint_every=100",
+                      "train.learning_rate=1.0e+30") + ["--resume", "latest"])
+    again = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert all(torch.equal(good[k], again[k]) for k in good)
+    assert not (out / "model").exists() or (out / "model" / "model.safetensors").is_file()
+
+
+def test_an_unwritable_output_folder_is_one_clear_error(tmp_path, image_folder):
+    from stage1_vqvae.train import main
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(VqgenError, match="cannot write to output_dir"):
+        main(args_for(tmp_path / "a_file" / "run", image_folder, "train.max_steps=1"))
+    with pytest.raises(VqgenError, match="is a file"):
+        main(args_for(tmp_path / "a_file", image_folder, "train.max_steps=1"))
+
+
+def test_images_smaller_than_the_downsampling_are_resized_up(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stage1_vqvae.data import DataConfig, ImageSplit, load_source
+
+    d = tmp_path / "imgs" / "train" / "x"
+    d.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((2, 3), 50 * i, np.uint8)).save(d / f"{i}.png")
+    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=16, validation_fraction=0.25)
+    split = ImageSplit(load_source(cfg)["train"], cfg)
+    assert split.images.shape[1:] == (1, 16, 16)
+
+
+def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, monkeypatch):
+    import stage1_vqvae.hub as hub
+    from stage1_vqvae.train import main
+
+    secret = "hf_SECRETtokenVALUE1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+
+    class FakeApi:
+        def __init__(self, *a, **kw):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, *, folder_path, repo_id, **kw):
+            shutil.copytree(folder_path, tmp_path / "remote")
+            return "https://hub.local/commit"
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    out = tmp_path / "run"
+    main(["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
+          "train.batch_size=8", "train.max_steps=2", "train.report_to=tensorboard", "train.push_to_hub=me/vq"])
+    for root in (out, tmp_path / "remote"):
+        for p in root.rglob("*"):
+            if p.is_file():
+                assert secret.encode() not in p.read_bytes(), p
+
+
+def test_names_that_reach_paths_cannot_escape():
+    assert safe_name("../../etc/passwd") == "etc_passwd"
+    assert "/" not in safe_name("a/b\\c") and safe_name("..") == "unnamed"
+    assert safe_name("seven") == "seven"
+
+
+def test_a_folder_where_an_image_is_expected(tmp_path):
+    from sample import load_image
+
+    with pytest.raises(VqgenError, match="is a folder"):
+        load_image(str(tmp_path), tmp_path, None)
