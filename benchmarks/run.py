@@ -184,7 +184,8 @@ def bench_sampling(rate: float, repeats: int) -> None:
 
     params = sum(p.numel() for p in model.parameters())
     for guided in (False, True):
-        t = timeit({"ours": lambda: ours(guided), "generate": lambda: hf(guided)}, max(3, repeats // 2), warmup=1)
+        t = timeit({"ours": lambda g=guided: ours(g), "generate": lambda g=guided: hf(g)}, max(3, repeats // 2),
+                   warmup=1)
         floor = 2 * params * n * layout.num_codes * (2 if guided else 1) / rate
         row(f"sampling 100 class-conditional images{' with guidance 3' if guided else ''}",
             f"{t['generate'] / t['ours']:.2f}x faster than generate()", ">= 2x",

@@ -95,3 +95,36 @@ def test_full_evaluation_reports_every_metric(tiny_model, image_folder):
     assert r["psnr"] == pytest.approx(torch.stack(psnrs).mean().item(), rel=1e-5)
     assert r["bits_per_dim"] == pytest.approx(r["bits_per_dim_decoder_term"] + r["bits_per_dim_prior_term"])
     assert r["bits_per_dim_prior_term"] == pytest.approx(16 * math.log2(16) / 256)
+
+
+@pytest.mark.slow
+def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_model, image_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny_model.save_pretrained(tmp_path / "vq")
+    data = {"source": str(image_folder), "resolution": 16}
+    (tmp_path / "vq" / "data_config.json").write_text(json.dumps(data))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=root)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           "-m", "stage1_vqvae.extract", "--model", str(tmp_path / "vq"), "--out", str(tmp_path / "two"),
+           "--batch_size", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = extract(tiny_model, DataConfig(**data), tmp_path / "one", model_location="x")
+    a, _ = load_code_dataset(one)
+    b, meta = load_code_dataset(tmp_path / "two")
+    for split in a:
+        assert a[split]["codes"] == b[split]["codes"] and a[split]["label"] == b[split]["label"], split
+    assert meta["splits"] == {k: len(v) for k, v in a.items()}
+
+
+def test_sigma_fit_finds_the_grid_minimum(tiny_model, image_folder):
+    from stage1_vqvae.evaluate import SIGMA_GRID, evaluate_model, fit_sigma
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    loader = torch.utils.data.DataLoader(ImageSplit(load_source(cfg)["validation"], cfg), batch_size=4)
+    brute = evaluate_model(tiny_model, loader, sigmas=SIGMA_GRID)["nll_per_image"]
+    assert fit_sigma(tiny_model, loader) == SIGMA_GRID[min(range(len(brute)), key=brute.__getitem__)]
