@@ -2,9 +2,9 @@
 
     python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,extraction,demo] [--repeats 7]
 
-Every timing is the median of interleaved repeats. The reference rate is the fp32 matmul rate of a large
-torch.mm measured here, and FLOPs are counted with torch.utils.flop_counter. Prints a markdown table; paste it
-into docs/benchmarks.md with the command that produced it.
+Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
+timed interleaved with each benchmark's own calls; FLOPs are counted with torch.utils.flop_counter. Prints a
+markdown table; paste it into docs/benchmarks.md with the command that produced it.
 """
 
 from __future__ import annotations
@@ -41,10 +41,21 @@ def timeit(fns: dict, repeats: int, warmup: int = 2) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+REF_A, REF_B = torch.randn(2048, 2048), torch.randn(2048, 2048)
+
+
+def ref_mm() -> None:
+    torch.mm(REF_A, REF_B)
+
+
+def timeit_with_rate(fns: dict, repeats: int, warmup: int = 2) -> tuple[dict, float]:
+    """timeit plus the fp32 matmul rate measured interleaved with the same calls (FLOP/s)."""
+    t = timeit({**fns, "_ref": ref_mm}, repeats, warmup)
+    return t, 2 * 2048**3 / t.pop("_ref")
+
+
 def reference_rate(repeats: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t = timeit({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
-    return 2 * 2048**3 / t
+    return timeit_with_rate({}, repeats)[1]
 
 
 def flops_of(fn) -> int:
@@ -61,7 +72,7 @@ def row(what: str, figure: str, target: str, detail: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_quantizer(rate: float, repeats: int) -> None:
+def bench_quantizer(repeats: int) -> None:
     from stage1_vqvae.model import VectorQuantizer
 
     n, d, k = 8192, 64, 512
@@ -88,7 +99,7 @@ def bench_quantizer(rate: float, repeats: int) -> None:
         fns["vector_quantize_pytorch"] = run_theirs
     except ImportError:
         print("vector_quantize_pytorch is not installed: pip install vector-quantize-pytorch", file=sys.stderr)
-    t = timeit(fns, repeats)
+    t, rate = timeit_with_rate(fns, repeats)
     gemm = 2 * n * d * k / rate
     if "vector_quantize_pytorch" in t:
         row("quantizer fwd+bwd, EMA + stats (N=8192, D=64, K=512)",
@@ -98,7 +109,7 @@ def bench_quantizer(rate: float, repeats: int) -> None:
         f"GEMM floor {gemm * 1e3:.2f} ms at the reference rate")
 
 
-def bench_stage1(rate: float, repeats: int) -> None:
+def bench_stage1(repeats: int) -> None:
     from stage1_vqvae.common import load_config
     from stage1_vqvae.model import VQVAE
     from stage1_vqvae.train import Stage1Config, resolve_model_config
@@ -117,12 +128,13 @@ def bench_stage1(rate: float, repeats: int) -> None:
         out.loss.item()
 
     flops = flops_of(lambda: model(x).loss.backward())
-    t = timeit({"step": step}, repeats)["step"]
+    t, rate = timeit_with_rate({"step": step}, repeats)
+    t = t["step"]
     row("stage-1 training step (demo config, batch 128)", f"{flops / t / rate:.0%} of the matmul rate",
         ">= 60%", f"{b / t:.0f} img/s, {flops / t / 1e9:.1f} GFLOP/s, {t * 1e3:.0f} ms/step")
 
 
-def bench_stage2(rate: float, repeats: int) -> None:
+def bench_stage2(repeats: int) -> None:
     from stage1_vqvae.common import load_config
     from stage2_prior.model import TokenLayout, build_prior, labels_for
     from stage2_prior.train import Stage2Config, param_groups
@@ -142,13 +154,14 @@ def bench_stage2(rate: float, repeats: int) -> None:
         out.loss.item()
 
     flops = flops_of(lambda: model(input_ids=ids, labels=labels).loss.backward())
-    t = timeit({"step": step}, repeats)["step"]
+    t, rate = timeit_with_rate({"step": step}, repeats)
+    t = t["step"]
     tokens = ids.numel()
     row("stage-2 training step (demo config, batch 64 x 51 tokens)", f"{flops / t / rate:.0%} of the matmul rate",
         ">= 40%", f"{tokens / t:.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s")
 
 
-def bench_sampling(rate: float, repeats: int) -> None:
+def bench_sampling(repeats: int) -> None:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from stage1_vqvae.common import load_config
@@ -184,8 +197,8 @@ def bench_sampling(rate: float, repeats: int) -> None:
 
     params = sum(p.numel() for p in model.parameters())
     for guided in (False, True):
-        t = timeit({"ours": lambda g=guided: ours(g), "generate": lambda g=guided: hf(g)}, max(3, repeats // 2),
-                   warmup=1)
+        t, rate = timeit_with_rate({"ours": lambda g=guided: ours(g), "generate": lambda g=guided: hf(g)},
+                                   max(3, repeats // 2), warmup=1)
         floor = 2 * params * n * layout.num_codes * (2 if guided else 1) / rate
         row(f"sampling 100 class-conditional images{' with guidance 3' if guided else ''}",
             f"{t['generate'] / t['ours']:.2f}x faster than generate()", ">= 2x",
@@ -248,13 +261,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{rate / 1e9:.1f} GFLOP/s\n")
     print("| what | figure | target | detail |\n|---|---|---|---|")
     if "quantizer" in which:
-        bench_quantizer(rate, args.repeats)
+        bench_quantizer(args.repeats)
     if "stage1" in which:
-        bench_stage1(rate, args.repeats)
+        bench_stage1(args.repeats)
     if "stage2" in which:
-        bench_stage2(rate, args.repeats)
+        bench_stage2(args.repeats)
     if "sampling" in which:
-        bench_sampling(rate, args.repeats)
+        bench_sampling(args.repeats)
     if "extraction" in which:
         bench_extraction(args.repeats)
     if "demo" in which:

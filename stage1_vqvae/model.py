@@ -154,8 +154,20 @@ class VectorQuantizer(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) index of the closest code in squared L2; ||x||^2 is constant per row and dropped."""
         embed = self.embed.detach()
-        dist_ = torch.addmm((embed * embed).sum(1), flat, embed.t(), beta=1.0, alpha=-2.0)  # (N, K)
-        return dist_.argmin(dim=1)
+        n, d = flat.shape
+        # ||e||^2 - 2 x.e as one GEMM over augmented vectors [x, 1] . [-2e, ||e||^2]: no (N, K) bias copy.
+        embed_aug = torch.cat([-2.0 * embed, (embed * embed).sum(1, keepdim=True)], dim=1)  # (K, D+1)
+        flat_aug = torch.cat([flat, flat.new_ones(n, 1)], dim=1)  # (N, D+1)
+        # On CPU, distances in row blocks of ~1M entries stay in cache between the GEMM and the min;
+        # `min` (values + indices) is faster than `argmin` there. On GPU one block is best.
+        block = n if flat.is_cuda else max(1, (1 << 20) // self.codebook_size)
+        if block >= n:
+            return torch.mm(flat_aug, embed_aug.t()).min(dim=1).indices  # (N,)
+        codes = torch.empty(n, dtype=torch.long, device=flat.device)
+        for lo in range(0, n, block):
+            dist_ = torch.mm(flat_aug[lo : lo + block], embed_aug.t())  # (block, K)
+            codes[lo : lo + block] = dist_.min(dim=1).indices
+        return codes
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) codes -> (B, D, h, w) code vectors."""
@@ -190,11 +202,13 @@ class VectorQuantizer(nn.Module):
                 counts_all = counts
 
             quantized = F.embedding(codes, self.embed)  # (N, D); carries grad to embed in loss mode
-            codebook_loss = F.mse_loss(quantized, flat.detach())
             commitment_loss = F.mse_loss(flat, quantized.detach())
             loss = self.commitment_weight * commitment_loss
             if self.decay is None:
+                codebook_loss = F.mse_loss(quantized, flat.detach())
                 loss = loss + codebook_loss
+            else:
+                codebook_loss = commitment_loss.detach()  # same value; the EMA, not a gradient, moves the codes
             # Straight-through: forward value e_k, gradient d/dz_q copied to z_e.
             z_q_flat = flat + (quantized - flat).detach()
             z_q = z_q_flat.view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)

@@ -198,3 +198,13 @@ def test_small_classifier_learns_separable_classes():
     model = train_classifier(images, labels, 2, steps=60, batch_size=64)
     preds, feats = predict(model, images)
     assert (preds == labels).float().mean() > 0.95 and feats.shape == (400, 128)
+
+
+def test_inverse_cdf_draw_matches_the_distribution():
+    from stage2_prior.model import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(40000, 4)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert freq[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(freq, probs[0], atol=0.01)

@@ -149,3 +149,11 @@ def test_quantizer_runs_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = vq(z)
     assert out.z_q.dtype == torch.float32 and vq.embed.dtype == torch.float32
+
+
+def test_blocked_nearest_search_equals_one_big_argmin():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=512, codebook_dim=8, decay=None)
+    flat = torch.randn(5000, 8)  # > one block of 2048 rows: exercises the blocked path and its ragged tail
+    reference = torch.cdist(flat, vq.embed.detach()).argmin(1)
+    assert torch.equal(vq.nearest(flat), reference)
