@@ -113,13 +113,30 @@ def build_mnist(cfg: DataConfig) -> datasets.DatasetDict:
     return datasets.load_from_disk(str(target))
 
 
+def _check_saved_splits(path: Path) -> None:
+    """A split saved with zero rows has no Arrow file, and datasets fails on it with an IndexError: name it."""
+    import json
+
+    names = json.loads((path / "dataset_dict.json").read_text())["splits"] if (path / "dataset_dict.json").is_file() \
+        else [None]
+    for name in names:
+        state = (path / name if name else path) / "state.json"
+        if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+            raise VqgenError(f"data.source {path}: split {name!r} is empty; add images or remove that split")
+
+
 def _load_local(path: Path) -> datasets.DatasetDict:
     if not path.is_dir():
         raise VqgenError(f"data.source {path} is a file; pass the folder that holds the images or parquet files")
     if not any(path.iterdir()):
         raise VqgenError(f"data.source {path} is an empty folder; put images (one sub-folder per class) in it")
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        ds = datasets.load_from_disk(str(path))
+        _check_saved_splits(path)
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged save_to_disk folder raises many types
+            raise VqgenError(f"data.source {path}: cannot load this save_to_disk folder ({type(e).__name__}: "
+                             f"{e}). Re-save it with DatasetDict.save_to_disk") from None
     else:
         try:
             ds = datasets.load_dataset(str(path))

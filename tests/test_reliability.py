@@ -157,3 +157,73 @@ def test_a_folder_where_an_image_is_expected(tmp_path):
 
     with pytest.raises(VqgenError, match="is a folder"):
         load_image(str(tmp_path), tmp_path, None)
+
+
+@pytest.mark.slow
+def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image_folder, tiny_model):
+    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.extract import extract
+
+    codes = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
+                    model_location="none")
+    tiny2 = os.path.join(ROOT, "configs", "tiny", "stage2.yaml")
+    common = ["train.max_steps=200", "train.checkpoint_every=5", "train.eval_every=0", f"data.codes={codes}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stage2_prior.train", "--config", tiny2]
+    ref = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'ref'}", *common], env=env, capture_output=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(cmd + [f"train.output_dir={tmp_path / 'run'}", *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step_00000010" for p in ckpts.iterdir())):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "model").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume", "latest"],
+                             env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    for k in a:  # class dropout is keyed by the micro-batch index, so it replays exactly too
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_an_empty_split_is_one_clear_error(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from stage1_vqvae.data import DataConfig, load_source
+
+    img = Image.fromarray(np.zeros((4, 4), np.uint8))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [img] * 4, "label": [0] * 4},
+                                                                    features=features),
+                               "test": datasets.Dataset.from_dict({"image": [], "label": []}, features=features)})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(VqgenError, match="split 'test' is empty"):
+        load_source(DataConfig(source=str(tmp_path / "dd"), resolution=4))
+
+
+def test_codes_that_do_not_match_their_metadata_are_refused(tmp_path, image_folder, tiny_model):
+    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.extract import extract
+    from stage2_prior.data import CodeDataConfig, load_code_splits
+
+    codes = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
+                    model_location="none")
+    meta = json.loads((codes / "vqgen_codes.json").read_text())
+    import datasets
+    import numpy as np
+
+    top = int(np.max(datasets.load_from_disk(str(codes / "data"))["train"].with_format("numpy")[:]["codes"]))
+    meta["codebook_size"] = top  # the stored codes reach `top`, outside [0, top)
+    (codes / "vqgen_codes.json").write_text(json.dumps(meta))
+    with pytest.raises(VqgenError, match="outside"):
+        load_code_splits(CodeDataConfig(codes=str(codes)))
+    meta["codebook_size"], meta["grid"] = 16, [8, 8]
+    (codes / "vqgen_codes.json").write_text(json.dumps(meta))
+    with pytest.raises(VqgenError, match="grids but its metadata says"):
+        load_code_splits(CodeDataConfig(codes=str(codes)))
