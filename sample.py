@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, safe_name, write_json
+from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, safe_name, write_json
 
 
 def load_models(pipeline: str | None, vqvae_path: str | None, prior_path: str | None, device):
@@ -194,11 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

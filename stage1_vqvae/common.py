@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import types
 import typing
 from pathlib import Path
@@ -293,3 +294,46 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
         prune_checkpoints(ckpt_root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def run_cli(main, argv: list[str] | None = None) -> None:
+    """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except VqgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def build_accelerator(tc, out: Path, kwargs_handlers=()):
+    """The Accelerator both trainers use, plus the per-process batch; `tc` is a stage's TrainConfig."""
+    import logging
+
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        log_with=None if tc.report_to == "none" else tc.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # Epoch e's order is a function of (seed, e): skipping batches on resume replays the same data.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=list(kwargs_handlers),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    per_device, rem = divmod(tc.batch_size, accelerator.num_processes * tc.gradient_accumulation_steps)
+    if rem or per_device == 0:
+        raise VqgenError(f"train.batch_size {tc.batch_size} is not divisible by processes x accumulation "
+                         f"({accelerator.num_processes} x {tc.gradient_accumulation_steps})")
+    return accelerator, per_device
+
+
+def init_trackers(accelerator, project: str, cfg) -> None:
+    """Log the flattened config as hyperparameters (main process, when a tracker is on)."""
+    if accelerator.is_main_process and cfg.train.report_to != "none":
+        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for s, d in to_dict(cfg).items() for k, v in d.items()}
+        accelerator.init_trackers(project, config=flat)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.common import VqgenError, from_dict, parse_overrides, write_json
+from stage1_vqvae.common import VqgenError, from_dict, parse_overrides, run_cli, write_json
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
@@ -233,11 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

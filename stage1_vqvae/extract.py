@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import datasets
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, to_dict, write_json
+from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, to_dict, write_json
 from stage1_vqvae.data import iter_image_batches, load_source, to_model_input
 from stage1_vqvae.evaluate import load_model_and_data_config
 from stage1_vqvae.hub import CODES_METADATA, state_fingerprint, upload_folder
@@ -185,11 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from stage1_vqvae.common import VqgenError, write_json
+from stage1_vqvae.common import VqgenError, run_cli, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from stage1_vqvae.common import VqgenError, write_json
+from stage1_vqvae.common import VqgenError, run_cli, write_json
 from stage2_prior.model import code_nll, grid_to_input_ids, layout_of
 
 
@@ -130,11 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, write_json
+from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, write_json
 
 PIPELINE_CARD = """---
 library_name: vqgen
@@ -84,11 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

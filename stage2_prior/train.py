@@ -17,26 +17,27 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 
 from stage1_vqvae.common import (
     STATE_FILE,
     VqgenError,
     atomic_dir,
+    build_accelerator,
     commit_dir,
     dump_yaml,
+    init_trackers,
     load_config,
     lr_at,
     prepare_output_dir,
     resolve_resume,
+    run_cli,
     save_checkpoint,
     to_dict,
     write_json,
@@ -137,22 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
     tc = cfg.train
     out = Path(tc.output_dir)
 
-    from accelerate.utils import TorchDynamoPlugin
-
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        log_with=None if tc.report_to == "none" else tc.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
-    )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    per_device, rem = divmod(tc.batch_size, accelerator.num_processes * tc.gradient_accumulation_steps)
-    if rem or per_device == 0:
-        raise VqgenError(f"train.batch_size {tc.batch_size} is not divisible by processes x accumulation "
-                         f"({accelerator.num_processes} x {tc.gradient_accumulation_steps})")
+    accelerator, per_device = build_accelerator(tc, out, ())
 
     splits, meta, layout = load_code_splits(cfg.data)
     resume_dir = resolve_resume(args.resume, out / "checkpoints") if args.resume else None
@@ -187,10 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.load_state(str(resume_dir))
         step = json.loads((resume_dir / STATE_FILE).read_text())["step"]
         logger.info("resumed from %s at step %d", resume_dir, step)
-    if accelerator.is_main_process and tc.report_to != "none":
-        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for s, d in to_dict(cfg).items() for k, v in d.items()}
-        accelerator.init_trackers("stage2_prior", config=flat)
+    init_trackers(accelerator, "stage2_prior", cfg)
 
     decoder = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
     per_epoch = len(train_dl)
@@ -346,11 +329,7 @@ def save_final_prior(model, final: Path, cfg: Stage2Config, val: dict, run_dir: 
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":
