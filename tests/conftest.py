@@ -57,3 +57,40 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return VQVAE(tiny_config)
+
+
+class FakeHubApi:
+    """Stands in for the Hub endpoint (HfApi): create_repo + upload_folder copy into `remote/{type}/{repo_id}`.
+
+    The real upload code path runs; only the network boundary is replaced.
+    """
+
+    remote: Path = Path("remote")
+
+    def __init__(self, *args, **kwargs):
+        self.created = []
+
+    def create_repo(self, repo_id, repo_type=None, **kwargs):
+        from types import SimpleNamespace
+
+        self.created.append((repo_id, repo_type or "model"))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, repo_id, repo_type=None, **kwargs):
+        import shutil
+
+        shutil.copytree(folder_path, self.remote / (repo_type or "model") / repo_id, dirs_exist_ok=True)
+        return f"https://hub.local/{repo_id}/commit/0"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """The FakeHubApi class, uploading under tmp_path/remote and patched in wherever vqgen or the mixin use HfApi."""
+    import huggingface_hub.hub_mixin
+
+    import stage1_vqvae.hub as hub
+
+    api = type("FakeHub", (FakeHubApi,), {"remote": tmp_path / "remote"})
+    monkeypatch.setattr(hub, "HfApi", api)
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", api)
+    return api

@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import datasets
 import pytest
@@ -37,29 +36,21 @@ def test_extraction_schema_order_and_metadata(tiny_model, image_folder, tmp_path
         extract(tiny_model, cfg, out, model_location="x")
 
 
-def test_published_code_dataset_loads_back_with_its_features(tiny_model, image_folder, tmp_path):
+def test_published_code_dataset_loads_back_with_its_features(tiny_model, image_folder, tmp_path, fake_hub):
     out = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
                   model_location="x")
-    uploaded = {}
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            uploaded["repo_type"] = kw.get("repo_type")
-
-        def upload_folder(self, *, folder_path, repo_id, repo_type, **kw):
-            shutil.copytree(folder_path, tmp_path / "remote")
-            return "https://hub.local/commit"
-
-    publish_codes(out, "me/codes", api=FakeApi())
-    assert uploaded["repo_type"] == "dataset"
-    assert (tmp_path / "remote" / "data" / "train-00000-of-00001.parquet").is_file()
-    card = (tmp_path / "remote" / "README.md").read_text()
+    api = fake_hub()
+    publish_codes(out, "me/codes", api=api)
+    assert api.created == [("me/codes", "dataset")]
+    remote = tmp_path / "remote" / "dataset" / "me" / "codes"
+    assert (remote / "data" / "train-00000-of-00001.parquet").is_file()
+    card = (remote / "README.md").read_text()
     assert "vqgen" in card and "K=16" in card
-    dd, meta = load_code_dataset(tmp_path / "remote")
+    dd, meta = load_code_dataset(remote)
     local, _ = load_code_dataset(out)
     assert dd["train"].features["codes"] == datasets.Array2D((4, 4), "int16")
     assert dd["test"]["codes"] == local["test"]["codes"]
-    assert json.loads((tmp_path / "remote" / "vqgen_codes.json").read_text()) == meta
+    assert json.loads((remote / "vqgen_codes.json").read_text()) == meta
 
 
 def test_discretized_gaussian_is_a_proper_distribution_over_256_levels():

@@ -1,7 +1,6 @@
 """VQVAE behaviour: encode/decode consistency, strict save/load, Hub push offline, no pickle loading."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -63,30 +62,7 @@ def test_model_card_has_metadata(tiny_model, tmp_path):
     assert "psnr | 20.5" in card.text and "mnist" in card.text
 
 
-class FakeHfApi:
-    """Stands in for the Hub endpoint: create_repo + upload_folder copy into a local 'remote'."""
-
-    remote = None
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def create_repo(self, repo_id, **kwargs):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self, *, folder_path, repo_id, repo_type=None, **kwargs):
-        dest = FakeHfApi.remote / (repo_type or "model") / repo_id
-        shutil.copytree(folder_path, dest, dirs_exist_ok=True)
-        return f"https://hub.local/{repo_id}/commit/0"
-
-
-def test_push_to_hub_uploads_a_folder_that_loads_back(tiny_model, tmp_path, monkeypatch):
-    import huggingface_hub.hub_mixin
-
-    FakeHfApi.remote = tmp_path / "remote"
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeHfApi)
+def test_push_to_hub_uploads_a_folder_that_loads_back(tiny_model, tmp_path, fake_hub):
     tiny_model.push_to_hub("user/tiny-vqvae")
     pushed = tmp_path / "remote" / "model" / "user" / "tiny-vqvae"
     loaded = VQVAE.from_pretrained(pushed)

@@ -148,27 +148,14 @@ def test_cli_errors_print_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
 
 
-def test_trained_prior_is_pushed_with_its_card_and_loads_back(stage1, tmp_path, monkeypatch):
-    import stage1_vqvae.hub as hub
+def test_trained_prior_is_pushed_with_its_card_and_loads_back(stage1, tmp_path, fake_hub):
     from stage2_prior.evaluate import load_prior
     from stage2_prior.model import layout_of
 
-    class FakeApi:
-        def __init__(self, *a, **kw):
-            pass
-
-        def create_repo(self, repo_id, **kw):
-            pass
-
-        def upload_folder(self, *, folder_path, repo_id, **kw):
-            shutil.copytree(folder_path, tmp_path / "remote" / repo_id)
-            return "https://hub.local/commit"
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
     _, _, codes = stage1
     prior = train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0",
                    "train.push_to_hub=me/prior")
-    remote = tmp_path / "remote" / "me" / "prior"
+    remote = tmp_path / "remote" / "model" / "me" / "prior"
     card = (remote / "README.md").read_text()
     assert "pipeline_tag: unconditional-image-generation" in card and "bits per code" in card
     assert "samples.png" in card and (remote / "samples.png").is_file()

@@ -1,7 +1,6 @@
 """Stage 2: token layout, the untrained loss, sampling (range, determinism, guidance), fingerprints, Hub, bounds."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -131,22 +130,14 @@ def test_save_load_round_trip_keeps_layout_and_outputs(tmp_path):
     assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
-def test_pushed_prior_loads_back(tmp_path):
+def test_pushed_prior_loads_back(tmp_path, fake_hub):
     from stage1_vqvae.hub import upload_folder
     from stage2_prior.evaluate import load_prior
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            pass
-
-        def upload_folder(self, *, folder_path, repo_id, **kw):
-            shutil.copytree(folder_path, tmp_path / "remote")
-            return "https://hub.local/commit"
-
     model = tiny_prior()
     model.save_pretrained(tmp_path / "p")
-    upload_folder(tmp_path / "p", "me/prior", api=FakeApi())
-    assert layout_of(load_prior(str(tmp_path / "remote"))) == LAYOUT
+    upload_folder(tmp_path / "p", "me/prior", api=fake_hub())
+    assert layout_of(load_prior(str(tmp_path / "remote" / "model" / "me" / "prior"))) == LAYOUT
 
 
 def test_a_non_vqgen_or_pickle_prior_is_refused(tmp_path):

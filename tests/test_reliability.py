@@ -23,6 +23,25 @@ def args_for(out, image_folder, *extra):
             "train.batch_size=8", "train.eval_every=0", "train.report_to=none", *extra]
 
 
+def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "step_00000010") -> None:
+    """Start a training subprocess, SIGKILL it as soon as checkpoint `name` is complete."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / name / STATE_FILE).is_file():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpts.parent / "model").exists(), "the run finished before it could be killed"
+
+
+def assert_same_weights(folder_a, folder_b) -> None:
+    a = load_file(str(folder_a / "model.safetensors"))
+    b = load_file(str(folder_b / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image_folder):
     common = ["train.max_steps=300", "train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
@@ -31,24 +50,15 @@ def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image
     ref = subprocess.run(cmd + args_for(tmp_path / "ref", image_folder, *common), env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen(cmd + args_for(tmp_path / "run", image_folder, *common), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step_00000010" for p in ckpts.iterdir())):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "model").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(cmd + args_for(tmp_path / "run", image_folder, *common), env, ckpts)
     assert resolve_resume("latest", ckpts) is not None
 
     resumed = subprocess.run(cmd + args_for(tmp_path / "run", image_folder, *common) + ["--resume", "latest"],
                              env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
-    for k in a:  # bitwise: model, optimizer, codebook EMA, dead-code ages, RNG and data position all restored
-        assert torch.equal(a[k], b[k]), k
+    # Bitwise: model, optimizer, codebook EMA, dead-code ages, RNG and data position all restored.
+    assert_same_weights(tmp_path / "ref" / "model", tmp_path / "run" / "model")
 
 
 def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder):
@@ -118,28 +128,16 @@ def test_images_smaller_than_the_downsampling_are_resized_up(tmp_path):
     assert split.images.shape[1:] == (1, 16, 16)
 
 
-def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, monkeypatch):
-    import stage1_vqvae.hub as hub
+def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, monkeypatch, fake_hub):
     from stage1_vqvae.train import main
 
     secret = "hf_SECRETtokenVALUE1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
 
-    class FakeApi:
-        def __init__(self, *a, **kw):
-            pass
-
-        def create_repo(self, repo_id, **kw):
-            pass
-
-        def upload_folder(self, *, folder_path, repo_id, **kw):
-            shutil.copytree(folder_path, tmp_path / "remote")
-            return "https://hub.local/commit"
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
     out = tmp_path / "run"
     main(["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
           "train.batch_size=8", "train.max_steps=2", "train.report_to=tensorboard", "train.push_to_hub=me/vq"])
+    assert any((tmp_path / "remote").rglob("model.safetensors"))  # the push did happen
     for root in (out, tmp_path / "remote"):
         for p in root.rglob("*"):
             if p.is_file():
@@ -172,22 +170,13 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     cmd = [sys.executable, "-m", "stage2_prior.train", "--config", tiny2]
     ref = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'ref'}", *common], env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen(cmd + [f"train.output_dir={tmp_path / 'run'}", *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "step_00000010" for p in ckpts.iterdir())):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "model").exists(), "the run finished before it could be killed"
+    run = [f"train.output_dir={tmp_path / 'run'}", *common]
+    kill_after_checkpoint(cmd + run, env, tmp_path / "run" / "checkpoints")
     resumed = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume", "latest"],
                              env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
-    for k in a:  # class dropout is keyed by the micro-batch index, so it replays exactly too
-        assert torch.equal(a[k], b[k]), k
+    # Class dropout is keyed by the micro-batch index, so it replays exactly too.
+    assert_same_weights(tmp_path / "ref" / "model", tmp_path / "run" / "model")
 
 
 def test_an_empty_split_is_one_clear_error(tmp_path):
