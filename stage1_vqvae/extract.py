@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, to_dict, write_json
-from stage1_vqvae.data import iter_image_batches, load_source, to_model_input
+from stage1_vqvae.data import find_columns, iter_image_batches, load_source, to_model_input
 from stage1_vqvae.evaluate import load_model_and_data_config
 from stage1_vqvae.hub import CODES_METADATA, state_fingerprint, upload_folder
 
@@ -69,8 +69,6 @@ def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int 
     dtype = np.int16 if cfg.codebook_size <= 32767 else np.int32
     dd = load_source(data_cfg)
     first = dd["train"]
-    from stage1_vqvae.data import find_columns
-
     _, label_col = find_columns(first, data_cfg)
     features = {"codes": datasets.Array2D((h, w), "int16" if dtype == np.int16 else "int32")}
     class_names = None

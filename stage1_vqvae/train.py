@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +155,6 @@ def main(argv: list[str] | None = None) -> Path:
     step = 0
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
-        import json
-
         step = json.loads((resume_dir / STATE_FILE).read_text())["step"]
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage1_vqvae", cfg)
@@ -262,8 +262,6 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
 
 def save_final_model(model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict, run_dir: Path) -> None:
     """save_pretrained into a temp folder with the data config and a card image, then rename into place."""
-    import shutil
-
     tmp = atomic_dir(final)
     recon = sorted((run_dir / "samples").glob("reconstructions_step_*.png"))
     if recon:

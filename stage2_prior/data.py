@@ -38,15 +38,15 @@ def codes_fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def load_code_splits(cfg: CodeDataConfig):
-    """({split: CodeSequences}, metadata, TokenLayout); checks the codes against their own metadata."""
+def load_code_splits(cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test")):
+    """({split: CodeSequences}, metadata, TokenLayout) for `splits`; checks the codes against their metadata."""
     dd, meta = load_code_dataset(cfg.codes)
     meta = dict(meta, codes_fingerprint=codes_fingerprint(meta))
     k, (h, w) = meta["codebook_size"], meta["grid"]
     names = meta.get("class_names") if cfg.conditional else None
     layout = TokenLayout(codebook_size=k, num_classes=len(names) if names else 0, height=h, width=w)
-    splits = {}
-    for split in ("train", "validation", "test"):
+    out = {}
+    for split in splits:
         if split not in dd:
             raise VqgenError(f"code dataset {cfg.codes} has no {split!r} split (it has {sorted(dd)})")
         ds = dd[split]
@@ -68,5 +68,5 @@ def load_code_splits(cfg: CodeDataConfig):
             if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= layout.num_classes):
                 raise VqgenError(f"code dataset {cfg.codes}: split {split!r} has labels outside the "
                                  f"{layout.num_classes} class names")
-        splits[split] = CodeSequences(grid_to_input_ids(codes, layout, classes))
-    return splits, meta, layout
+        out[split] = CodeSequences(grid_to_input_ids(codes, layout, classes))
+    return out, meta, layout

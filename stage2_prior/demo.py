@@ -40,6 +40,7 @@ def run_step(name: str, args: list[str], timings: dict) -> None:
 
 def sample_quality(samples_dir: Path) -> dict:
     """Classifier accuracy on the conditional samples and Frechet distances in its feature space."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -53,7 +54,7 @@ def sample_quality(samples_dir: Path) -> dict:
     clf = train_classifier(train_x, train_y, 10)
     test_pred, test_feat = predict(clf, test_x)
     info = json.loads((samples_dir / "samples.json").read_text())
-    imgs = torch.stack([torch.from_numpy(__import__("numpy").array(Image.open(samples_dir / f).convert("L")))
+    imgs = torch.stack([torch.from_numpy(np.array(Image.open(samples_dir / f).convert("L")))
                         for f in info["files"]])[:, None]  # (N, 1, 28, 28) uint8
     pred, feat = predict(clf, to_model_input(imgs))
     asked = torch.tensor(info["classes"])

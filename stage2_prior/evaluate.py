@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     codes = args.codes or meta.get("code_dataset")
     if not codes:
         raise VqgenError("the prior does not record its code dataset; pass --codes")
-    splits, codes_meta, data_layout = load_code_splits(CodeDataConfig(codes=codes,
-                                                                      conditional=layout.num_classes > 0))
+    splits, codes_meta, _ = load_code_splits(CodeDataConfig(codes=codes, conditional=layout.num_classes > 0),
+                                             splits=(args.split,))
     check_fingerprints(meta, codes_meta, f"code dataset {codes}")
     ids = splits[args.split].input_ids
     nll = sequences_nll(prior, ids, args.batch_size)

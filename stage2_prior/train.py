@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     accelerator, per_device = build_accelerator(tc, out, ())
 
-    splits, meta, layout = load_code_splits(cfg.data)
+    splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"))
     resume_dir = resolve_resume(args.resume, out / "checkpoints") if args.resume else None
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
@@ -305,8 +306,6 @@ Sample with `python sample.py --vqvae VQVAE --prior THIS_REPO`.
 
 def save_final_prior(model, final: Path, cfg: Stage2Config, val: dict, run_dir: Path) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) + card, atomically."""
-    import shutil
-
     meta = model.config.vqgen
     tmp = atomic_dir(final)
     model.save_pretrained(tmp)
