@@ -87,6 +87,42 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _QuantizeLoss(torch.autograd.Function):
+    """The paper's straight-through estimator and its two loss terms, fused into three passes over (N, D).
+
+    forward(flat z_e, e_k, beta, c) -> (z_q, loss, mse): z_q has the value e_k, mse = mean ||z_e - e_k||^2 and
+    loss = c ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 = (c + beta) mse, with gradients routed as in the paper:
+        dL/dz_e = d/dz_q (straight-through) + beta * 2 (z_e - e) / numel
+        dL/de   = c * 2 (e - z_e) / numel   (c = 1 for the loss-mode codebook; 0 in EMA mode)
+    Autograd of the unfused expression (z_e + sg[e - z_e] and two MSEs) makes about twice the passes; the
+    quantizer tests check this routing against that expression.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, quantized, commitment_weight: float, codebook_weight: float):
+        diff = torch.sub(flat, quantized, out=torch.empty_like(quantized))  # (N, D), contiguous even if flat is not
+        ctx.save_for_backward(diff)
+        ctx.weights = (commitment_weight, codebook_weight)
+        d = diff.view(-1)
+        mse = torch.dot(d, d) / d.numel()
+        ctx.mark_non_differentiable(mse)
+        # clone: quantized may be a buffer lookup that the caller must not see aliased by z_q
+        return quantized.clone(), (commitment_weight + codebook_weight) * mse, mse
+
+    @staticmethod
+    def backward(ctx, grad_zq, grad_loss, _grad_mse):
+        (diff,) = ctx.saved_tensors
+        commitment_weight, codebook_weight = ctx.weights
+        scale = grad_loss * (2.0 / diff.numel())
+        if grad_zq is None:
+            grad_zq = torch.zeros_like(diff)
+        grad_flat = torch.addcmul(grad_zq, diff, scale, value=commitment_weight)
+        grad_quantized = None
+        if ctx.needs_input_grad[1]:
+            grad_quantized = diff * (scale * -codebook_weight)
+        return grad_flat, grad_quantized, None, None
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Lloyd's k-means on (N, D) -> (k, D) centroids; empty clusters keep their previous centroid."""
     n = x.shape[0]
@@ -154,18 +190,17 @@ class VectorQuantizer(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) index of the closest code in squared L2; ||x||^2 is constant per row and dropped."""
         embed = self.embed.detach()
-        n, d = flat.shape
-        # ||e||^2 - 2 x.e as one GEMM over augmented vectors [x, 1] . [-2e, ||e||^2]: no (N, K) bias copy.
-        embed_aug = torch.cat([-2.0 * embed, (embed * embed).sum(1, keepdim=True)], dim=1)  # (K, D+1)
-        flat_aug = torch.cat([flat, flat.new_ones(n, 1)], dim=1)  # (N, D+1)
-        # On CPU, distances in row blocks of ~1M entries stay in cache between the GEMM and the min;
-        # `min` (values + indices) is faster than `argmin` there. On GPU one block is best.
+        e_sq = (embed * embed).sum(1)  # (K,)
+        n = flat.shape[0]
+        # ||e||^2 - 2 x.e in one addmm per row block. On CPU, blocks of ~1M distances bound the memory
+        # (N x K floats would be GBs for large batches and codebooks) at no cost in speed; `min`
+        # (values + indices) is faster than `argmin` there. On GPU one block is best.
         block = n if flat.is_cuda else max(1, (1 << 20) // self.codebook_size)
         if block >= n:
-            return torch.mm(flat_aug, embed_aug.t()).min(dim=1).indices  # (N,)
+            return torch.addmm(e_sq, flat, embed.t(), alpha=-2.0).min(dim=1).indices  # (N,)
         codes = torch.empty(n, dtype=torch.long, device=flat.device)
         for lo in range(0, n, block):
-            dist_ = torch.mm(flat_aug[lo : lo + block], embed_aug.t())  # (block, K)
+            dist_ = torch.addmm(e_sq, flat[lo : lo + block], embed.t(), alpha=-2.0)  # (block, K)
             codes[lo : lo + block] = dist_.min(dim=1).indices
         return codes
 
@@ -202,15 +237,11 @@ class VectorQuantizer(nn.Module):
                 counts_all = counts
 
             quantized = F.embedding(codes, self.embed)  # (N, D); carries grad to embed in loss mode
-            commitment_loss = F.mse_loss(flat, quantized.detach())
-            loss = self.commitment_weight * commitment_loss
-            if self.decay is None:
-                codebook_loss = F.mse_loss(quantized, flat.detach())
-                loss = loss + codebook_loss
-            else:
-                codebook_loss = commitment_loss.detach()  # same value; the EMA, not a gradient, moves the codes
-            # Straight-through: forward value e_k, gradient d/dz_q copied to z_e.
-            z_q_flat = flat + (quantized - flat).detach()
+            # Straight-through z_q and both loss terms (values equal; gradients routed as in the paper).
+            # In EMA mode the codebook term has weight 0: the EMA, not a gradient, moves the codes.
+            codebook_weight = 1.0 if self.decay is None else 0.0
+            z_q_flat, loss, mse = _QuantizeLoss.apply(flat, quantized, self.commitment_weight, codebook_weight)
+            commitment_loss = codebook_loss = mse
             z_q = z_q_flat.view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
 
             probs = counts_all / counts_all.sum().clamp_min(1)

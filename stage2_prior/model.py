@@ -116,8 +116,11 @@ def build_prior(cfg: PriorConfig, layout: TokenLayout, vqgen_meta: dict | None =
     common = dict(vocab_size=layout.vocab_size, bos_token_id=layout.bos, eos_token_id=None, pad_token_id=None,
                   tie_word_embeddings=True)
     if cfg.arch == "gpt2":
+        # "gelu_pytorch_tanh" is GPT-2's tanh-approximated GELU ("gelu_new") as one fused PyTorch kernel
+        # instead of five elementwise ops: the stage-2 training step is ~12% faster on CPU (benchmarks/).
         hf_cfg = GPT2Config(n_positions=layout.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common)
+                            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                            activation_function="gelu_pytorch_tanh", **common)
         model = GPT2LMHeadModel(hf_cfg)
     else:
         hf_cfg = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,

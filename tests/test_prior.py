@@ -50,6 +50,14 @@ def test_untrained_loss_is_about_ln_vocab(arch):
     assert abs(loss - math.log(64)) < 0.3
 
 
+def test_gpt2_prior_uses_gpt2s_gelu_formula():
+    """The fused "gelu_pytorch_tanh" kernel computes GPT-2's tanh GELU: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))."""
+    model = tiny_prior()
+    x = torch.linspace(-6, 6, 1001)
+    reference = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    assert torch.allclose(model.transformer.h[0].mlp.act(x), reference, atol=1e-6)
+
+
 def test_samples_are_codes_never_special_tokens_and_seeded():
     model = tiny_prior()
     # Make special tokens overwhelmingly likely: sampling must still never return one.

@@ -157,3 +157,18 @@ def test_blocked_nearest_search_equals_one_big_argmin():
     flat = torch.randn(5000, 8)  # > one block of 2048 rows: exercises the blocked path and its ragged tail
     reference = torch.cdist(flat, vq.embed.detach()).argmin(1)
     assert torch.equal(vq.nearest(flat), reference)
+
+
+def test_ema_mode_gradient_is_straight_through_plus_commitment():
+    """EMA codebook: d/dz_e = d/dz_q (copied through the quantizer) + beta * 2 (z_e - e) / numel."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, commitment_weight=0.25, decay=0.99).train()
+    z_e = torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    upstream = torch.randn(2, 3, 2, 2)  # stands in for the decoder's d(recon)/dz_q
+    out = vq(z_e)
+    e = vq.embed[out.codes].permute(0, 3, 1, 2)  # codebook after this step's EMA update, as used for z_q
+    assert torch.equal(out.z_q, e)
+    (out.loss + (out.z_q * upstream).sum()).backward()
+    expected = upstream + 0.25 * 2 * (z_e.detach() - e) / z_e.numel()
+    assert torch.allclose(z_e.grad, expected, atol=1e-7)
+    assert torch.allclose(out.loss, 0.25 * ((z_e.detach() - e) ** 2).mean())
