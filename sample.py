@@ -43,8 +43,11 @@ def load_models(pipeline: str | None, vqvae_path: str | None, prior_path: str | 
     vqvae = VQVAE.from_pretrained(vqvae_path).to(device).eval()
     prior = load_prior(prior_path).to(device).eval()
     fp = state_fingerprint(vqvae)
-    check_fingerprints(prior.config.vqgen, {"vqvae_fingerprint": fp, "codebook_size": vqvae.config.codebook_size,
-                                            "grid": [vqvae.config.grid_size] * 2}, f"VQ-VAE {vqvae_path}")
+    check_fingerprints(
+        prior.config.vqgen,
+        {"vqvae_fingerprint": fp, "codebook_size": vqvae.config.codebook_size, "grid": [vqvae.config.grid_size] * 2},
+        f"VQ-VAE {vqvae_path}",
+    )
     return vqvae, prior, fp
 
 
@@ -161,9 +164,19 @@ def main(argv: list[str] | None = None) -> Path:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with tqdm(total=n * layout.num_codes, desc="sampling", unit="tok") as bar:
-        codes = sample_codes(prior, n, classes=classes, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, guidance_scale=args.guidance_scale, generator=generator,
-                             batch_size=args.batch_size, progress=bar.update, prefix_codes=prefix)
+        codes = sample_codes(
+            prior,
+            n,
+            classes=classes,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            batch_size=args.batch_size,
+            progress=bar.update,
+            prefix_codes=prefix,
+        )
     images = torch.cat([vqvae.decode_codes(codes[i : i + args.batch_size]) for i in range(0, n, args.batch_size)])
     images = images.float().clamp(-1, 1).add(1).div(2).cpu()  # (n, C, H, W) in [0, 1]
     elapsed = time.perf_counter() - t0
@@ -173,20 +186,33 @@ def main(argv: list[str] | None = None) -> Path:
     save_image(make_grid(images, nrow=nrow, padding=2), tmp / "grid.png")
     files = []
     for i, img in enumerate(images):
-        name = f"{i:05d}_class{safe_name(class_names[classes[i]] if class_names else classes[i].item())}.png" \
-            if classes is not None else f"{i:05d}.png"
+        name = (
+            f"{i:05d}_class{safe_name(class_names[classes[i]] if class_names else classes[i].item())}.png"
+            if classes is not None
+            else f"{i:05d}.png"
+        )
         save_image(img, tmp / name)
         files.append(name)
     if original is not None:
         recon = vqvae.decode_codes(grid_codes).float().clamp(-1, 1).add(1).div(2).cpu()
         side = torch.cat([original.float().add(1).div(2).cpu(), recon, images])
         save_image(make_grid(side, nrow=len(side), padding=2), tmp / "completion.png")
-    write_json(tmp / "samples.json", {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
-        "seed": args.seed, "num_images": n, "classes": classes.tolist() if classes is not None else None,
-        "class_names": class_names, "files": files, "vqvae_fingerprint": vqvae_fp,
-        "prior_fingerprint": state_fingerprint(prior), "device": str(device), "seconds": elapsed,
-        "images_per_s": n / elapsed})
+    write_json(
+        tmp / "samples.json",
+        {
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
+            "seed": args.seed,
+            "num_images": n,
+            "classes": classes.tolist() if classes is not None else None,
+            "class_names": class_names,
+            "files": files,
+            "vqvae_fingerprint": vqvae_fp,
+            "prior_fingerprint": state_fingerprint(prior),
+            "device": str(device),
+            "seconds": elapsed,
+            "images_per_s": n / elapsed,
+        },
+    )
     commit_dir(tmp, out)
     print(f"wrote {n} images to {out} ({n / elapsed:.1f} images/s)")
     return out

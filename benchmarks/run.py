@@ -103,11 +103,18 @@ def bench_quantizer(repeats: int) -> None:
     t, rate = timeit_with_rate(fns, repeats)
     gemm = 2 * n * d * k / rate
     if "vector_quantize_pytorch" in t:
-        row("quantizer fwd+bwd, EMA + stats (N=8192, D=64, K=512)",
-            f"{t['vector_quantize_pytorch'] / t['ours']:.2f}x faster than vector_quantize_pytorch", ">= 4x",
-            f"ours {t['ours'] * 1e3:.2f} ms, theirs {t['vector_quantize_pytorch'] * 1e3:.2f} ms")
-    row("quantizer vs its distance GEMM", f"{t['ours'] / gemm:.2f}x the GEMM time", "<= 2x",
-        f"GEMM floor {gemm * 1e3:.2f} ms at the reference rate")
+        row(
+            "quantizer fwd+bwd, EMA + stats (N=8192, D=64, K=512)",
+            f"{t['vector_quantize_pytorch'] / t['ours']:.2f}x faster than vector_quantize_pytorch",
+            ">= 4x",
+            f"ours {t['ours'] * 1e3:.2f} ms, theirs {t['vector_quantize_pytorch'] * 1e3:.2f} ms",
+        )
+    row(
+        "quantizer vs its distance GEMM",
+        f"{t['ours'] / gemm:.2f}x the GEMM time",
+        "<= 2x",
+        f"GEMM floor {gemm * 1e3:.2f} ms at the reference rate",
+    )
 
 
 def bench_stage1(repeats: int) -> None:
@@ -131,8 +138,12 @@ def bench_stage1(repeats: int) -> None:
     flops = flops_of(lambda: model(x).loss.backward())
     t, rate = timeit_with_rate({"step": step}, repeats)
     t = t["step"]
-    row("stage-1 training step (demo config, batch 128)", f"{flops / t / rate:.0%} of the matmul rate",
-        ">= 60%", f"{b / t:.0f} img/s, {flops / t / 1e9:.1f} GFLOP/s, {t * 1e3:.0f} ms/step")
+    row(
+        "stage-1 training step (demo config, batch 128)",
+        f"{flops / t / rate:.0%} of the matmul rate",
+        ">= 60%",
+        f"{b / t:.0f} img/s, {flops / t / 1e9:.1f} GFLOP/s, {t * 1e3:.0f} ms/step",
+    )
 
 
 def bench_stage2(repeats: int) -> None:
@@ -158,8 +169,12 @@ def bench_stage2(repeats: int) -> None:
     t, rate = timeit_with_rate({"step": step}, repeats)
     t = t["step"]
     tokens = ids.numel()
-    row("stage-2 training step (demo config, batch 64 x 51 tokens)", f"{flops / t / rate:.0%} of the matmul rate",
-        ">= 40%", f"{tokens / t:.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s")
+    row(
+        "stage-2 training step (demo config, batch 64 x 51 tokens)",
+        f"{flops / t / rate:.0%} of the matmul rate",
+        ">= 40%",
+        f"{tokens / t:.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s",
+    )
 
 
 def bench_sampling(repeats: int) -> None:
@@ -188,13 +203,20 @@ def bench_sampling(repeats: int) -> None:
         if guided:
             neg = prefix_ids(layout, n, None)
             extra = dict(guidance_scale=3.0, negative_prompt_ids=neg, negative_prompt_attention_mask=ones)
-        model.generate(prompt, attention_mask=ones, do_sample=True, max_new_tokens=layout.num_codes,
-                       min_new_tokens=layout.num_codes, logits_processor=LogitsProcessorList([OnlyCodes()]),
-                       **extra)
+        model.generate(
+            prompt,
+            attention_mask=ones,
+            do_sample=True,
+            max_new_tokens=layout.num_codes,
+            min_new_tokens=layout.num_codes,
+            logits_processor=LogitsProcessorList([OnlyCodes()]),
+            **extra,
+        )
 
     def ours(guided: bool):
-        sample_codes(model, n, classes=classes, guidance_scale=3.0 if guided else 1.0,
-                     generator=torch.Generator().manual_seed(0))
+        sample_codes(
+            model, n, classes=classes, guidance_scale=3.0 if guided else 1.0, generator=torch.Generator().manual_seed(0)
+        )
 
     def forwards_only(guided: bool):
         """The same forward calls with nothing around them: the bound of any loop over this model's forward."""
@@ -206,16 +228,25 @@ def bench_sampling(repeats: int) -> None:
 
     params = sum(p.numel() for p in model.parameters())
     for guided in (False, True):
-        t, rate = timeit_with_rate({"ours": lambda g=guided: ours(g), "generate": lambda g=guided: hf(g),
-                                    "forwards": lambda g=guided: forwards_only(g)},
-                                   max(3, repeats // 2), warmup=1)
+        t, rate = timeit_with_rate(
+            {
+                "ours": lambda g=guided: ours(g),
+                "generate": lambda g=guided: hf(g),
+                "forwards": lambda g=guided: forwards_only(g),
+            },
+            max(3, repeats // 2),
+            warmup=1,
+        )
         floor = 2 * params * n * layout.num_codes * (2 if guided else 1) / rate
-        row(f"sampling 100 class-conditional images{' with guidance 3' if guided else ''}",
-            f"{t['generate'] / t['ours']:.2f}x faster than generate()", ">= 2x",
+        row(
+            f"sampling 100 class-conditional images{' with guidance 3' if guided else ''}",
+            f"{t['generate'] / t['ours']:.2f}x faster than generate()",
+            ">= 2x",
             f"ours {n / t['ours']:.0f} img/s, generate {n / t['generate']:.0f} img/s; "
             f"{t['ours'] / floor:.1f}x the compute floor (target <= 1.5x); the transformers forward calls alone: "
             f"{t['forwards'] * 1e3:.0f} ms = {t['generate'] / t['forwards']:.2f}x faster than generate(), "
-            f"{t['forwards'] / floor:.1f}x the floor")
+            f"{t['forwards'] / floor:.1f}x the floor",
+        )
 
 
 def bench_extraction(repeats: int) -> None:
@@ -230,27 +261,38 @@ def bench_extraction(repeats: int) -> None:
         test = load_source(DataConfig())["test"]
         for name, reps in (("x1", 1), ("x10", 10)):
             ds = datasets.concatenate_datasets([test] * reps)
-            datasets.DatasetDict({"train": ds, "validation": test.select(range(10)),
-                                  "test": test.select(range(10))}).save_to_disk(str(tmp / name))
+            datasets.DatasetDict(
+                {"train": ds, "validation": test.select(range(10)), "test": test.select(range(10))}
+            ).save_to_disk(str(tmp / name))
         model = VQVAE(VQVAEConfig(hidden_channels=64, res_channels=32, codebook_size=256, codebook_dim=32))
         model.save_pretrained(tmp / "vq")
         (tmp / "vq" / "data_config.json").write_text(json.dumps({"source": "mnist"}))
         results = {}
         for name in ("x1", "x10"):
             # VmHWM (peak RSS of this process image): ru_maxrss would inherit the parent's peak across fork.
-            code = (f"import re, time; from stage1_vqvae.extract import main; t=time.perf_counter(); "
-                    f"main(['--model', '{tmp / 'vq'}', '--out', '{tmp / ('codes_' + name)}', "
-                    f"'data.source={tmp / name}']); "
-                    f"hwm=re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-                    f"print(time.perf_counter()-t, hwm)")
-            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            code = (
+                f"import re, time; from stage1_vqvae.extract import main; t=time.perf_counter(); "
+                f"main(['--model', '{tmp / 'vq'}', '--out', '{tmp / ('codes_' + name)}', "
+                f"'data.source={tmp / name}']); "
+                f"hwm=re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+                f"print(time.perf_counter()-t, hwm)"
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
             secs, rss = out.stdout.strip().splitlines()[-1].split()
             results[name] = (float(secs), int(rss) / 1024)
         n1 = len(test) + 20
-        row("extraction (MNIST test split vs the same x10)",
-            f"peak RSS {results['x10'][1]:.1f} MiB (x10) vs {results['x1'][1]:.1f} MiB (x1)", "must not grow",
-            f"{n1 / results['x1'][0]:.0f} img/s (x1), {(10 * len(test) + 20) / results['x10'][0]:.0f} img/s (x10)")
+        row(
+            "extraction (MNIST test split vs the same x10)",
+            f"peak RSS {results['x10'][1]:.1f} MiB (x10) vs {results['x1'][1]:.1f} MiB (x1)",
+            "must not grow",
+            f"{n1 / results['x1'][0]:.0f} img/s (x1), {(10 * len(test) + 20) / results['x10'][0]:.0f} img/s (x10)",
+        )
 
 
 def bench_demo() -> None:
@@ -259,8 +301,12 @@ def bench_demo() -> None:
         print("no runs/demo/metrics.json: run `make demo` first for the demo's wall time", file=sys.stderr)
         return
     t = json.loads(path.read_text())["wall_time_s"]
-    row("demo wall time per stage (s)", f"total {t['total']}", "<= 900 s",
-        ", ".join(f"{k} {v}" for k, v in t.items() if k != "total"))
+    row(
+        "demo wall time per stage (s)",
+        f"total {t['total']}",
+        "<= 900 s",
+        ", ".join(f"{k} {v}" for k, v in t.items() if k != "total"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,8 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     which = set(args.only.split(","))
     torch.manual_seed(0)
     rate = reference_rate(args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference fp32 matmul rate "
-          f"{rate / 1e9:.1f} GFLOP/s\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference fp32 matmul rate "
+        f"{rate / 1e9:.1f} GFLOP/s\n"
+    )
     print("| what | figure | target | detail |\n|---|---|---|---|")
     if "quantizer" in which:
         bench_quantizer(args.repeats)

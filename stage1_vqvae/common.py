@@ -322,18 +322,25 @@ def build_accelerator(tc, out: Path, kwargs_handlers=()):
         kwargs_handlers=list(kwargs_handlers),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     per_device, rem = divmod(tc.batch_size, accelerator.num_processes * tc.gradient_accumulation_steps)
     if rem or per_device == 0:
-        raise VqgenError(f"train.batch_size {tc.batch_size} is not divisible by processes x accumulation "
-                         f"({accelerator.num_processes} x {tc.gradient_accumulation_steps})")
+        raise VqgenError(
+            f"train.batch_size {tc.batch_size} is not divisible by processes x accumulation "
+            f"({accelerator.num_processes} x {tc.gradient_accumulation_steps})"
+        )
     return accelerator, per_device
 
 
 def init_trackers(accelerator, project: str, cfg) -> None:
     """Log the flattened config as hyperparameters (main process, when a tracker is on)."""
     if accelerator.is_main_process and cfg.train.report_to != "none":
-        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for s, d in to_dict(cfg).items() for k, v in d.items()}
+        flat = {
+            f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for s, d in to_dict(cfg).items()
+            for k, v in d.items()
+        }
         accelerator.init_trackers(project, config=flat)

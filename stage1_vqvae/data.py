@@ -117,8 +117,11 @@ def _check_saved_splits(path: Path) -> None:
     """A split saved with zero rows has no Arrow file, and datasets fails on it with an IndexError: name it."""
     import json
 
-    names = json.loads((path / "dataset_dict.json").read_text())["splits"] if (path / "dataset_dict.json").is_file() \
+    names = (
+        json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if (path / "dataset_dict.json").is_file()
         else [None]
+    )
     for name in names:
         state = (path / name if name else path) / "state.json"
         if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
@@ -135,8 +138,10 @@ def _load_local(path: Path) -> datasets.DatasetDict:
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # a damaged save_to_disk folder raises many types
-            raise VqgenError(f"data.source {path}: cannot load this save_to_disk folder ({type(e).__name__}: "
-                             f"{e}). Re-save it with DatasetDict.save_to_disk") from None
+            raise VqgenError(
+                f"data.source {path}: cannot load this save_to_disk folder ({type(e).__name__}: "
+                f"{e}). Re-save it with DatasetDict.save_to_disk"
+            ) from None
     else:
         try:
             ds = datasets.load_dataset(str(path))
@@ -169,15 +174,15 @@ def load_source(cfg: DataConfig) -> datasets.DatasetDict:
         dd = _load_hub(cfg.source)
     splits = dict(dd)
     if cfg.train_split not in splits:
-        raise VqgenError(f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(splits)}); "
-                         "set data.train_split")
+        raise VqgenError(
+            f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(splits)}); set data.train_split"
+        )
     if cfg.validation_split not in splits:
         parts = splits[cfg.train_split].train_test_split(test_size=cfg.validation_fraction, seed=0)
         splits[cfg.train_split], splits[cfg.validation_split] = parts["train"], parts["test"]
     if cfg.test_split not in splits:
         splits[cfg.test_split] = splits[cfg.validation_split]
-    out = {"train": splits[cfg.train_split], "validation": splits[cfg.validation_split],
-           "test": splits[cfg.test_split]}
+    out = {"train": splits[cfg.train_split], "validation": splits[cfg.validation_split], "test": splits[cfg.test_split]}
     for name, ds in out.items():
         if len(ds) == 0:
             raise VqgenError(f"data.source {cfg.source}: split {name!r} is empty; add images or choose another split")
@@ -267,8 +272,9 @@ def decode_image(value, where: str) -> Image.Image:
         raise VqgenError(f"{where} ({src}): cannot decode the image ({e}). Remove or replace that file") from None
 
 
-def iter_image_batches(ds: datasets.Dataset, cfg: DataConfig, split: str, batch_size: int = 512,
-                       start: int = 0, stop: int | None = None):
+def iter_image_batches(
+    ds: datasets.Dataset, cfg: DataConfig, split: str, batch_size: int = 512, start: int = 0, stop: int | None = None
+):
     """Decode rows [start, stop) of a split in batches -> (uint8 (B, C, R, R), labels (B,) or None).
 
     Only one batch is decoded at a time, so memory does not grow with the split.
@@ -280,14 +286,17 @@ def iter_image_batches(ds: datasets.Dataset, cfg: DataConfig, split: str, batch_
     transform = ImageTransform(cfg)
     for lo in range(start, stop, batch_size):
         rows = raw[lo : min(lo + batch_size, stop)]
-        images = torch.stack([transform(decode_image(v, f"split {split!r} row {lo + j}"))
-                              for j, v in enumerate(rows[image_col])])  # (B, C, R, R)
+        images = torch.stack(
+            [transform(decode_image(v, f"split {split!r} row {lo + j}")) for j, v in enumerate(rows[image_col])]
+        )  # (B, C, R, R)
         labels = None
         if label_col:
             bad = [v for v in rows[label_col] if v is None or not 0 <= v < n_classes]
             if bad:
-                raise VqgenError(f"split {split!r}: label {bad[0]} is outside the {n_classes} class names; "
-                                 "fix the label column or set data.label_column=none")
+                raise VqgenError(
+                    f"split {split!r}: label {bad[0]} is outside the {n_classes} class names; "
+                    "fix the label column or set data.label_column=none"
+                )
             labels = torch.tensor(rows[label_col], dtype=torch.long)
         yield images, labels
 

@@ -117,8 +117,14 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         a01, b01 = (x.float() + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
         mse = ((a01 - b01) ** 2).flatten(1).mean(1).double()  # (B,)
         psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-        totals += torch.stack([torch.tensor(float(len(u8)), dtype=torch.float64, device=device), mse.sum(),
-                               psnr.sum(), ssim(a01, b01).sum()])
+        totals += torch.stack(
+            [
+                torch.tensor(float(len(u8)), dtype=torch.float64, device=device),
+                mse.sum(),
+                psnr.sum(),
+                ssim(a01, b01).sum(),
+            ]
+        )
         for j, s in enumerate(sigmas):
             if s is not None:
                 nll[j] += discretized_gaussian_nll(u8, recon, s).sum()
@@ -127,8 +133,13 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         counts, totals, nll = accelerator.reduce(counts), accelerator.reduce(totals), accelerator.reduce(nll)
     model.train(was_training)
     n = totals[0].item()
-    out = {"num_images": int(n), "mse": totals[1].item() / n, "psnr": totals[2].item() / n,
-           "ssim": totals[3].item() / n, **codebook_stats(counts)}
+    out = {
+        "num_images": int(n),
+        "mse": totals[1].item() / n,
+        "psnr": totals[2].item() / n,
+        "ssim": totals[3].item() / n,
+        **codebook_stats(counts),
+    }
     if any(s is not None for s in sigmas):
         out["nll_per_image"] = [v / n for v in nll.tolist()]
     return out
@@ -181,15 +192,17 @@ def full_evaluation(model, loaders: dict, split: str, accelerator=None) -> dict:
     n_codes = cfg.grid_size**2
     subpixels = cfg.in_channels * cfg.image_size**2
     nll = r.pop("nll_per_image")[0]
-    r.update({
-        "split": split,
-        "decoder_sigma_levels": sigma,
-        "decoder_nll_nats_per_image": nll,
-        "bits_per_dim": bits_per_dim(nll, n_codes, cfg.codebook_size, subpixels),
-        "bits_per_dim_decoder_term": nll / subpixels / math.log(2),
-        "bits_per_dim_prior_term": n_codes * math.log(cfg.codebook_size) / subpixels / math.log(2),
-        "codebook_size": cfg.codebook_size,
-    })
+    r.update(
+        {
+            "split": split,
+            "decoder_sigma_levels": sigma,
+            "decoder_nll_nats_per_image": nll,
+            "bits_per_dim": bits_per_dim(nll, n_codes, cfg.codebook_size, subpixels),
+            "bits_per_dim_decoder_term": nll / subpixels / math.log(2),
+            "bits_per_dim_prior_term": n_codes * math.log(cfg.codebook_size) / subpixels / math.log(2),
+            "codebook_size": cfg.codebook_size,
+        }
+    )
     return r
 
 

@@ -56,8 +56,16 @@ def _encode_slice(model, ds, data_cfg, split, start, stop, batch_size, device, d
             yield row
 
 
-def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int = 512,
-            accelerator: Accelerator | None = None, overwrite: bool = False) -> Path:
+def extract(
+    model,
+    data_cfg,
+    out: Path,
+    *,
+    model_location: str,
+    batch_size: int = 512,
+    accelerator: Accelerator | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Encode all splits into `out` (atomically: a temp folder renamed into place when complete)."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
@@ -93,9 +101,18 @@ def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int 
             cache_dir=str(work / f"cache_{rank}"),
             # The model is hashed through its fingerprint, not pickled by datasets' hasher.
             fingerprint=f"{fingerprint[:16]}-{split}-{rank}-{world}-{start}-{stop}",
-            gen_kwargs=dict(model=model, ds=ds, data_cfg=data_cfg, split=split, start=start, stop=stop,
-                            batch_size=batch_size, device=accelerator.device, dtype=dtype,
-                            has_label=label_col is not None),
+            gen_kwargs=dict(
+                model=model,
+                ds=ds,
+                data_cfg=data_cfg,
+                split=split,
+                start=start,
+                stop=stop,
+                batch_size=batch_size,
+                device=accelerator.device,
+                dtype=dtype,
+                has_label=label_col is not None,
+            ),
         )
         part.save_to_disk(str(work / f"{split}_{rank:05d}"))
     accelerator.wait_for_everyone()
@@ -128,8 +145,9 @@ def extract(model, data_cfg, out: Path, *, model_location: str, batch_size: int 
     return out
 
 
-def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                  api=None) -> str:
+def publish_codes(
+    codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None, api=None
+) -> str:
     """Write the Hub layout (data/{split}-00000-of-00001.parquet, README.md card, metadata) and upload it."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -147,13 +165,25 @@ def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, pr
         pretty_name=f"VQ-VAE codes of {meta['source_dataset']}",
         tags=["vqgen", "vq-vae", "image-tokens"],
         source_datasets=[meta["source_dataset"]],
-        configs=[{"config_name": "default",
-                  "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in dd]}],
+        configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in dd]}],
     )
-    card = DatasetCard.from_template(card_data, template_str=DATASET_CARD, source=meta["source_dataset"],
-                                     **{k: meta[k] for k in ("grid", "codebook_size", "vqvae_location",
-                                                             "vqvae_fingerprint", "image_size", "channels",
-                                                             "splits")})
+    card = DatasetCard.from_template(
+        card_data,
+        template_str=DATASET_CARD,
+        source=meta["source_dataset"],
+        **{
+            k: meta[k]
+            for k in (
+                "grid",
+                "codebook_size",
+                "vqvae_location",
+                "vqvae_fingerprint",
+                "image_size",
+                "channels",
+                "splits",
+            )
+        },
+    )
     card.save(staging / "README.md")
     url = upload_folder(staging, repo_id, repo_type="dataset", token=token, private=private, api=api)
     shutil.rmtree(staging, ignore_errors=True)
@@ -174,8 +204,15 @@ def main(argv: list[str] | None = None) -> Path:
     model, folder, data_cfg = load_model_and_data_config(args.model, rest)
     location = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     accelerator = Accelerator()
-    out = extract(model, data_cfg, Path(args.out), model_location=location, batch_size=args.batch_size,
-                  accelerator=accelerator, overwrite=args.overwrite)
+    out = extract(
+        model,
+        data_cfg,
+        Path(args.out),
+        model_location=location,
+        batch_size=args.batch_size,
+        accelerator=accelerator,
+        overwrite=args.overwrite,
+    )
     if args.push_to_hub and accelerator.is_main_process:
         print(publish_codes(out, args.push_to_hub, private=args.private or None))
     return out

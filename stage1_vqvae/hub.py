@@ -82,17 +82,28 @@ def state_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def upload_folder(folder: Path, repo_id: str, *, repo_type: str = "model", private: bool | None = None,
-                  token: str | None = None, commit_message: str = "Upload with vqgen", api: HfApi | None = None) -> str:
+def upload_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload with vqgen",
+    api: HfApi | None = None,
+) -> str:
     """Create the repo if needed and upload `folder`; returns the commit URL. The token is never logged."""
     api = api or HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
-                                 commit_message=commit_message)
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message
+        )
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-        raise VqgenError(f"could not push to the Hub repo {repo_id} ({type(e).__name__}); the local copy "
-                         f"in {folder} is complete. Check your network and token, then retry") from None
+        raise VqgenError(
+            f"could not push to the Hub repo {repo_id} ({type(e).__name__}); the local copy "
+            f"in {folder} is complete. Check your network and token, then retry"
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 

@@ -501,15 +501,33 @@ class VQVAE(
         """Load from a local folder or a Hub repo id (safetensors + config.json only, strict)."""
         from stage1_vqvae.hub import resolve_folder
 
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "force_download",
-                                                 "local_files_only") if kwargs.get(k) is not None}
-        folder = resolve_folder(pretrained_model_name_or_path, "model",
-                                allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"], **hub_kwargs)
+        hub_kwargs = {
+            k: kwargs.pop(k)
+            for k in ("revision", "cache_dir", "token", "force_download", "local_files_only")
+            if kwargs.get(k) is not None
+        }
+        folder = resolve_folder(
+            pretrained_model_name_or_path,
+            "model",
+            allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"],
+            **hub_kwargs,
+        )
         return super().from_pretrained(str(folder), **kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
-                         map_location="cpu", strict=True, **model_kwargs):
+    def _from_pretrained(
+        cls,
+        *,
+        model_id,
+        revision,
+        cache_dir,
+        force_download,
+        local_files_only,
+        token,
+        map_location="cpu",
+        strict=True,
+        **model_kwargs,
+    ):
         from stage1_vqvae.common import VqgenError
         from stage1_vqvae.hub import load_safetensors_model
 
@@ -519,6 +537,13 @@ class VQVAE(
             model = cls(**model_kwargs)
         except (TypeError, ValueError) as e:
             raise VqgenError(f"{model_id}/config.json is not a valid VQ-VAE config ({e})") from None
-        return load_safetensors_model(model, model_id, revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, local_files_only=local_files_only,
-                                      token=token, map_location=map_location)
+        return load_safetensors_model(
+            model,
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            map_location=map_location,
+        )

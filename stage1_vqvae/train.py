@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     with accelerator.main_process_first():
         splits = load_splits(cfg.data, splits=("train", "validation"), progress=accelerator.is_main_process)
-    train_dl = torch.utils.data.DataLoader(splits["train"], batch_size=per_device, shuffle=True, drop_last=True,
-                                           num_workers=tc.num_workers)
+    train_dl = torch.utils.data.DataLoader(
+        splits["train"], batch_size=per_device, shuffle=True, drop_last=True, num_workers=tc.num_workers
+    )
     val_dl = torch.utils.data.DataLoader(splits["validation"], batch_size=max(per_device, 64))
     if len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(splits['train'])} images, fewer than one batch of {per_device}")
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> Path:
     model = VQVAE(cfg.model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                 weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
+    )
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
 
     step = 0
@@ -196,17 +198,24 @@ def main(argv: list[str] | None = None) -> Path:
             step += 1
             loss = outputs.loss.item()
             if not math.isfinite(loss):
-                raise VqgenError(f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
-                                 f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate or set "
-                                 "train.max_grad_norm, then --resume latest")
+                raise VqgenError(
+                    f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
+                    f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate or set "
+                    "train.max_grad_norm, then --resume latest"
+                )
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                logs = {"train/loss": loss, "train/recon_loss": outputs.recon_loss.item(),
-                        "train/commitment_loss": outputs.commitment_loss.item(),
-                        "train/codebook_loss": outputs.codebook_loss.item(),
-                        "train/perplexity": outputs.perplexity.item(), "train/usage": outputs.usage.item(),
-                        "train/dead_codes": int(outputs.dead_codes), "train/lr": lr,
-                        "train/images_per_s": images_seen / (time.perf_counter() - t0)}
+                logs = {
+                    "train/loss": loss,
+                    "train/recon_loss": outputs.recon_loss.item(),
+                    "train/commitment_loss": outputs.commitment_loss.item(),
+                    "train/codebook_loss": outputs.codebook_loss.item(),
+                    "train/perplexity": outputs.perplexity.item(),
+                    "train/usage": outputs.usage.item(),
+                    "train/dead_codes": int(outputs.dead_codes),
+                    "train/lr": lr,
+                    "train/images_per_s": images_seen / (time.perf_counter() - t0),
+                }
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
@@ -232,10 +241,17 @@ def main(argv: list[str] | None = None) -> Path:
             from stage1_vqvae.hub import upload_folder
 
             logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
-        write_json(out / "train_summary.json", {
-            "steps": step, "num_processes": accelerator.num_processes, "wall_time_s": wall,
-            "images_per_s": images_seen / wall if wall > 0 else None,
-            "codebook_max_abs_diff_across_ranks": rank_diff, "validation": val_metrics})
+        write_json(
+            out / "train_summary.json",
+            {
+                "steps": step,
+                "num_processes": accelerator.num_processes,
+                "wall_time_s": wall,
+                "images_per_s": images_seen / wall if wall > 0 else None,
+                "codebook_max_abs_diff_across_ranks": rank_diff,
+                "validation": val_metrics,
+            },
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "model"
@@ -266,11 +282,16 @@ def save_final_model(model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict
     recon = sorted((run_dir / "samples").glob("reconstructions_step_*.png"))
     if recon:
         shutil.copy(recon[-1], tmp / "reconstructions.png")
-    card = {"metrics": {f"validation {k}": round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
-            "training_data": cfg.data.source, "image": "reconstructions.png" if recon else None,
-            "image_size": cfg.model.image_size, "in_channels": cfg.model.in_channels,
-            "grid": cfg.model.grid_size, "codebook_size": cfg.model.codebook_size,
-            "codebook_dim": cfg.model.codebook_dim}
+    card = {
+        "metrics": {f"validation {k}": round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+        "training_data": cfg.data.source,
+        "image": "reconstructions.png" if recon else None,
+        "image_size": cfg.model.image_size,
+        "in_channels": cfg.model.in_channels,
+        "grid": cfg.model.grid_size,
+        "codebook_size": cfg.model.codebook_size,
+        "codebook_dim": cfg.model.codebook_dim,
+    }
     model.save_pretrained(tmp, model_card_kwargs=card)
     write_json(tmp / "data_config.json", to_dict(cfg.data))
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))

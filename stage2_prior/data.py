@@ -57,16 +57,21 @@ def load_code_splits(cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "v
         arr = ds.with_format("numpy")[:]
         codes = torch.from_numpy(np.asarray(arr["codes"]).astype(np.int64))  # (N, h, w)
         if tuple(codes.shape[1:]) != (h, w):
-            raise VqgenError(f"code dataset {cfg.codes}: split {split!r} holds {tuple(codes.shape[1:])} grids but "
-                             f"its metadata says {(h, w)}; re-run stage1_vqvae.extract")
+            raise VqgenError(
+                f"code dataset {cfg.codes}: split {split!r} holds {tuple(codes.shape[1:])} grids but "
+                f"its metadata says {(h, w)}; re-run stage1_vqvae.extract"
+            )
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise VqgenError(f"code dataset {cfg.codes}: split {split!r} holds codes outside [0, {k}); "
-                             "it does not match its metadata's K")
+            raise VqgenError(
+                f"code dataset {cfg.codes}: split {split!r} holds codes outside [0, {k}); "
+                "it does not match its metadata's K"
+            )
         classes = None
         if layout.num_classes:
             classes = torch.from_numpy(np.asarray(arr["label"]).astype(np.int64))
             if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= layout.num_classes):
-                raise VqgenError(f"code dataset {cfg.codes}: split {split!r} has labels outside the "
-                                 f"{layout.num_classes} class names")
+                raise VqgenError(
+                    f"code dataset {cfg.codes}: split {split!r} has labels outside the {layout.num_classes} class names"
+                )
         out[split] = CodeSequences(grid_to_input_ids(codes, layout, classes))
     return out, meta, layout

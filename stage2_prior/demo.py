@@ -54,17 +54,20 @@ def sample_quality(samples_dir: Path) -> dict:
     clf = train_classifier(train_x, train_y, 10)
     test_pred, test_feat = predict(clf, test_x)
     info = json.loads((samples_dir / "samples.json").read_text())
-    imgs = torch.stack([torch.from_numpy(np.array(Image.open(samples_dir / f).convert("L")))
-                        for f in info["files"]])[:, None]  # (N, 1, 28, 28) uint8
+    imgs = torch.stack([torch.from_numpy(np.array(Image.open(samples_dir / f).convert("L"))) for f in info["files"]])[
+        :, None
+    ]  # (N, 1, 28, 28) uint8
     pred, feat = predict(clf, to_model_input(imgs))
     asked = torch.tensor(info["classes"])
     _, train_feat = predict(clf, train_x[:10000])
-    return {"classifier_test_accuracy": float((test_pred == test_y).float().mean()),
-            "samples_recognised_as_asked": float((pred == asked).float().mean()),
-            "num_samples": len(asked),
-            "frechet_distance_samples_vs_test": frechet_distance(feat, test_feat),
-            "frechet_distance_train_vs_test_reference": frechet_distance(train_feat, test_feat),
-            "frechet_feature": "128-d penultimate layer of the project's small MNIST classifier"}
+    return {
+        "classifier_test_accuracy": float((test_pred == test_y).float().mean()),
+        "samples_recognised_as_asked": float((pred == asked).float().mean()),
+        "num_samples": len(asked),
+        "frechet_distance_samples_vs_test": frechet_distance(feat, test_feat),
+        "frechet_distance_train_vs_test_reference": frechet_distance(train_feat, test_feat),
+        "frechet_feature": "128-d penultimate layer of the project's small MNIST classifier",
+    }
 
 
 REPORT = """# vqgen demo report
@@ -112,21 +115,88 @@ def main(argv: list[str] | None = None) -> dict:
     extra1 = [f"train.max_steps={args.stage1_steps}"] if args.stage1_steps else []
     extra2 = [f"train.max_steps={args.stage2_steps}"] if args.stage2_steps else []
     t_all = time.perf_counter()
-    run_step("stage 1 training", ["-m", "stage1_vqvae.train", "--config", "configs/mnist/stage1.yaml",
-                                  f"train.output_dir={s1}", *extra1], t)
-    run_step("stage 1 evaluation", ["-m", "stage1_vqvae.evaluate", "--model", str(s1 / "model"), "--split", "test",
-                                    "--out", str(out / "stage1_test.json")], t)
-    run_step("code extraction", ["-m", "stage1_vqvae.extract", "--model", str(s1 / "model"),
-                                 "--out", str(out / "codes")], t)
-    run_step("stage 2 training", ["-m", "stage2_prior.train", "--config", "configs/mnist/stage2.yaml",
-                                  f"data.codes={out / 'codes'}", f"train.output_dir={s2}", *extra2], t)
-    run_step("stage 2 evaluation", ["-m", "stage2_prior.evaluate", "--prior", str(s2 / "model"), "--split", "test",
-                                    "--out", str(out / "stage2_test.json")], t)
-    run_step("pipeline export", ["-m", "stage2_prior.export", "--vqvae", str(s1 / "model"), "--prior",
-                                 str(s2 / "model"), "--out", str(out / "pipeline")], t)
-    run_step("sampling", ["sample.py", "--pipeline", str(out / "pipeline"), "--per-class", "10", "--seed", "0",
-                          "--guidance-scale", str(args.guidance_scale), "--temperature", str(args.temperature),
-                          "--out", str(out / "samples")], t)
+    run_step(
+        "stage 1 training",
+        ["-m", "stage1_vqvae.train", "--config", "configs/mnist/stage1.yaml", f"train.output_dir={s1}", *extra1],
+        t,
+    )
+    run_step(
+        "stage 1 evaluation",
+        [
+            "-m",
+            "stage1_vqvae.evaluate",
+            "--model",
+            str(s1 / "model"),
+            "--split",
+            "test",
+            "--out",
+            str(out / "stage1_test.json"),
+        ],
+        t,
+    )
+    run_step(
+        "code extraction", ["-m", "stage1_vqvae.extract", "--model", str(s1 / "model"), "--out", str(out / "codes")], t
+    )
+    run_step(
+        "stage 2 training",
+        [
+            "-m",
+            "stage2_prior.train",
+            "--config",
+            "configs/mnist/stage2.yaml",
+            f"data.codes={out / 'codes'}",
+            f"train.output_dir={s2}",
+            *extra2,
+        ],
+        t,
+    )
+    run_step(
+        "stage 2 evaluation",
+        [
+            "-m",
+            "stage2_prior.evaluate",
+            "--prior",
+            str(s2 / "model"),
+            "--split",
+            "test",
+            "--out",
+            str(out / "stage2_test.json"),
+        ],
+        t,
+    )
+    run_step(
+        "pipeline export",
+        [
+            "-m",
+            "stage2_prior.export",
+            "--vqvae",
+            str(s1 / "model"),
+            "--prior",
+            str(s2 / "model"),
+            "--out",
+            str(out / "pipeline"),
+        ],
+        t,
+    )
+    run_step(
+        "sampling",
+        [
+            "sample.py",
+            "--pipeline",
+            str(out / "pipeline"),
+            "--per-class",
+            "10",
+            "--seed",
+            "0",
+            "--guidance-scale",
+            str(args.guidance_scale),
+            "--temperature",
+            str(args.temperature),
+            "--out",
+            str(out / "samples"),
+        ],
+        t,
+    )
     t0 = time.perf_counter()
     quality = sample_quality(out / "samples")
     t["sample quality"] = round(time.perf_counter() - t0, 1)
@@ -137,14 +207,29 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copy(s1 / "model" / "reconstructions.png", out / "reconstructions.png")
     stage1 = json.loads((out / "stage1_test.json").read_text())
     stage2 = json.loads((out / "stage2_test.json").read_text())
-    metrics = {"stage1_test": stage1, "stage2_test": stage2, "samples": quality,
-               "guidance_scale": args.guidance_scale, "temperature": args.temperature, "wall_time_s": t}
+    metrics = {
+        "stage1_test": stage1,
+        "stage2_test": stage2,
+        "samples": quality,
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "wall_time_s": t,
+    }
     write_json(out / "metrics.json", metrics)
     times = "\n".join(f"- {k}: {v}" for k, v in t.items())
-    (out / "report.md").write_text(REPORT.format(
-        grid="grid.png", s1=stage1, s2=stage2, two=stage2.get("two_stage", {}).get("bits_per_dim", float("nan")),
-        q=quality, acc=quality["samples_recognised_as_asked"], guidance=args.guidance_scale,
-        temperature=args.temperature, times=times))
+    (out / "report.md").write_text(
+        REPORT.format(
+            grid="grid.png",
+            s1=stage1,
+            s2=stage2,
+            two=stage2.get("two_stage", {}).get("bits_per_dim", float("nan")),
+            q=quality,
+            acc=quality["samples_recognised_as_asked"],
+            guidance=args.guidance_scale,
+            temperature=args.temperature,
+            times=times,
+        )
+    )
     print(f"\nDemo done in {t['total']} s: {out / 'report.md'}")
     print(json.dumps({k: v for k, v in quality.items() if isinstance(v, float)}, indent=2))
     return metrics

@@ -68,10 +68,14 @@ def two_stage_bits_per_dim(prior, vqvae, loaders: dict, split: str) -> dict:
         n += len(u8)
     cfg = vqvae.config
     subpixels = cfg.in_channels * cfg.image_size**2
-    return {"bits_per_dim": (dec + pri) / n / subpixels / math.log(2),
-            "bits_per_dim_decoder_term": dec / n / subpixels / math.log(2),
-            "bits_per_dim_prior_term": pri / n / subpixels / math.log(2),
-            "prior_nll_nats_per_image": pri / n, "decoder_sigma_levels": sigma, "num_images": n}
+    return {
+        "bits_per_dim": (dec + pri) / n / subpixels / math.log(2),
+        "bits_per_dim_decoder_term": dec / n / subpixels / math.log(2),
+        "bits_per_dim_prior_term": pri / n / subpixels / math.log(2),
+        "prior_nll_nats_per_image": pri / n,
+        "decoder_sigma_levels": sigma,
+        "num_images": n,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,27 +97,40 @@ def main(argv: list[str] | None = None) -> dict:
     codes = args.codes or meta.get("code_dataset")
     if not codes:
         raise VqgenError("the prior does not record its code dataset; pass --codes")
-    splits, codes_meta, _ = load_code_splits(CodeDataConfig(codes=codes, conditional=layout.num_classes > 0),
-                                             splits=(args.split,))
+    splits, codes_meta, _ = load_code_splits(
+        CodeDataConfig(codes=codes, conditional=layout.num_classes > 0), splits=(args.split,)
+    )
     check_fingerprints(meta, codes_meta, f"code dataset {codes}")
     ids = splits[args.split].input_ids
     nll = sequences_nll(prior, ids, args.batch_size)
-    result = {"split": args.split, "nll_nats_per_code": nll / layout.num_codes,
-              "bits_per_code": bits_per_code(nll, layout), "uniform_bits_per_code": math.log2(layout.codebook_size),
-              "num_sequences": len(ids), "conditional": layout.num_classes > 0}
+    result = {
+        "split": args.split,
+        "nll_nats_per_code": nll / layout.num_codes,
+        "bits_per_code": bits_per_code(nll, layout),
+        "uniform_bits_per_code": math.log2(layout.codebook_size),
+        "num_sequences": len(ids),
+        "conditional": layout.num_classes > 0,
+    }
     vq_loc = args.vqvae or meta.get("vqvae_location")
     if vq_loc:
         from stage1_vqvae.data import load_splits
         from stage1_vqvae.evaluate import load_model_and_data_config
 
         vqvae, _, data_cfg = load_model_and_data_config(vq_loc, [])
-        check_fingerprints(meta, {"vqvae_fingerprint": state_fingerprint(vqvae),
-                                  "codebook_size": vqvae.config.codebook_size,
-                                  "grid": [vqvae.config.grid_size] * 2}, f"VQ-VAE {vq_loc}")
+        check_fingerprints(
+            meta,
+            {
+                "vqvae_fingerprint": state_fingerprint(vqvae),
+                "codebook_size": vqvae.config.codebook_size,
+                "grid": [vqvae.config.grid_size] * 2,
+            },
+            f"VQ-VAE {vq_loc}",
+        )
         images = load_splits(data_cfg, splits=sorted({"validation", args.split}))
         loaders = {k: torch.utils.data.DataLoader(v, batch_size=args.batch_size) for k, v in images.items()}
-        result["two_stage"] = two_stage_bits_per_dim(prior, vqvae.to(memory_format=torch.channels_last), loaders,
-                                                     args.split)
+        result["two_stage"] = two_stage_bits_per_dim(
+            prior, vqvae.to(memory_format=torch.channels_last), loaders, args.split
+        )
     if layout.num_classes:
         if "two_stage" in result:  # the bound's p(z) is the NULL-class NLL of the same codes: do not redo it
             uncond_nll = result["two_stage"]["prior_nll_nats_per_image"]

@@ -45,22 +45,39 @@ def export_pipeline(vqvae_path: str, prior_path: str, out: Path, overwrite: bool
     prior = load_prior(prior_path)
     fp = state_fingerprint(vqvae)
     meta = prior.config.vqgen
-    check_fingerprints(meta, {"vqvae_fingerprint": fp, "codebook_size": vqvae.config.codebook_size,
-                              "grid": [vqvae.config.grid_size] * 2}, f"VQ-VAE {vqvae_path}")
+    check_fingerprints(
+        meta,
+        {"vqvae_fingerprint": fp, "codebook_size": vqvae.config.codebook_size, "grid": [vqvae.config.grid_size] * 2},
+        f"VQ-VAE {vqvae_path}",
+    )
     layout = layout_of(prior)
     tmp = atomic_dir(out)
     shutil.copytree(resolve_folder(vqvae_path, "VQ-VAE"), tmp / "vqvae")
     shutil.copytree(resolve_folder(prior_path, "prior"), tmp / "prior")
-    write_json(tmp / "pipeline.json", {
-        "format": "vqgen-pipeline/1", "vqvae": "vqvae", "prior": "prior", "vqvae_fingerprint": fp,
-        "codebook_size": layout.codebook_size, "grid": [layout.height, layout.width],
-        "class_names": meta.get("class_names"), "image_size": vqvae.config.image_size,
-        "channels": vqvae.config.in_channels})
+    write_json(
+        tmp / "pipeline.json",
+        {
+            "format": "vqgen-pipeline/1",
+            "vqvae": "vqvae",
+            "prior": "prior",
+            "vqvae_fingerprint": fp,
+            "codebook_size": layout.codebook_size,
+            "grid": [layout.height, layout.width],
+            "class_names": meta.get("class_names"),
+            "image_size": vqvae.config.image_size,
+            "channels": vqvae.config.in_channels,
+        },
+    )
     conditional = layout.num_classes > 0
-    (tmp / "README.md").write_text(PIPELINE_CARD.format(
-        pipeline_tag="unconditional-image-generation", h=layout.height,
-        w=layout.width, k=layout.codebook_size,
-        classes=f"Class-conditional over {meta.get('class_names')}." if conditional else "Unconditional."))
+    (tmp / "README.md").write_text(
+        PIPELINE_CARD.format(
+            pipeline_tag="unconditional-image-generation",
+            h=layout.height,
+            w=layout.width,
+            k=layout.codebook_size,
+            classes=f"Class-conditional over {meta.get('class_names')}." if conditional else "Unconditional.",
+        )
+    )
     commit_dir(tmp, out)
     return out
 

@@ -113,19 +113,39 @@ def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
 
 def build_prior(cfg: PriorConfig, layout: TokenLayout, vqgen_meta: dict | None = None) -> PreTrainedModel:
     """A fresh GPT2LMHeadModel or LlamaForCausalLM sized for the layout; metadata in `config.vqgen`."""
-    common = dict(vocab_size=layout.vocab_size, bos_token_id=layout.bos, eos_token_id=None, pad_token_id=None,
-                  tie_word_embeddings=True)
+    common = dict(
+        vocab_size=layout.vocab_size,
+        bos_token_id=layout.bos,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+    )
     if cfg.arch == "gpt2":
         # "gelu_pytorch_tanh" is GPT-2's tanh-approximated GELU ("gelu_new") as one fused PyTorch kernel
         # instead of five elementwise ops: the stage-2 training step is ~12% faster on CPU (benchmarks/).
-        hf_cfg = GPT2Config(n_positions=layout.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                            activation_function="gelu_pytorch_tanh", **common)
+        hf_cfg = GPT2Config(
+            n_positions=layout.seq_len,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            activation_function="gelu_pytorch_tanh",
+            **common,
+        )
         model = GPT2LMHeadModel(hf_cfg)
     else:
-        hf_cfg = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                             max_position_embeddings=layout.seq_len, attention_dropout=cfg.dropout, **common)
+        hf_cfg = LlamaConfig(
+            hidden_size=cfg.n_embd,
+            intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=layout.seq_len,
+            attention_dropout=cfg.dropout,
+            **common,
+        )
         model = LlamaForCausalLM(hf_cfg)
     model.config.vqgen = {"layout": asdict(layout), "prior": asdict(cfg), **(vqgen_meta or {})}
     model.generation_config.bos_token_id = layout.bos
@@ -148,15 +168,20 @@ def check_fingerprints(prior_meta: dict, other: dict, what: str) -> None:
     """Raise a clear error when a prior meets codes or a VQ-VAE it was not trained with."""
     for key in ("codebook_size",):
         if key in other and other[key] != prior_meta["layout"]["codebook_size"]:
-            raise VqgenError(f"{what} has K={other[key]} but the prior was trained for "
-                             f"K={prior_meta['layout']['codebook_size']}")
+            raise VqgenError(
+                f"{what} has K={other[key]} but the prior was trained for K={prior_meta['layout']['codebook_size']}"
+            )
     if "grid" in other and list(other["grid"]) != [prior_meta["layout"]["height"], prior_meta["layout"]["width"]]:
-        raise VqgenError(f"{what} has a {other['grid']} code grid but the prior models "
-                         f"{[prior_meta['layout']['height'], prior_meta['layout']['width']]}")
+        raise VqgenError(
+            f"{what} has a {other['grid']} code grid but the prior models "
+            f"{[prior_meta['layout']['height'], prior_meta['layout']['width']]}"
+        )
     mine, theirs = prior_meta.get("vqvae_fingerprint"), other.get("vqvae_fingerprint")
     if mine and theirs and mine != theirs:
-        raise VqgenError(f"{what} comes from VQ-VAE {theirs[:16]}… but the prior was trained on codes of VQ-VAE "
-                         f"{mine[:16]}… (fingerprints differ). Use the matching VQ-VAE, or retrain the prior")
+        raise VqgenError(
+            f"{what} comes from VQ-VAE {theirs[:16]}… but the prior was trained on codes of VQ-VAE "
+            f"{mine[:16]}… (fingerprints differ). Use the matching VQ-VAE, or retrain the prior"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,8 +29,15 @@ class SmallClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> SmallClassifier:
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> SmallClassifier:
     """Fit on (N, C, H, W) images in [-1, 1]; seeded, a few seconds to a minute on a CPU."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -124,9 +124,12 @@ def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> 
     total = accelerator.reduce(total) if accelerator.num_processes > 1 else total
     model.train(was)
     per_seq = (total[0] / total[1]).item()
-    return {"nll_nats_per_code": per_seq / layout.num_codes,
-            "bits_per_code": per_seq / layout.num_codes / math.log(2),
-            "uniform_bits_per_code": math.log2(layout.codebook_size), "num_sequences": int(total[1].item())}
+    return {
+        "nll_nats_per_code": per_seq / layout.num_codes,
+        "bits_per_code": per_seq / layout.num_codes / math.log(2),
+        "uniform_bits_per_code": math.log2(layout.codebook_size),
+        "num_sequences": int(total[1].item()),
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -146,9 +149,18 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
         before = json.loads((out / "codes_meta.json").read_text())
-        check_fingerprints({"layout": {"codebook_size": before["codebook_size"], "height": before["grid"][0],
-                                       "width": before["grid"][1]},
-                            "vqvae_fingerprint": before["vqvae_fingerprint"]}, meta, f"code dataset {cfg.data.codes}")
+        check_fingerprints(
+            {
+                "layout": {
+                    "codebook_size": before["codebook_size"],
+                    "height": before["grid"][0],
+                    "width": before["grid"][1],
+                },
+                "vqvae_fingerprint": before["vqvae_fingerprint"],
+            },
+            meta,
+            f"code dataset {cfg.data.codes}",
+        )
     if accelerator.is_main_process:
         prepare_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
         dump_yaml(out / "config.yaml", to_dict(cfg))
@@ -156,13 +168,19 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    vqgen_meta = {"class_names": meta.get("class_names") if layout.num_classes else None,
-                  "codes_fingerprint": meta["codes_fingerprint"], "code_dataset": cfg.data.codes,
-                  "vqvae_fingerprint": meta["vqvae_fingerprint"], "vqvae_location": meta.get("vqvae_location"),
-                  "image_size": meta.get("image_size"), "channels": meta.get("channels")}
+    vqgen_meta = {
+        "class_names": meta.get("class_names") if layout.num_classes else None,
+        "codes_fingerprint": meta["codes_fingerprint"],
+        "code_dataset": cfg.data.codes,
+        "vqvae_fingerprint": meta["vqvae_fingerprint"],
+        "vqvae_location": meta.get("vqvae_location"),
+        "image_size": meta.get("image_size"),
+        "channels": meta.get("channels"),
+    }
     model = build_prior(cfg.model, layout, vqgen_meta)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                                  betas=(tc.adam_beta1, tc.adam_beta2))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
+    )
     train_dl = torch.utils.data.DataLoader(splits["train"], batch_size=per_device, shuffle=True, drop_last=True)
     val_dl = torch.utils.data.DataLoader(splits["validation"], batch_size=max(per_device, 64))
     if len(train_dl) == 0:
@@ -213,12 +231,21 @@ def main(argv: list[str] | None = None) -> Path:
             step += 1
             loss = outputs.loss.item()
             if not math.isfinite(loss):
-                raise VqgenError(f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
-                                 f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate, then --resume latest")
+                raise VqgenError(
+                    f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
+                    f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate, then --resume latest"
+                )
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
-                                 "train/tokens_per_s": tokens_seen / (time.perf_counter() - t0)}, step=step)
+                accelerator.log(
+                    {
+                        "train/loss": loss,
+                        "train/bits_per_code": loss / math.log(2),
+                        "train/lr": lr,
+                        "train/tokens_per_s": tokens_seen / (time.perf_counter() - t0),
+                    },
+                    step=step,
+                )
                 bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
                 val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
@@ -243,9 +270,16 @@ def main(argv: list[str] | None = None) -> Path:
             from stage1_vqvae.hub import upload_folder
 
             logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
-        write_json(out / "train_summary.json", {"steps": step, "num_processes": accelerator.num_processes,
-                                                 "wall_time_s": wall, "tokens_per_s": tokens_seen / wall,
-                                                 "validation": val})
+        write_json(
+            out / "train_summary.json",
+            {
+                "steps": step,
+                "num_processes": accelerator.num_processes,
+                "wall_time_s": wall,
+                "tokens_per_s": tokens_seen / wall,
+                "validation": val,
+            },
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "model"
@@ -282,8 +316,9 @@ def log_samples(accelerator, model, vqvae, layout: TokenLayout, step: int, out: 
     save_image(grid, out / "samples" / f"samples_step_{step:08d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"val/samples": (grid * 255).byte().permute(1, 2, 0).numpy()}, step=step,
-                               dataformats="HWC")
+            tracker.log_images(
+                {"val/samples": (grid * 255).byte().permute(1, 2, 0).numpy()}, step=step, dataformats="HWC"
+            )
 
 
 PRIOR_CARD = """---
@@ -312,10 +347,16 @@ def save_final_prior(model, final: Path, cfg: Stage2Config, val: dict, run_dir: 
     lay = meta["layout"]
     dataset = meta.get("code_dataset") or ""
     card = PRIOR_CARD.format(
-        arch=cfg.model.arch, dataset=dataset, h=lay["height"], w=lay["width"], k=lay["codebook_size"],
+        arch=cfg.model.arch,
+        dataset=dataset,
+        h=lay["height"],
+        w=lay["width"],
+        k=lay["codebook_size"],
         classes=f"conditioned on {lay['num_classes']} classes" if lay["num_classes"] else "unconditional",
-        vqvae=meta.get("vqvae_location"), vqvae_fp=meta.get("vqvae_fingerprint"),
-        bpc=round(val.get("bits_per_code", float("nan")), 4), uniform=round(math.log2(lay["codebook_size"]), 4),
+        vqvae=meta.get("vqvae_location"),
+        vqvae_fp=meta.get("vqvae_fingerprint"),
+        bpc=round(val.get("bits_per_code", float("nan")), 4),
+        uniform=round(math.log2(lay["codebook_size"]), 4),
         datasets=f"datasets: [{dataset}]\n" if "/" in dataset and not Path(dataset).exists() else "",
     )
     samples = sorted((run_dir / "samples").glob("samples_step_*.png"))

@@ -47,8 +47,16 @@ def image_folder(tmp_path_factory) -> Path:
 def tiny_config():
     from stage1_vqvae.model import VQVAEConfig
 
-    return VQVAEConfig(in_channels=1, image_size=16, hidden_channels=32, res_channels=16, num_res_blocks=1,
-                       downsample=4, codebook_size=16, codebook_dim=8)
+    return VQVAEConfig(
+        in_channels=1,
+        image_size=16,
+        hidden_channels=32,
+        res_channels=16,
+        num_res_blocks=1,
+        downsample=4,
+        codebook_size=16,
+        codebook_dim=8,
+    )
 
 
 @pytest.fixture

@@ -106,9 +106,10 @@ def test_missing_columns_name_the_override():
 
 def test_labels_outside_the_class_names_are_reported():
     img = Image.fromarray(np.zeros((4, 4), np.uint8))
-    raw = datasets.Dataset.from_dict({"image": [img, img], "label": [0, 7]},
-                                     features=datasets.Features({"image": datasets.Image(),
-                                                                 "label": datasets.Value("int64")}))
+    raw = datasets.Dataset.from_dict(
+        {"image": [img, img], "label": [0, 7]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
     # The same Arrow table under a ClassLabel feature of two names: what a hand-edited parquet file can hold.
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     ds = datasets.Dataset(raw.data, info=datasets.DatasetInfo(features=features))

@@ -37,8 +37,9 @@ def test_extraction_schema_order_and_metadata(tiny_model, image_folder, tmp_path
 
 
 def test_published_code_dataset_loads_back_with_its_features(tiny_model, image_folder, tmp_path, fake_hub):
-    out = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
-                  model_location="x")
+    out = extract(
+        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="x"
+    )
     api = fake_hub()
     publish_codes(out, "me/codes", api=api)
     assert api.created == [("me/codes", "dataset")]
@@ -99,9 +100,23 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
     data = {"source": str(image_folder), "resolution": 16}
     (tmp_path / "vq" / "data_config.json").write_text(json.dumps(data))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
-           "-m", "stage1_vqvae.extract", "--model", str(tmp_path / "vq"), "--out", str(tmp_path / "two"),
-           "--batch_size", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        "-m",
+        "stage1_vqvae.extract",
+        "--model",
+        str(tmp_path / "vq"),
+        "--out",
+        str(tmp_path / "two"),
+        "--batch_size",
+        "3",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = extract(tiny_model, DataConfig(**data), tmp_path / "one", model_location="x")

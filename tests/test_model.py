@@ -54,8 +54,9 @@ def test_save_load_round_trip_is_exact_and_strict(tiny_model, tmp_path):
 def test_model_card_has_metadata(tiny_model, tmp_path):
     from huggingface_hub import ModelCard
 
-    tiny_model.save_pretrained(tmp_path / "m", model_card_kwargs={"metrics": {"psnr": 20.5}, "image_size": 16,
-                                                                  "training_data": "mnist"})
+    tiny_model.save_pretrained(
+        tmp_path / "m", model_card_kwargs={"metrics": {"psnr": 20.5}, "image_size": 16, "training_data": "mnist"}
+    )
     card = ModelCard.load(tmp_path / "m" / "README.md")
     assert card.data.library_name == "vqgen"
     assert "vq-vae" in card.data.tags and card.data.pipeline_tag == "image-feature-extraction"
@@ -109,8 +110,9 @@ def test_a_folder_without_config_is_a_clear_error(tmp_path):
         VQVAE.from_pretrained(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("bad", [dict(codebook_size=1), dict(downsample=3), dict(image_size=30),
-                                 dict(hidden_channels=0), dict(decay=1.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(codebook_size=1), dict(downsample=3), dict(image_size=30), dict(hidden_channels=0), dict(decay=1.5)]
+)
 def test_invalid_model_configs_are_rejected(bad):
     with pytest.raises(ValueError):
         VQVAEConfig(**bad)

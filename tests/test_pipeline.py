@@ -24,14 +24,27 @@ def stage1(tmp_path_factory, image_folder):
     from stage1_vqvae.train import main as train1
 
     root = tmp_path_factory.mktemp("pipe")
-    model_dir = train1(["--config", os.path.join(ROOT, "configs", "tiny", "stage1.yaml"),
-                        f"train.output_dir={root / 's1'}", f"data.source={image_folder}", "data.max_samples=null",
-                        "train.batch_size=8", "train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=0"])
+    model_dir = train1(
+        [
+            "--config",
+            os.path.join(ROOT, "configs", "tiny", "stage1.yaml"),
+            f"train.output_dir={root / 's1'}",
+            f"data.source={image_folder}",
+            "data.max_samples=null",
+            "train.batch_size=8",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+        ]
+    )
     from stage1_vqvae.model import VQVAE
 
-    codes = extract(VQVAE.from_pretrained(model_dir), DataConfig(source=str(image_folder), resolution=16,
-                                                                 resize_mode="stretch"),
-                    root / "codes", model_location=str(model_dir))
+    codes = extract(
+        VQVAE.from_pretrained(model_dir),
+        DataConfig(source=str(image_folder), resolution=16, resize_mode="stretch"),
+        root / "codes",
+        model_location=str(model_dir),
+    )
     return root, model_dir, codes
 
 
@@ -72,13 +85,25 @@ def test_resuming_on_codes_of_another_vqvae_is_refused(stage1, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process(stage1, tmp_path):
     _, _, codes = stage1
-    args = ["train.max_steps=3", "train.checkpoint_every=0", "train.sample_every_eval=false",
-            "model.class_dropout=0.0"]
+    args = ["train.max_steps=3", "train.checkpoint_every=0", "train.sample_every_eval=false", "model.class_dropout=0.0"]
     one = train2(tmp_path / "one", codes, *args)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-           "-m", "stage2_prior.train", "--config", TINY2, f"train.output_dir={tmp_path / 'two'}",
-           f"data.codes={codes}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        "-m",
+        "stage2_prior.train",
+        "--config",
+        TINY2,
+        f"train.output_dir={tmp_path / 'two'}",
+        f"data.codes={codes}",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
@@ -105,18 +130,43 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
     assert names == sorted([f"{i:05d}_class{c}.png" for i, c in enumerate("aaabbb")] + ["grid.png", "samples.json"])
     info = json.loads((out / "samples.json").read_text())
     assert info["seed"] == 5 and info["classes"] == [0, 0, 0, 1, 1, 1] and len(info["vqvae_fingerprint"]) == 64
-    again = sample(["--vqvae", str(vqvae_dir), "--prior", str(prior), "--per-class", "3", "--seed", "5",
-                    "--out", str(tmp_path / "o2")])
+    again = sample(
+        [
+            "--vqvae",
+            str(vqvae_dir),
+            "--prior",
+            str(prior),
+            "--per-class",
+            "3",
+            "--seed",
+            "5",
+            "--out",
+            str(tmp_path / "o2"),
+        ]
+    )
     for n in names:
         if n.endswith(".png"):
             assert (out / n).read_bytes() == (again / n).read_bytes(), n  # same seed, same images
-    guided = sample(["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance-scale", "3", "--out",
-                     str(tmp_path / "o3")])
+    guided = sample(
+        ["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance-scale", "3", "--out", str(tmp_path / "o3")]
+    )
     assert json.loads((guided / "samples.json").read_text())["classes"] == [1, 0, 1]
     unc = sample(["--pipeline", str(pipe), "--num-images", "4", "--out", str(tmp_path / "o4")])
     assert sorted(p.name for p in unc.glob("0*.png")) == [f"{i:05d}.png" for i in range(4)]
-    comp = sample(["--pipeline", str(pipe), "--complete", str(out / "00000_classa.png"), "--keep-rows", "2",
-                   "--num-images", "3", "--out", str(tmp_path / "o5")])
+    comp = sample(
+        [
+            "--pipeline",
+            str(pipe),
+            "--complete",
+            str(out / "00000_classa.png"),
+            "--keep-rows",
+            "2",
+            "--num-images",
+            "3",
+            "--out",
+            str(tmp_path / "o5"),
+        ]
+    )
     assert (comp / "completion.png").is_file()
 
     with pytest.raises(VqgenError, match="already holds files"):
@@ -141,9 +191,20 @@ def test_sampling_with_a_mismatching_vqvae_fails_clearly(stage1, tmp_path, tiny_
 
 
 def test_cli_errors_print_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--pipeline", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "sample.py"),
+            "--pipeline",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
 
@@ -153,8 +214,9 @@ def test_trained_prior_is_pushed_with_its_card_and_loads_back(stage1, tmp_path, 
     from stage2_prior.model import layout_of
 
     _, _, codes = stage1
-    prior = train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0",
-                   "train.push_to_hub=me/prior")
+    prior = train2(
+        tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0", "train.push_to_hub=me/prior"
+    )
     remote = tmp_path / "remote" / "model" / "me" / "prior"
     card = (remote / "README.md").read_text()
     assert "pipeline_tag: unconditional-image-generation" in card and "bits per code" in card

@@ -75,7 +75,8 @@ def test_commitment_weight_is_on_the_commitment_term_not_the_codebook_term():
     expected = 0.25 * 2 * (z_e.detach() - e) / z_e.numel()
     assert torch.allclose(z_e.grad, expected, atol=1e-7)
     expected_embed = torch.zeros_like(vq.embed).index_add_(
-        0, out.codes.flatten(), (2 * (e - z_e.detach()) / z_e.numel()).permute(0, 2, 3, 1).reshape(-1, 3))
+        0, out.codes.flatten(), (2 * (e - z_e.detach()) / z_e.numel()).permute(0, 2, 3, 1).reshape(-1, 3)
+    )
     assert torch.allclose(vq.embed.grad, expected_embed, atol=1e-7)
 
 
@@ -117,7 +118,7 @@ def test_dead_codes_are_restarted_from_encoder_outputs_after_the_window():
     vq = VectorQuantizer(4, 2, decay=0.99, dead_code_window=3).train()
     vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
     vq.embed_avg.copy_(vq.embed)
-    z_e = (torch.rand(1, 2, 4, 4) * 1.0)  # all near codes 0/1: codes 2 and 3 are never chosen
+    z_e = torch.rand(1, 2, 4, 4) * 1.0  # all near codes 0/1: codes 2 and 3 are never chosen
     for _ in range(2):
         out = vq(z_e)
         assert out.dead_codes == 0

@@ -19,8 +19,17 @@ TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
 
 
 def args_for(out, image_folder, *extra):
-    return ["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
-            "train.batch_size=8", "train.eval_every=0", "train.report_to=none", *extra]
+    return [
+        "--config",
+        TINY,
+        f"train.output_dir={out}",
+        f"data.source={image_folder}",
+        "data.max_samples=null",
+        "train.batch_size=8",
+        "train.eval_every=0",
+        "train.report_to=none",
+        *extra,
+    ]
 
 
 def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "step_00000010") -> None:
@@ -54,8 +63,9 @@ def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image
     kill_after_checkpoint(cmd + args_for(tmp_path / "run", image_folder, *common), env, ckpts)
     assert resolve_resume("latest", ckpts) is not None
 
-    resumed = subprocess.run(cmd + args_for(tmp_path / "run", image_folder, *common) + ["--resume", "latest"],
-                             env=env, capture_output=True)
+    resumed = subprocess.run(
+        cmd + args_for(tmp_path / "run", image_folder, *common) + ["--resume", "latest"], env=env, capture_output=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Bitwise: model, optimizer, codebook EMA, dead-code ages, RNG and data position all restored.
     assert_same_weights(tmp_path / "ref" / "model", tmp_path / "run" / "model")
@@ -96,8 +106,12 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_
     main(args_for(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
     good = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
     with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002"):
-        main(args_for(out, image_folder, "train.max_steps=50", "train.checkpoint_every=100",
-                      "train.learning_rate=1.0e+30") + ["--resume", "latest"])
+        main(
+            args_for(
+                out, image_folder, "train.max_steps=50", "train.checkpoint_every=100", "train.learning_rate=1.0e+30"
+            )
+            + ["--resume", "latest"]
+        )
     again = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
     assert all(torch.equal(good[k], again[k]) for k in good)
     assert not (out / "model").exists() or (out / "model" / "model.safetensors").is_file()
@@ -135,8 +149,19 @@ def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, m
     monkeypatch.setenv("HF_TOKEN", secret)
 
     out = tmp_path / "run"
-    main(["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
-          "train.batch_size=8", "train.max_steps=2", "train.report_to=tensorboard", "train.push_to_hub=me/vq"])
+    main(
+        [
+            "--config",
+            TINY,
+            f"train.output_dir={out}",
+            f"data.source={image_folder}",
+            "data.max_samples=null",
+            "train.batch_size=8",
+            "train.max_steps=2",
+            "train.report_to=tensorboard",
+            "train.push_to_hub=me/vq",
+        ]
+    )
     assert any((tmp_path / "remote").rglob("model.safetensors"))  # the push did happen
     for root in (out, tmp_path / "remote"):
         for p in root.rglob("*"):
@@ -162,8 +187,9 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     from stage1_vqvae.data import DataConfig
     from stage1_vqvae.extract import extract
 
-    codes = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
-                    model_location="none")
+    codes = extract(
+        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="none"
+    )
     tiny2 = os.path.join(ROOT, "configs", "tiny", "stage2.yaml")
     common = ["train.max_steps=200", "train.checkpoint_every=5", "train.eval_every=0", f"data.codes={codes}"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -172,8 +198,9 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = [f"train.output_dir={tmp_path / 'run'}", *common]
     kill_after_checkpoint(cmd + run, env, tmp_path / "run" / "checkpoints")
-    resumed = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume", "latest"],
-                             env=env, capture_output=True)
+    resumed = subprocess.run(
+        cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume", "latest"], env=env, capture_output=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Class dropout is keyed by the micro-batch index, so it replays exactly too.
     assert_same_weights(tmp_path / "ref" / "model", tmp_path / "run" / "model")
@@ -188,9 +215,12 @@ def test_an_empty_split_is_one_clear_error(tmp_path):
 
     img = Image.fromarray(np.zeros((4, 4), np.uint8))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [img] * 4, "label": [0] * 4},
-                                                                    features=features),
-                               "test": datasets.Dataset.from_dict({"image": [], "label": []}, features=features)})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"image": [img] * 4, "label": [0] * 4}, features=features),
+            "test": datasets.Dataset.from_dict({"image": [], "label": []}, features=features),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(VqgenError, match="split 'test' is empty"):
         load_source(DataConfig(source=str(tmp_path / "dd"), resolution=4))
@@ -201,8 +231,9 @@ def test_codes_that_do_not_match_their_metadata_are_refused(tmp_path, image_fold
     from stage1_vqvae.extract import extract
     from stage2_prior.data import CodeDataConfig, load_code_splits
 
-    codes = extract(tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes",
-                    model_location="none")
+    codes = extract(
+        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="none"
+    )
     meta = json.loads((codes / "vqgen_codes.json").read_text())
     import datasets
     import numpy as np

@@ -17,8 +17,17 @@ TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
 
 
 def tiny_args(out, image_folder, *extra):
-    return ["--config", TINY, f"train.output_dir={out}", f"data.source={image_folder}", "data.max_samples=null",
-            "train.batch_size=8", "train.eval_every=0", "train.report_to=none", *extra]
+    return [
+        "--config",
+        TINY,
+        f"train.output_dir={out}",
+        f"data.source={image_folder}",
+        "data.max_samples=null",
+        "train.batch_size=8",
+        "train.eval_every=0",
+        "train.report_to=none",
+        *extra,
+    ]
 
 
 def weights(folder):
@@ -74,8 +83,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, im
     args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=false"]
     one = main(tiny_args(tmp_path / "one", image_folder, *args))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "stage1_vqvae.train", *tiny_args(tmp_path / "two", image_folder, *args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "stage1_vqvae.train",
+        *tiny_args(tmp_path / "two", image_folder, *args),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
