@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 
@@ -294,6 +295,37 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
         prune_checkpoints(ckpt_root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+class LossWatch:
+    """Remembers the first optimizer step whose loss was not finite, on the loss's device.
+
+    `observe` every step costs no host sync (a `.item()` per step stalls a GPU's queue); `check` syncs once and
+    runs only where it matters: at log steps and before anything is evaluated or saved, so no checkpoint or
+    model is written after a non-finite loss.
+    """
+
+    def __init__(self, advice: str):
+        self.advice = advice
+        self.first_step: torch.Tensor | None = None  # () int64, -1 while every loss was finite
+        self.value: torch.Tensor | None = None  # the first non-finite loss
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.first_step is None:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.value = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        if self.first_step is None or int(self.first_step) < 0:
+            return
+        raise VqgenError(
+            f"the loss became {float(self.value)} at step {int(self.first_step)}; nothing was saved after it. "
+            f"Last good checkpoint: {last_checkpoint or 'none'}. {self.advice}, then --resume latest"
+        )
 
 
 def run_cli(main, argv: list[str] | None = None) -> None:

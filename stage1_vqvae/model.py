@@ -182,6 +182,10 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("cluster_size", torch.ones(codebook_size))
             self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        # Host-side copy of `initted` once it is True, so that training steps never read the buffer (a host sync
+        # on GPU); loading a state dict may bring initted=False back, so it clears the copy.
+        self._initted_seen = not kmeans_init
+        self._register_load_state_dict_pre_hook(self._forget_initted)
         # Steps since each code was last chosen: drives dead-code restarts and the dead-code stat.
         self.register_buffer("code_age", torch.zeros(codebook_size, dtype=torch.long))
 
@@ -218,8 +222,10 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z_e = z_e.float()
             flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
-            if self.training and not bool(self.initted):
-                self._kmeans_init(flat.detach())
+            if self.training and not self._initted_seen:
+                if not bool(self.initted):
+                    self._kmeans_init(flat.detach())
+                self._initted_seen = True
             codes = self.nearest(flat.detach())  # (N,)
             counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
             if self.training:
@@ -277,6 +283,9 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
 
+    def _forget_initted(self, *args, **kwargs) -> None:
+        self._initted_seen = False
+
     @torch.no_grad()
     def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor) -> None:
         self.embed.data[which] = vectors
@@ -297,16 +306,17 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         dead = self.code_age >= self.dead_code_window  # (K,), identical on every rank (reduced counts)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        # Re-seed from this batch's encoder outputs; rank 0 picks and broadcasts so all ranks agree.
-        pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        vectors = flat[pick]
+        # Re-seed dead codes from this batch's encoder outputs. Without a host sync (`if dead.any()` would stall
+        # a GPU every step): draw a candidate for every code and keep it where the code is dead. Rank 0 draws
+        # and broadcasts, so all ranks agree.
+        candidates = flat[torch.randint(flat.shape[0], (self.codebook_size,), device=flat.device)]  # (K, D)
         if _distributed():
-            dist.broadcast(vectors, src=0)
-        self._set_codes(dead.nonzero().squeeze(1), vectors)
-        self.code_age[dead] = 0
+            dist.broadcast(candidates, src=0)
+        self.embed.data.copy_(torch.where(dead[:, None], candidates, self.embed))
+        if self.decay is not None:
+            self.cluster_size.masked_fill_(dead, 1.0)
+            self.embed_avg.copy_(torch.where(dead[:, None], candidates, self.embed_avg))
+        self.code_age.masked_fill_(dead, 0)
 
 
 # --------------------------------------------------------------------------------------------------

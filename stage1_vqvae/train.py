@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from accelerate.utils import set_seed
 
 from stage1_vqvae.common import (
     STATE_FILE,
+    LossWatch,
     VqgenError,
     atomic_dir,
     build_accelerator,
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
     last_ckpt = resume_dir
     t0, images_seen = time.perf_counter(), 0
     val_metrics: dict = {}
+    watch = LossWatch("Lower train.learning_rate or set train.max_grad_norm")
     while step < tc.max_steps:
         train_dl.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
@@ -196,15 +197,15 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            loss = outputs.loss.item()
-            if not math.isfinite(loss):
-                raise VqgenError(
-                    f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
-                    f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate or set "
-                    "train.max_grad_norm, then --resume latest"
-                )
+            watch.observe(outputs.loss, step)
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            log_now = step % tc.log_every == 0 or step == tc.max_steps
+            eval_now = tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps)
+            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == tc.max_steps)
+            if log_now or eval_now or save_now or step >= tc.max_steps:
+                watch.check(last_ckpt)  # the one host sync, and never after a non-finite loss
+            if log_now:
+                loss = outputs.loss.item()
                 logs = {
                     "train/loss": loss,
                     "train/recon_loss": outputs.recon_loss.item(),
@@ -218,9 +219,9 @@ def main(argv: list[str] | None = None) -> Path:
                 }
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+            if eval_now:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
-            if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            if save_now:
                 last_ckpt = save_checkpoint(accelerator, out / "checkpoints", step, tc.checkpoints_total_limit)
             if step >= tc.max_steps:
                 break

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 
 from stage1_vqvae.common import (
     STATE_FILE,
+    LossWatch,
     VqgenError,
     atomic_dir,
     build_accelerator,
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     last_ckpt = resume_dir
     t0, tokens_seen = time.perf_counter(), 0
     val: dict = {}
+    watch = LossWatch("Lower train.learning_rate or set train.max_grad_norm")
     micro = step * tc.gradient_accumulation_steps
     while step < tc.max_steps:
         train_dl.set_epoch(epoch)
@@ -229,14 +231,15 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            loss = outputs.loss.item()
-            if not math.isfinite(loss):
-                raise VqgenError(
-                    f"the loss became {loss} at step {step}; nothing was saved after it. Last good "
-                    f"checkpoint: {last_ckpt or 'none'}. Lower train.learning_rate, then --resume latest"
-                )
+            watch.observe(outputs.loss, step)
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            log_now = step % tc.log_every == 0 or step == tc.max_steps
+            eval_now = tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps)
+            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == tc.max_steps)
+            if log_now or eval_now or save_now or step >= tc.max_steps:
+                watch.check(last_ckpt)  # the one host sync, and never after a non-finite loss
+            if log_now:
+                loss = outputs.loss.item()
                 accelerator.log(
                     {
                         "train/loss": loss,
@@ -247,13 +250,13 @@ def main(argv: list[str] | None = None) -> Path:
                     step=step,
                 )
                 bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+            if eval_now:
                 val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
                 accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
                 logger.info("step %d validation: %s", step, val)
                 if decoder is not None and accelerator.is_main_process:
                     log_samples(accelerator, model, decoder, layout, step, out)
-            if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            if save_now:
                 last_ckpt = save_checkpoint(accelerator, out / "checkpoints", step, tc.checkpoints_total_limit)
             if step >= tc.max_steps:
                 break

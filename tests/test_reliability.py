@@ -2,17 +2,19 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.common import STATE_FILE, VqgenError, commit_dir, resolve_resume, safe_name
+from stage1_vqvae.common import STATE_FILE, LossWatch, VqgenError, commit_dir, resolve_resume, safe_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
@@ -105,13 +107,20 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_
     out = tmp_path / "run"
     main(args_for(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
     good = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
-    with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002"):
+    with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002") as err:
         main(
             args_for(
-                out, image_folder, "train.max_steps=50", "train.checkpoint_every=100", "train.learning_rate=1.0e+30"
+                out,
+                image_folder,
+                "train.max_steps=50",
+                "train.checkpoint_every=100",
+                "train.log_every=1000",  # the loss is first checked at step 50, before the final save
+                "train.learning_rate=1.0e+30",
             )
             + ["--resume", "latest"]
         )
+    # The error names the step where the loss first stopped being finite, not the step where it was checked.
+    assert 2 < int(re.search(r"at step (\d+)", str(err.value)).group(1)) < 50
     again = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
     assert all(torch.equal(good[k], again[k]) for k in good)
     assert not (out / "model").exists() or (out / "model" / "model.safetensors").is_file()
@@ -247,3 +256,15 @@ def test_codes_that_do_not_match_their_metadata_are_refused(tmp_path, image_fold
     (codes / "vqgen_codes.json").write_text(json.dumps(meta))
     with pytest.raises(VqgenError, match="grids but its metadata says"):
         load_code_splits(CodeDataConfig(codes=str(codes)))
+
+
+def test_loss_watch_reports_the_first_non_finite_step_without_syncing_each_step():
+    watch = LossWatch("Lower train.learning_rate")
+    for step, value in enumerate([1.0, 0.5, float("nan"), float("inf"), 2.0], start=1):
+        watch.observe(torch.tensor(value), step)
+        assert isinstance(watch.first_step, torch.Tensor)  # kept on the device until checked
+    with pytest.raises(VqgenError, match=r"became nan at step 3;.*Last good checkpoint: ckpt/step_2.*--resume latest"):
+        watch.check(Path("ckpt/step_2"))
+    fine = LossWatch("")
+    fine.observe(torch.tensor(1.0), 1)
+    fine.check(None)  # finite losses: no error
