@@ -269,29 +269,21 @@ def bench_extraction(repeats: int) -> None:
         (tmp / "vq" / "data_config.json").write_text(json.dumps({"source": "mnist"}))
         results = {}
         for name in ("x1", "x10"):
-            # VmHWM (peak RSS of this process image): ru_maxrss would inherit the parent's peak across fork.
-            code = (
-                f"import re, time; from stage1_vqvae.extract import main; t=time.perf_counter(); "
-                f"main(['--model', '{tmp / 'vq'}', '--out', '{tmp / ('codes_' + name)}', "
-                f"'data.source={tmp / name}']); "
-                f"hwm=re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-                f"print(time.perf_counter()-t, hwm)"
-            )
-            out = subprocess.run(
-                [sys.executable, "-c", code],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            )
-            secs, rss = out.stdout.strip().splitlines()[-1].split()
-            results[name] = (float(secs), int(rss) / 1024)
-        n1 = len(test) + 20
+            cmd = [sys.executable, "-m", "benchmarks.extract_rss", "--model", str(tmp / "vq")]
+            cmd += ["--out", str(tmp / f"codes_{name}"), f"data.source={tmp / name}"]
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"extraction failed:\n{out.stderr[-2000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        x1, x10 = results["x1"], results["x10"]
         row(
             "extraction (MNIST test split vs the same x10)",
-            f"peak RSS {results['x10'][1]:.1f} MiB (x10) vs {results['x1'][1]:.1f} MiB (x1)",
+            f"peak heap (RssAnon) {x10['peak_anon_mib']:.0f} MiB (x10) vs {x1['peak_anon_mib']:.0f} MiB (x1)",
             "must not grow",
-            f"{n1 / results['x1'][0]:.0f} img/s (x1), {(10 * len(test) + 20) / results['x10'][0]:.0f} img/s (x10)",
+            f"{(len(test) + 20) / x1['seconds']:.0f} img/s (x1), {(10 * len(test) + 20) / x10['seconds']:.0f} img/s "
+            f"(x10); peak RSS {x10['peak_rss_mib']:.0f} vs {x1['peak_rss_mib']:.0f} MiB, of which mapped files "
+            f"{x10['peak_file_mib']:.0f} vs {x1['peak_file_mib']:.0f} MiB (the Arrow source read through mmap)",
         )
 
 
