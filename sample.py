@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step with a static KV cache: same images, ~1.65x faster per batch on CPU "
+        help="torch.compile the decode step with a static KV cache: same images, ~1.6x faster per batch on CPU "
         "after a one-off compilation of 10-30 s, so it pays for thousands of images, not for a grid",
     )
     args = parser.parse_args(argv)
