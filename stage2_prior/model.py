@@ -226,7 +226,7 @@ class CompiledDecoder:
 
     torch.compile specialises on shapes and guards on the objects it reads, so the step is compiled once per
     decoder and the decoder is kept on the model (`decoder_for`) to be reused across `sample_codes` calls;
-    the static cache fixes every shape. The first call pays the compilation (10-20 s for the demo prior on
+    the static cache fixes every shape. The first call pays the compilation (15-30 s for the demo prior on
     a 2-core CPU); later ones run ~1.6x faster than the eager loop there (docs/benchmarks.md).
     """
 
