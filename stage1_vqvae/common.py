@@ -319,6 +319,18 @@ class LossWatch:
         self.first_step = torch.where(new, step, self.first_step)
         self.value = torch.where(new, loss, self.value)
 
+    def after_step(self, loss: torch.Tensor, step: int, tc, last_checkpoint: Path | None) -> tuple[bool, bool, bool]:
+        """Observe optimizer step `step`, return (log, evaluate, save) due by the TrainConfig `tc` (the last step
+        does all three), and check when any of them is due."""
+        self.observe(loss, step)
+        last = step >= tc.max_steps
+        log = step % tc.log_every == 0 or last
+        evaluate = bool(tc.eval_every) and (step % tc.eval_every == 0 or last)
+        save = bool(tc.checkpoint_every) and (step % tc.checkpoint_every == 0 or last)
+        if log or evaluate or save:
+            self.check(last_checkpoint)
+        return log, evaluate, save
+
     def check(self, last_checkpoint: Path | None) -> None:
         if self.first_step is None or int(self.first_step) < 0:
             return

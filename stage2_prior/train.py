@@ -231,13 +231,9 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            watch.observe(outputs.loss, step)
             bar.update(1)
-            log_now = step % tc.log_every == 0 or step == tc.max_steps
-            eval_now = tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps)
-            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == tc.max_steps)
-            if log_now or eval_now or save_now or step >= tc.max_steps:
-                watch.check(last_ckpt)  # the one host sync, and never after a non-finite loss
+            # The loss is read on the host (a sync) only when something is due, never saved after a non-finite one.
+            log_now, eval_now, save_now = watch.after_step(outputs.loss, step, tc, last_ckpt)
             if log_now:
                 loss = outputs.loss.item()
                 accelerator.log(
