@@ -264,9 +264,10 @@ def eager_attention(model: PreTrainedModel):
 
 
 def decoder_for(model: PreTrainedModel, batch: int) -> CompiledDecoder:
-    device = next(model.parameters()).device
+    """The model's CompiledDecoder for this batch size, device and dtype, made on first use."""
+    param = next(model.parameters())
     decoders = model.__dict__.setdefault("_vqgen_compiled_decoders", {})  # plain attribute, not a submodule
-    key = (batch, str(device))
+    key = (batch, str(param.device), param.dtype)  # the static cache is allocated for exactly these
     if key not in decoders:
         decoders[key] = CompiledDecoder(model, layout_of(model))
     return decoders[key]
