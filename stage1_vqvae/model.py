@@ -109,8 +109,7 @@ class _QuantizeLoss(torch.autograd.Function):
         d = diff.view(-1)
         mse = torch.dot(d, d) / d.numel()
         ctx.mark_non_differentiable(mse)
-        # clone: quantized may be a buffer lookup that the caller must not see aliased by z_q
-        return quantized.clone(), (commitment_weight + codebook_weight) * mse, mse
+        return quantized, (commitment_weight + codebook_weight) * mse, mse
 
     @staticmethod
     def backward(ctx, grad_zq, grad_loss, _grad_mse):
