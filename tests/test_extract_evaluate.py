@@ -13,6 +13,8 @@ from stage1_vqvae.evaluate import bits_per_dim, discretized_gaussian_nll, full_e
 from stage1_vqvae.extract import extract, publish_codes
 from stage1_vqvae.hub import load_code_dataset, state_fingerprint
 
+from helpers import run_two_processes
+
 
 def test_extraction_schema_order_and_metadata(tiny_model, image_folder, tmp_path):
     cfg = DataConfig(source=str(image_folder), resolution=16)
@@ -91,24 +93,11 @@ def test_full_evaluation_reports_every_metric(tiny_model, image_folder):
 
 @pytest.mark.slow
 def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_model, image_folder, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tiny_model.save_pretrained(tmp_path / "vq")
     data = {"source": str(image_folder), "resolution": 16}
     (tmp_path / "vq" / "data_config.json").write_text(json.dumps(data))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=root)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29535",
-        "-m",
+    proc = run_two_processes(
+        29535,
         "stage1_vqvae.extract",
         "--model",
         str(tmp_path / "vq"),
@@ -116,8 +105,7 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
         str(tmp_path / "two"),
         "--batch_size",
         "3",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = extract(tiny_model, DataConfig(**data), tmp_path / "one", model_location="x")
     a, _ = load_code_dataset(one)

@@ -14,8 +14,7 @@ from stage1_vqvae.common import VqgenError
 from stage1_vqvae.data import DataConfig
 from stage1_vqvae.extract import extract
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY2 = os.path.join(ROOT, "configs", "tiny", "stage2.yaml")
+from helpers import ROOT, TINY1, TINY2, run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def stage1(tmp_path_factory, image_folder):
     model_dir = train1(
         [
             "--config",
-            os.path.join(ROOT, "configs", "tiny", "stage1.yaml"),
+            TINY1,
             f"train.output_dir={root / 's1'}",
             f"data.source={image_folder}",
             "data.max_samples=null",
@@ -87,24 +86,15 @@ def test_two_processes_match_one_process(stage1, tmp_path):
     _, _, codes = stage1
     args = ["train.max_steps=3", "train.checkpoint_every=0", "train.sample_every_eval=false", "model.class_dropout=0.0"]
     one = train2(tmp_path / "one", codes, *args)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29534",
-        "-m",
+    proc = run_two_processes(
+        29534,
         "stage2_prior.train",
         "--config",
         TINY2,
         f"train.output_dir={tmp_path / 'two'}",
         f"data.codes={codes}",
         *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "model" / "model.safetensors"))

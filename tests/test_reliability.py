@@ -16,22 +16,7 @@ from safetensors.torch import load_file
 
 from stage1_vqvae.common import STATE_FILE, LossWatch, VqgenError, commit_dir, resolve_resume, safe_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
-
-
-def args_for(out, image_folder, *extra):
-    return [
-        "--config",
-        TINY,
-        f"train.output_dir={out}",
-        f"data.source={image_folder}",
-        "data.max_samples=null",
-        "train.batch_size=8",
-        "train.eval_every=0",
-        "train.report_to=none",
-        *extra,
-    ]
+from helpers import ROOT, TINY1, TINY2, stage1_args
 
 
 def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "step_00000010") -> None:
@@ -58,15 +43,17 @@ def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image
     common = ["train.max_steps=300", "train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stage1_vqvae.train"]
-    ref = subprocess.run(cmd + args_for(tmp_path / "ref", image_folder, *common), env=env, capture_output=True)
+    ref = subprocess.run(cmd + stage1_args(tmp_path / "ref", image_folder, *common), env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     ckpts = tmp_path / "run" / "checkpoints"
-    kill_after_checkpoint(cmd + args_for(tmp_path / "run", image_folder, *common), env, ckpts)
+    kill_after_checkpoint(cmd + stage1_args(tmp_path / "run", image_folder, *common), env, ckpts)
     assert resolve_resume("latest", ckpts) is not None
 
     resumed = subprocess.run(
-        cmd + args_for(tmp_path / "run", image_folder, *common) + ["--resume", "latest"], env=env, capture_output=True
+        cmd + stage1_args(tmp_path / "run", image_folder, *common) + ["--resume", "latest"],
+        env=env,
+        capture_output=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Bitwise: model, optimizer, codebook EMA, dead-code ages, RNG and data position all restored.
@@ -77,7 +64,7 @@ def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder)
     from stage1_vqvae.train import main
 
     out = tmp_path / "run"
-    main(args_for(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2"))
+    main(stage1_args(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2"))
     ckpts = out / "checkpoints"
     # What a kill during save_state leaves: a temp folder, and a step folder without its state file.
     shutil.copytree(ckpts / "step_00000004", ckpts / ".step_00000006.tmp")
@@ -85,7 +72,7 @@ def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder)
     (ckpts / "step_00000008" / STATE_FILE).unlink()
     (ckpts / "step_00000008" / "model.safetensors").write_bytes(b"truncated")
     assert resolve_resume("latest", ckpts) == ckpts / "step_00000004"
-    main(args_for(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2") + ["--resume", "latest"])
+    main(stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2") + ["--resume", "latest"])
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
 
 
@@ -105,11 +92,11 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_
     from stage1_vqvae.train import main
 
     out = tmp_path / "run"
-    main(args_for(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
+    main(stage1_args(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
     good = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
     with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002") as err:
         main(
-            args_for(
+            stage1_args(
                 out,
                 image_folder,
                 "train.max_steps=50",
@@ -131,9 +118,9 @@ def test_an_unwritable_output_folder_is_one_clear_error(tmp_path, image_folder):
 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(VqgenError, match="cannot write to output_dir"):
-        main(args_for(tmp_path / "a_file" / "run", image_folder, "train.max_steps=1"))
+        main(stage1_args(tmp_path / "a_file" / "run", image_folder, "train.max_steps=1"))
     with pytest.raises(VqgenError, match="is a file"):
-        main(args_for(tmp_path / "a_file", image_folder, "train.max_steps=1"))
+        main(stage1_args(tmp_path / "a_file", image_folder, "train.max_steps=1"))
 
 
 def test_images_smaller_than_the_downsampling_are_resized_up(tmp_path):
@@ -161,7 +148,7 @@ def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, m
     main(
         [
             "--config",
-            TINY,
+            TINY1,
             f"train.output_dir={out}",
             f"data.source={image_folder}",
             "data.max_samples=null",
@@ -199,10 +186,9 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     codes = extract(
         tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="none"
     )
-    tiny2 = os.path.join(ROOT, "configs", "tiny", "stage2.yaml")
     common = ["train.max_steps=200", "train.checkpoint_every=5", "train.eval_every=0", f"data.codes={codes}"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "stage2_prior.train", "--config", tiny2]
+    cmd = [sys.executable, "-m", "stage2_prior.train", "--config", TINY2]
     ref = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'ref'}", *common], env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = [f"train.output_dir={tmp_path / 'run'}", *common]

@@ -1,9 +1,6 @@
 """Stage-1 training: config validation, resume that reproduces an uninterrupted run, two processes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,22 +9,7 @@ from safetensors.torch import load_file
 from stage1_vqvae.common import VqgenError
 from stage1_vqvae.train import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
-
-
-def tiny_args(out, image_folder, *extra):
-    return [
-        "--config",
-        TINY,
-        f"train.output_dir={out}",
-        f"data.source={image_folder}",
-        "data.max_samples=null",
-        "train.batch_size=8",
-        "train.eval_every=0",
-        "train.report_to=none",
-        *extra,
-    ]
+from helpers import TINY1, run_two_processes, stage1_args
 
 
 def weights(folder):
@@ -36,11 +18,11 @@ def weights(folder):
 
 def test_unknown_keys_and_wrong_types_are_rejected(tmp_path):
     with pytest.raises(VqgenError, match=r"unknown key\(s\) \['lerning_rate'\]"):
-        main(["--config", TINY, "train.lerning_rate=0.1", f"train.output_dir={tmp_path}"])
+        main(["--config", TINY1, "train.lerning_rate=0.1", f"train.output_dir={tmp_path}"])
     with pytest.raises(VqgenError, match="train.max_steps: expected an integer"):
-        main(["--config", TINY, "train.max_steps=ten", f"train.output_dir={tmp_path}"])
+        main(["--config", TINY1, "train.max_steps=ten", f"train.output_dir={tmp_path}"])
     with pytest.raises(VqgenError, match="codebook_size"):
-        main(["--config", TINY, "model.codebook_size=1", f"train.output_dir={tmp_path}"])
+        main(["--config", TINY1, "model.codebook_size=1", f"train.output_dir={tmp_path}"])
     with pytest.raises(VqgenError, match="does not exist"):
         main(["--config", str(tmp_path / "nope.yaml")])
 
@@ -49,7 +31,7 @@ def test_training_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path, ima
     from stage1_vqvae.model import VQVAE
 
     out = tmp_path / "run"
-    model_dir = main(tiny_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=3"))
+    model_dir = main(stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=3"))
     model = VQVAE.from_pretrained(model_dir)
     assert model.config.image_size == 16 and model.config.codebook_size == 16
     assert (model_dir / "data_config.json").is_file() and (out / "config.yaml").is_file()
@@ -57,21 +39,21 @@ def test_training_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path, ima
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 6
     with pytest.raises(VqgenError, match="already holds a run"):
-        main(tiny_args(out, image_folder, "train.max_steps=6"))
+        main(stage1_args(out, image_folder, "train.max_steps=6"))
 
 
 def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tmp_path, image_folder):
     # 22 training images, batch 8 -> 2 batches an epoch: 7 steps cross epochs and resume mid-epoch.
     common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
-    full = main(tiny_args(tmp_path / "a", image_folder, *common))
-    main(tiny_args(tmp_path / "b", image_folder, *common))
+    full = main(stage1_args(tmp_path / "a", image_folder, *common))
+    main(stage1_args(tmp_path / "b", image_folder, *common))
     # Simulate a run that died after step 3: drop the later checkpoints and the final model.
     for name in ("step_00000006", "step_00000007"):
         import shutil
 
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     shutil.rmtree(tmp_path / "b" / "model")
-    resumed = main(tiny_args(tmp_path / "b", image_folder, *common) + ["--resume", "latest"])
+    resumed = main(stage1_args(tmp_path / "b", image_folder, *common) + ["--resume", "latest"])
     a, b = weights(full), weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -81,21 +63,8 @@ def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tm
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, image_folder):
     args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=false"]
-    one = main(tiny_args(tmp_path / "one", image_folder, *args))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "stage1_vqvae.train",
-        *tiny_args(tmp_path / "two", image_folder, *args),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    one = main(stage1_args(tmp_path / "one", image_folder, *args))
+    proc = run_two_processes(29533, "stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
