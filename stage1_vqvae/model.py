@@ -90,8 +90,8 @@ def _distributed() -> bool:
 class _QuantizeLoss(torch.autograd.Function):
     """The paper's straight-through estimator and its two loss terms, in few passes over (N, D).
 
-    Forward: one subtraction, one dot product and the copy that becomes z_q; backward: one addcmul (plus one
-    multiply for the loss-mode codebook).
+    Forward: one subtraction and one dot product (z_q is the looked-up e_k itself); backward: one addcmul
+    (plus one multiply for the loss-mode codebook).
 
     forward(flat z_e, e_k, beta, c) -> (z_q, loss, mse): z_q has the value e_k, mse = mean ||z_e - e_k||^2 and
     loss = c ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 = (c + beta) mse, with gradients routed as in the paper:
