@@ -128,6 +128,17 @@ def test_compiled_decoding_draws_the_same_samples_and_leaves_the_model_as_it_was
     assert model.config._attn_implementation == "sdpa"  # eager attention only inside the compiled sampling
 
 
+def test_compiled_decoders_are_kept_per_batch_size_device_and_dtype():
+    from stage2_prior.model import decoder_for
+
+    model = tiny_prior()
+    first = decoder_for(model, 4)  # torch.compile is lazy: nothing is compiled until the step is called
+    assert decoder_for(model, 4) is first
+    assert decoder_for(model, 8) is not first
+    model.double()  # a cast needs a static cache of the new dtype
+    assert decoder_for(model, 4) is not first
+
+
 def test_prefix_codes_are_kept_for_completion():
     model = tiny_prior()
     prefix = torch.randint(0, 16, (1, 8)).expand(3, -1)

@@ -173,3 +173,17 @@ def test_ema_mode_gradient_is_straight_through_plus_commitment():
     expected = upstream + 0.25 * 2 * (z_e.detach() - e) / z_e.numel()
     assert torch.allclose(z_e.grad, expected, atol=1e-7)
     assert torch.allclose(out.loss, 0.25 * ((z_e.detach() - e) ** 2).mean())
+
+
+def test_loading_a_state_dict_brings_back_kmeans_init_when_it_says_not_initialised():
+    """The host-side copy of `initted` must not outlive a load_state_dict that resets it."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(1, 2, decay=0.99, kmeans_init=True).train()  # K=1: k-means puts the code at the mean
+    fresh = {k: v.clone() for k, v in vq.state_dict().items()}  # initted = False
+    vq(torch.randn(1, 2, 10, 10))
+    assert bool(vq.initted) and vq.embed.norm() < 1
+    vq.load_state_dict(fresh)
+    far = torch.tensor([10.0, -7.0]).view(1, 2, 1, 1) + 0.1 * torch.randn(1, 2, 10, 10)
+    vq(far)  # k-means runs again, on this batch: without it the EMA would move the code 1% of the way
+    assert bool(vq.initted)
+    assert torch.allclose(vq.embed[0], far.mean((0, 2, 3)), atol=1e-4)
