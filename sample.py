@@ -1,221 +1,180 @@
-"""Make new images: sample code grids from the prior (KV cache, batched) and decode them with the VQ-VAE.
+"""Make new images from the command line: a thin CLI over `VQGenPipeline` (prior sampling -> VQ-VAE decoder).
 
-    python sample.py --pipeline runs/mnist/pipeline --per-class 10 --out samples/
+    python sample.py --pipeline runs/mnist/pipeline --per_class 10 --output_dir samples/
     python sample.py --vqvae runs/mnist/stage1/model --prior runs/mnist/stage2/model --classes 3,3,7
-    python sample.py --pipeline user/vqgen-mnist --num-images 64 --temperature 0.9 --top-k 100 --seed 1
-    python sample.py --pipeline ... --per-class 4 --guidance-scale 3.0        # classifier-free guidance
-    python sample.py --pipeline ... --complete digit.png --keep-rows 3 --num-images 8   # image completion
-    python sample.py --pipeline ... --num-images 10000 --compile   # many batches: compile the decode step once
+    python sample.py --pipeline user/vqgen-mnist --num_images 64 --temperature 0.9 --top_k 100 --seed 1
+    python sample.py --pipeline ... --per_class 4 --guidance_scale 3.0        # classifier-free guidance
+    python sample.py --pipeline ... --complete digit.png --keep_rows 3 --num_images 8   # image completion
+    python sample.py --pipeline ... --num_images 10000 --compile   # many batches: compile the decode step once
 
-Writes into --out (atomically): grid.png (one row per class when conditional), one PNG per image named
-{index:05d}_class{c}.png (or {index:05d}.png), and samples.json with every setting, the seed and both
-models' fingerprints. The same seed gives the same images. Guidance runs the conditional and NULL prompts as
-one doubled batch through the KV cache, not as a second pass.
+Writes into --output_dir (atomically): grid.png (one row per class when conditional), one PNG per image named
+{index:05d}_class{c}.png (or {index:05d}.png), and samples.json with every setting, the seed and both models'
+fingerprints. The same seed gives the same images.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
 
-from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, safe_name, write_json
+from stage1_vqvae.hub import state_fingerprint
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, deprecated_flags, run_cli, safe_name, write_json
+from stage2_prior.model import load_prior
+from stage2_prior.pipeline import VQGenPipeline
+
+# Old spellings, accepted with a warning for one release.
+RENAMES = {
+    f"--{old}": f"--{old.replace('-', '_')}"
+    for old in ("num-images", "per-class", "top-k", "top-p", "guidance-scale", "batch-size", "keep-rows")
+} | {"--out": "--output_dir", "--overwrite": "--overwrite_output_dir"}
 
 
-def load_models(pipeline: str | None, vqvae_path: str | None, prior_path: str | None, device):
-    """(vqvae, prior, where) from a pipeline folder/repo or two separate locations; fingerprints checked."""
-    from stage1_vqvae.hub import resolve_folder, state_fingerprint
-    from stage1_vqvae.model import VQVAE
-    from stage2_prior.evaluate import load_prior
-    from stage2_prior.model import check_fingerprints
-
-    if pipeline:
-        if vqvae_path or prior_path:
+def load_pipeline(args, device: torch.device) -> VQGenPipeline:
+    if args.pipeline:
+        if args.vqvae or args.prior:
             raise VqgenError("pass either --pipeline or --vqvae and --prior, not both")
-        folder = resolve_folder(pipeline, "pipeline")
-        if not (folder / "pipeline.json").is_file():
-            raise VqgenError(f"{folder} has no pipeline.json; write one with python -m stage2_prior.export")
-        vqvae_path, prior_path = str(folder / "vqvae"), str(folder / "prior")
-    elif not (vqvae_path and prior_path):
-        raise VqgenError("pass --pipeline DIR_OR_REPO, or both --vqvae and --prior")
-    vqvae = VQVAE.from_pretrained(vqvae_path).to(device).eval()
-    prior = load_prior(prior_path).to(device).eval()
-    fp = state_fingerprint(vqvae)
-    check_fingerprints(
-        prior.config.vqgen,
-        {"vqvae_fingerprint": fp, "codebook_size": vqvae.config.codebook_size, "grid": [vqvae.config.grid_size] * 2},
-        f"VQ-VAE {vqvae_path}",
-    )
-    return vqvae, prior, fp
+        return VQGenPipeline.from_pretrained(args.pipeline).to(device)
+    if not (args.vqvae and args.prior):
+        raise VqgenError("pass --pipeline FOLDER_OR_REPO, or both --vqvae and --prior")
+    return VQGenPipeline(VQVAE.from_pretrained(args.vqvae), load_prior(args.prior)).to(device)
 
 
-def parse_classes(args, layout, class_names) -> tuple[torch.Tensor | None, int]:
-    """(classes or None, rows of the grid) from --classes / --per-class / --num-images."""
+def requested_classes(args, pipe: VQGenPipeline) -> tuple[torch.Tensor | None, int]:
+    """(class ids or None, how many images) from --classes / --per_class / --num_images."""
     chosen = [a for a in ("classes", "per_class", "num_images") if getattr(args, a) is not None]
     if len(chosen) > 1:
-        raise VqgenError("pass only one of --classes, --per-class and --num-images")
-    if args.classes is not None or args.per_class is not None:
-        if layout.num_classes == 0:
-            raise VqgenError("this prior is unconditional: use --num-images instead of --classes/--per-class")
-        if args.per_class is not None:
-            if args.per_class < 1:
-                raise VqgenError("--per-class must be positive")
-            return torch.arange(layout.num_classes).repeat_interleave(args.per_class), layout.num_classes
-        lookup = {name: i for i, name in enumerate(class_names or [])}
-        ids = []
-        for tok in args.classes.split(","):
-            tok = tok.strip()
-            if tok in lookup:
-                ids.append(lookup[tok])
-            elif tok.lstrip("-").isdigit() and 0 <= int(tok) < layout.num_classes:
-                ids.append(int(tok))
-            else:
-                raise VqgenError(f"--classes: {tok!r} is not a class of this prior ({class_names})")
-        return torch.tensor(ids), 1
-    n = args.num_images if args.num_images is not None else 16
+        raise VqgenError("pass only one of --classes, --per_class and --num_images")
+    if args.per_class is not None:
+        if args.per_class < 1:
+            raise VqgenError("--per_class must be positive")
+        classes = torch.arange(pipe.layout.num_classes).repeat_interleave(args.per_class)
+        return pipe.class_ids(classes), len(classes)
+    if args.classes is not None:
+        classes = pipe.class_ids([c.strip() for c in args.classes.split(",")])
+        return classes, len(classes)
+    n = 16 if args.num_images is None else args.num_images
     if n < 1:
-        raise VqgenError("--num-images must be positive")
-    return None, 1
+        raise VqgenError("--num_images must be positive")
+    return None, n
 
 
-def load_image(path: str, vqvae_folder: Path, cfg) -> torch.Tensor:
-    """An image file -> (1, C, H, W) uint8, preprocessed as the VQ-VAE's training data was."""
-    from PIL import Image, UnidentifiedImageError
-
-    from stage1_vqvae.data import DataConfig, ImageTransform
-
-    p = Path(path)
-    if p.is_dir():
-        raise VqgenError(f"--complete {p} is a folder; pass one image file")
-    if not p.is_file():
-        raise VqgenError(f"--complete {p}: no such file")
-    data_file = vqvae_folder / "data_config.json"
-    data = json.loads(data_file.read_text()) if data_file.is_file() else {}
-    dcfg = DataConfig(**{**data, "resolution": cfg.image_size, "channels": "L" if cfg.in_channels == 1 else "RGB"})
+def completion_prefix(args, pipe: VQGenPipeline, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image's own codes (1, h, w), the kept rows as a (n, rows * w) prefix) for --complete."""
+    path = Path(args.complete)
+    if not path.is_file():
+        raise VqgenError(f"--complete {path}: no such file (pass one image file)")
     try:
-        img = Image.open(p)
-        img.load()
+        image = Image.open(path)
+        image.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise VqgenError(f"--complete {p}: cannot decode the image ({e})") from None
-    return ImageTransform(dcfg)(img).unsqueeze(0)
+        raise VqgenError(f"--complete {path}: cannot decode the image ({e})") from None
+    height = pipe.layout.height
+    rows = height // 2 if args.keep_rows is None else args.keep_rows
+    if not 0 <= rows <= height:
+        raise VqgenError(f"--keep_rows must be between 0 and {height} (the code grid's rows)")
+    codes = pipe.encode_image(image)  # (1, h, w)
+    return codes, codes.reshape(1, -1)[:, : rows * pipe.layout.width].expand(n, -1)  # (n, rows * w)
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=None, help="pipeline folder or Hub repo id (vqvae/, prior/)")
-    parser.add_argument("--vqvae", default=None)
-    parser.add_argument("--prior", default=None)
-    parser.add_argument("--num-images", dest="num_images", type=int, default=None)
-    parser.add_argument("--per-class", dest="per_class", type=int, default=None)
+    parser.add_argument("--vqvae", default=None, help="VQ-VAE folder or Hub repo id (with --prior)")
+    parser.add_argument("--prior", default=None, help="prior folder or Hub repo id (with --vqvae)")
+    parser.add_argument("--num_images", type=int, default=None, help="unconditional images (default 16)")
+    parser.add_argument("--per_class", type=int, default=None, help="this many images of every class")
     parser.add_argument("--classes", default=None, help="comma-separated class ids or names, e.g. 3,3,7")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", dest="top_k", type=int, default=None)
-    parser.add_argument("--top-p", dest="top_p", type=float, default=None)
-    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="default 1.0; 0 is greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--device", default=None, help="default: Accelerate's device (cuda when available)")
-    parser.add_argument("--out", default="samples")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--output_dir", default="samples")
+    parser.add_argument("--overwrite_output_dir", action="store_true")
     parser.add_argument("--complete", default=None, metavar="IMAGE", help="complete this image from its top rows")
-    parser.add_argument("--keep-rows", dest="keep_rows", type=int, default=None)
+    parser.add_argument("--keep_rows", type=int, default=None, help="code rows kept by --complete (default: half)")
     parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the decode step with a static KV cache: same images, ~1.6x faster per batch on CPU "
         "after a one-off compilation of 10-30 s, so it pays for thousands of images, not for a grid",
     )
-    args = parser.parse_args(argv)
-
-    from torchvision.utils import make_grid, save_image
-    from tqdm.auto import tqdm
-
-    from stage1_vqvae.data import to_model_input
-    from stage2_prior.model import layout_of, sample_codes
-
-    if args.temperature < 0 or args.batch_size < 1 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise VqgenError("--temperature must be >= 0, --batch-size positive and --top-p in (0, 1]")
-    if args.device is None:
+    args = parser.parse_args(deprecated_flags(argv, RENAMES))
+    if args.batch_size < 1:
+        raise VqgenError("--batch_size must be positive")
+    device = torch.device(args.device) if args.device else None
+    if device is None:
         from accelerate import PartialState
 
         device = PartialState().device
-    else:
-        device = torch.device(args.device)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise VqgenError(f"{out} already holds files; pass --overwrite or choose another --out")
-    vqvae, prior, vqvae_fp = load_models(args.pipeline, args.vqvae, args.prior, device)
-    layout = layout_of(prior)
-    meta = prior.config.vqgen
-    class_names = meta.get("class_names")
-    from stage1_vqvae.hub import state_fingerprint
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        raise VqgenError(f"--device {args.device}: no CUDA GPU is usable here; drop --device or pass --device cpu")
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+        raise VqgenError(f"{out} already holds files; pass --overwrite_output_dir or choose another --output_dir")
 
-    prefix = None
-    original = None
+    pipe = load_pipeline(args, device)
+    classes, n = requested_classes(args, pipe)
+    original = prefix = None
     if args.complete is not None:
-        if args.keep_rows is None or not 0 <= args.keep_rows <= layout.height:
-            raise VqgenError(f"--complete needs --keep-rows between 0 and {layout.height}")
-        from stage1_vqvae.hub import resolve_folder
-
-        vq_folder = resolve_folder(args.vqvae or str(resolve_folder(args.pipeline, "pipeline") / "vqvae"), "VQ-VAE")
-        original = to_model_input(load_image(args.complete, vq_folder, vqvae.config).to(device))
-        grid_codes = vqvae.encode(original)  # (1, h, w)
-    classes, rows = parse_classes(args, layout, class_names)
-    n = len(classes) if classes is not None else (args.num_images or 16)
-    if original is not None:
-        prefix = grid_codes.reshape(1, -1)[:, : args.keep_rows * layout.width].expand(n, -1)  # (n, R*w)
+        original, prefix = completion_prefix(args, pipe, n)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    with tqdm(total=n * layout.num_codes, desc="sampling", unit="tok") as bar:
-        codes = sample_codes(
-            prior,
-            n,
+    with tqdm(total=n * pipe.layout.num_codes, desc="sampling", unit="tok") as bar:
+        result = pipe(
             classes=classes,
+            num_images=None if classes is not None else n,
+            guidance_scale=args.guidance_scale,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            guidance_scale=args.guidance_scale,
             generator=generator,
+            output_type="pt",
             batch_size=args.batch_size,
-            progress=bar.update,
             prefix_codes=prefix,
             compile=args.compile,
+            progress=bar.update,
         )
-    images = torch.cat([vqvae.decode_codes(codes[i : i + args.batch_size]) for i in range(0, n, args.batch_size)])
-    images = images.float().clamp(-1, 1).add(1).div(2).cpu()  # (n, C, H, W) in [0, 1]
+    images = result.images  # (n, C, H, W) in [0, 1]
     elapsed = time.perf_counter() - t0
 
     tmp = atomic_dir(out)
-    nrow = max(1, n // rows) if classes is not None and rows > 1 else min(n, 10)
-    save_image(make_grid(images, nrow=nrow, padding=2), tmp / "grid.png")
+    names = pipe.class_names
+    per_row = args.per_class if args.per_class is not None else min(n, 10)
+    save_image(make_grid(images, nrow=per_row, padding=2), tmp / "grid.png")
     files = []
     for i, img in enumerate(images):
-        name = (
-            f"{i:05d}_class{safe_name(class_names[classes[i]] if class_names else classes[i].item())}.png"
-            if classes is not None
-            else f"{i:05d}.png"
-        )
+        name = f"{i:05d}.png"
+        if classes is not None:
+            label = names[classes[i]] if names else int(classes[i])
+            name = f"{i:05d}_class{safe_name(label)}.png"
         save_image(img, tmp / name)
         files.append(name)
     if original is not None:
-        recon = vqvae.decode_codes(grid_codes).float().clamp(-1, 1).add(1).div(2).cpu()
-        side = torch.cat([original.float().add(1).div(2).cpu(), recon, images])
+        recon = pipe(classes=None, num_images=1, temperature=0, prefix_codes=original.reshape(1, -1), output_type="pt")
+        side = torch.cat([recon.images, images])  # the image's own reconstruction, then the completions
         save_image(make_grid(side, nrow=len(side), padding=2), tmp / "completion.png")
     write_json(
         tmp / "samples.json",
         {
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite_output_dir")},
             "seed": args.seed,
             "num_images": n,
             "classes": classes.tolist() if classes is not None else None,
-            "class_names": class_names,
+            "class_names": names,
             "files": files,
-            "vqvae_fingerprint": vqvae_fp,
-            "prior_fingerprint": state_fingerprint(prior),
+            "vqvae_fingerprint": pipe.vqvae_fingerprint,
+            "prior_fingerprint": state_fingerprint(pipe.prior),
             "device": str(device),
             "seconds": elapsed,
             "images_per_s": n / elapsed,

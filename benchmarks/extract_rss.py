@@ -1,6 +1,6 @@
 """Run `stage1_vqvae.extract` and report its time and memory as one JSON line (used by benchmarks/run.py).
 
-    python -m benchmarks.extract_rss --model DIR --out DIR data.source=DIR
+    python -m benchmarks.extract_rss --model DIR --output_dir DIR data.source=DIR
 
 Peak RSS (VmHWM) counts the pages of the memory-mapped Arrow source that extraction has read, so it rises
 with the dataset's size even when no buffer does. A thread therefore samples RssAnon (heap: buffers, tensors)

@@ -118,8 +118,8 @@ def bench_quantizer(repeats: int) -> None:
 
 
 def bench_stage1(repeats: int) -> None:
-    from stage1_vqvae.common import load_config
     from stage1_vqvae.model import VQVAE
+    from stage1_vqvae.shared import load_config
     from stage1_vqvae.train import Stage1Config, resolve_model_config
 
     cfg = load_config(Stage1Config, ROOT / "configs" / "mnist" / "stage1.yaml", [])
@@ -146,14 +146,34 @@ def bench_stage1(repeats: int) -> None:
     )
 
 
+def demo_codes_meta():
+    """The CodesMeta of MNIST codes at the demo's geometry (7x7 grids, K=256, 10 classes)."""
+    from stage1_vqvae.codes import CodesMeta
+
+    return CodesMeta(
+        codebook_size=256,
+        height=7,
+        width=7,
+        image_size=28,
+        channels=1,
+        class_names=[str(i) for i in range(10)],
+        splits={},
+        source="mnist",
+        data_config={},
+        vqvae_fingerprint="0" * 64,
+        vqvae_location=None,
+        codes_fingerprint="0" * 64,
+    )
+
+
 def bench_stage2(repeats: int) -> None:
-    from stage1_vqvae.common import load_config
+    from stage1_vqvae.shared import load_config
     from stage2_prior.model import TokenLayout, build_prior, labels_for
     from stage2_prior.train import Stage2Config, param_groups
 
     cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
     layout = TokenLayout(256, 10, 7, 7)
-    model = build_prior(cfg.model, layout).train()
+    model = build_prior(cfg.model, layout, demo_codes_meta(), "bench").train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     ids = torch.randint(0, 256, (cfg.train.batch_size, layout.seq_len))
     labels = labels_for(ids)
@@ -180,13 +200,14 @@ def bench_stage2(repeats: int) -> None:
 def bench_sampling(repeats: int) -> None:
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from stage1_vqvae.common import load_config
-    from stage2_prior.model import TokenLayout, build_prior, prefix_ids, sample_codes
+    from stage1_vqvae.shared import load_config
+    from stage2_prior.model import TokenLayout, build_prior, prefix_ids
+    from stage2_prior.sampling import sample_codes
     from stage2_prior.train import Stage2Config
 
     cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
     layout = TokenLayout(256, 10, 7, 7)
-    model = build_prior(cfg.model, layout).eval()
+    model = build_prior(cfg.model, layout, demo_codes_meta(), "bench").eval()
     classes = torch.arange(10).repeat_interleave(10)
     n = len(classes)
 
@@ -284,7 +305,7 @@ def bench_extraction(repeats: int) -> None:
         results = {}
         for name in ("x1", "x10"):
             cmd = [sys.executable, "-m", "benchmarks.extract_rss", "--model", str(tmp / "vq")]
-            cmd += ["--out", str(tmp / f"codes_{name}"), f"data.source={tmp / name}"]
+            cmd += ["--output_dir", str(tmp / f"codes_{name}"), f"data.source={tmp / name}"]
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             if out.returncode != 0:

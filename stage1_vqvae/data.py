@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from stage1_vqvae.common import VqgenError, commit_dir
+from stage1_vqvae.shared import VqgenError, commit_dir, from_dict, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,17 @@ class DataConfig:
     resize_mode: Literal["crop", "pad", "stretch"] = "crop"  # crop: centre crop; pad: letterbox onto black
     train_split: str = "train"
     validation_split: str = "validation"  # carved from train (seeded) when the source has none
-    test_split: str = "test"  # falls back to the validation split when the source has none
-    validation_fraction: float = 0.05
+    test_split: str = "test"  # carved from train (seeded) when the source has none
+    validation_fraction: float = 0.05  # of train, when validation is carved
+    test_fraction: float = 0.05  # of train, when test is carved
     max_samples: int | None = None  # cap on every split (quick runs and tests)
     cache_dir: str | None = None  # where the built-in MNIST is converted; default ~/.cache/vqgen
 
     def __post_init__(self):
         if self.resolution < 1:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if not 0 < self.validation_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ValueError("validation_fraction and test_fraction must be in (0, 1)")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be positive, got {self.max_samples}")
 
@@ -177,11 +178,17 @@ def load_source(cfg: DataConfig) -> datasets.DatasetDict:
         raise VqgenError(
             f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(splits)}); set data.train_split"
         )
-    if cfg.validation_split not in splits:
-        parts = splits[cfg.train_split].train_test_split(test_size=cfg.validation_fraction, seed=0)
-        splits[cfg.train_split], splits[cfg.validation_split] = parts["train"], parts["test"]
-    if cfg.test_split not in splits:
-        splits[cfg.test_split] = splits[cfg.validation_split]
+    # Missing held-out splits are carved from train, seeded, test first: the decoder's sigma is fitted on
+    # validation and must never be fitted on the split that is scored.
+    for name, fraction, seed in (
+        (cfg.test_split, cfg.test_fraction, 1),
+        (cfg.validation_split, cfg.validation_fraction, 0),
+    ):
+        if name not in splits:
+            if len(splits[cfg.train_split]) < 3:
+                raise VqgenError(f"data.source {cfg.source}: too few train images to carve a {name!r} split from")
+            parts = splits[cfg.train_split].train_test_split(test_size=fraction, seed=seed)
+            splits[cfg.train_split], splits[name] = parts["train"], parts["test"]
     out = {"train": splits[cfg.train_split], "validation": splits[cfg.validation_split], "test": splits[cfg.test_split]}
     for name, ds in out.items():
         if len(ds) == 0:
@@ -215,7 +222,12 @@ def to_mode(img: Image.Image, channels: str) -> Image.Image:
     """Any PIL mode -> 8-bit L or RGB (16-bit/float rescaled, alpha composited onto black)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            top = 65535.0
+        elif img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        else:
+            top = 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == channels:
         return img
@@ -340,3 +352,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def load_splits(cfg: DataConfig, splits=("train", "validation", "test"), progress: bool = False) -> dict:
     dd = load_source(cfg)
     return {s: ImageSplit(dd[s], cfg, s, progress=progress) for s in splits}
+
+
+def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:
+    """A model's saved data config with `data.key=value` overrides (evaluation and extraction on other images)."""
+    over = parse_overrides(overrides)
+    unknown = sorted(set(over) - {"data"})
+    if unknown:
+        raise VqgenError(f"only data.* keys may be overridden here, got {unknown} (e.g. data.source=FOLDER)")
+    return from_dict(DataConfig, {**(saved or {}), **over.get("data", {})}, "data")

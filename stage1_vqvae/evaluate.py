@@ -1,6 +1,6 @@
 """Evaluate a trained VQ-VAE on a split: MSE, PSNR, SSIM, codebook usage, perplexity and the paper's bits/dim.
 
-    python -m stage1_vqvae.evaluate --model runs/mnist/stage1/model --split test [--out metrics.json]
+    python -m stage1_vqvae.evaluate --model runs/mnist/stage1/model --split test [--output_dir DIR]
     python -m stage1_vqvae.evaluate --model runs/mnist/stage1/model data.source=/path/to/images
 
 Bits/dim bound (paper, sec. 4.1, with the uniform prior of stage-1 training):
@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.common import VqgenError, from_dict, parse_overrides, run_cli, write_json
-from stage1_vqvae.data import DataConfig, load_splits, to_model_input
+from stage1_vqvae.data import data_config_for, load_splits, to_model_input
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.shared import deprecated_flags, run_cli, write_json
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -35,21 +37,21 @@ SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels,
 
 
 def discretized_gaussian_nll(images_uint8: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-image -log p(x | mean) in nats, x in {0..255} per subpixel; mean (B, C, H, W) in [-1, 1] units."""
+    """Per-image -log p(x | mean) in nats, x in {0..255} per subpixel; mean (B, C, H, W) in [-1, 1] units.
+
+    The log-mass of a bin is computed from log-CDFs (`log_ndtr`) with a stable log-difference, always in the
+    tail nearer the bin (mirrored for bins above the mean), so it stays exact far in the tails where a
+    difference of CDFs underflows to 0 (below z = -8.3 in float64).
+    """
     x = images_uint8.double()  # (B, C, H, W) levels
     mu = (mean.double() + 1.0) * 127.5  # decoder mean in level units
-    upper = (x + 0.5 - mu) / sigma
-    lower = (x - 0.5 - mu) / sigma
-    # Edge bins take the tails; interior bins use whichever tail keeps the difference accurate.
-    cdf_up = torch.where(x >= 255, torch.ones_like(upper), torch.special.ndtr(upper))
-    cdf_lo = torch.where(x <= 0, torch.zeros_like(lower), torch.special.ndtr(lower))
-    sf_lo = torch.where(x <= 0, torch.ones_like(lower), torch.special.ndtr(-lower))
-    sf_up = torch.where(x >= 255, torch.zeros_like(upper), torch.special.ndtr(-upper))
-    mass = torch.where(mu > x, cdf_up - cdf_lo, sf_lo - sf_up)
-    # Far in a tail both differences underflow: fall back to density * bin width (exact to O(1/sigma^2)).
-    centre = (x - mu) / sigma
-    log_density = -0.5 * centre**2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
-    logp = torch.where(mass > 1e-30, torch.log(mass.clamp_min(1e-300)), log_density)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
+    upper = torch.where(x >= 255, inf, (x + 0.5 - mu) / sigma)  # the edge bins take the tails
+    lower = torch.where(x <= 0, -inf, (x - 0.5 - mu) / sigma)
+    below = x <= mu  # bins below the mean: P = Phi(u) - Phi(l); above it, mirrored: Phi(-l) - Phi(-u)
+    hi, lo = torch.where(below, upper, -lower), torch.where(below, lower, -upper)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    logp = log_hi + torch.log(-torch.expm1(log_lo - log_hi))  # log(Phi(hi) - Phi(lo)), lo < hi
     return -logp.flatten(1).sum(1)  # (B,)
 
 
@@ -109,8 +111,8 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with autocast:
-            z_e = unwrapped.encoder(x)
-            codes = unwrapped.quantizer.nearest(z_e.float().permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim))
+            z_e = unwrapped.encoder(x)  # (B, D, h, w); the nearest-code search itself always runs in fp32
+            codes = unwrapped.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim))
             b, _, h, w = z_e.shape
             recon = unwrapped.decode_codes(codes.view(b, h, w)).float()  # (B, C, H, W)
         counts += torch.bincount(codes, minlength=k).double()
@@ -210,34 +212,24 @@ def full_evaluation(model, loaders: dict, split: str, accelerator=None) -> dict:
 # CLI
 
 
-def load_model_and_data_config(model_path: str, overrides: list[str]):
-    from stage1_vqvae.hub import resolve_folder
-    from stage1_vqvae.model import VQVAE
-
-    folder = resolve_folder(model_path, "--model")
-    model = VQVAE.from_pretrained(str(folder))
-    data_file = folder / "data_config.json"
-    data = json.loads(data_file.read_text()) if data_file.is_file() else {}
-    over = parse_overrides(overrides)
-    unknown = set(over) - {"data"}
-    if unknown:
-        raise VqgenError(f"unknown override section(s) {sorted(unknown)}; only data.* may be overridden here")
-    data.update(over.get("data", {}))
-    return model, folder, from_dict(DataConfig, data, "data")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or Hub repo id")
+    parser.add_argument("--model", required=True, help="VQ-VAE folder or Hub repo id")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--out", default=None, help="write the JSON here as well as printing it")
-    args, rest = parser.parse_known_args(argv)
-    model, _, data_cfg = load_model_and_data_config(args.model, rest)
-    model = model.to(memory_format=torch.channels_last)
+    parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # deprecated: a file path
+    args, rest = parser.parse_known_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
+    if args.out:
+        warnings.warn("--out is deprecated and will be removed; use --output_dir FOLDER", FutureWarning, 2)
+    model = VQVAE.from_pretrained(args.model).to(memory_format=torch.channels_last)
+    data_cfg = data_config_for(model.data_config, rest)
     splits = load_splits(data_cfg, splits=sorted({"validation", args.split}))
     loaders = {k: torch.utils.data.DataLoader(v, batch_size=args.batch_size) for k, v in splits.items()}
     result = full_evaluation(model, loaders, args.split)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output_dir) / "metrics.json", result)
     if args.out:
         write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))

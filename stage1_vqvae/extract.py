@@ -1,12 +1,13 @@
 """Encode every split of a dataset into discrete code grids, saved as a Hugging Face dataset for stage 2.
 
-    python -m stage1_vqvae.extract --model runs/mnist/stage1/model --out runs/mnist/codes
-    accelerate launch -m stage1_vqvae.extract --model user/vqvae-mnist --out codes --push_to_hub user/mnist-codes
-    python -m stage1_vqvae.extract --model ... --out ... data.source=/path/to/images   # other images
+    python -m stage1_vqvae.extract --model runs/mnist/stage1/model --output_dir runs/mnist/codes
+    accelerate launch -m stage1_vqvae.extract --model user/vqvae-mnist --output_dir codes \
+        --push_to_hub --hub_dataset_id user/mnist-codes
+    python -m stage1_vqvae.extract --model ... --output_dir ... data.source=/path/to/images   # other images
 
-Output (`save_to_disk` layout): one split per source split with `codes: Array2D((h, w), int16)` (int32 when
-K > 32767) and `label: ClassLabel` when the source has labels, in the source's order; plus `vqgen_codes.json`
-with K, the grid, the VQ-VAE's fingerprint and location, the source, split sizes and image size. Rows are
+Output: `data/` (`save_to_disk` layout, so `datasets.load_from_disk("OUT/data")` reads it) with one split per
+source split, `codes: Array2D((h, w), int16)` (int32 when K > 32767) and `label: ClassLabel` when the source has
+labels, in the source's order; and `vqgen_codes.json`, the `CodesMeta` contract stage 2 reads. Rows are
 encoded in batches under no_grad and streamed to Arrow files, so memory does not grow with the dataset.
 Under `accelerate launch`, each rank encodes a contiguous slice and the main process concatenates them in order.
 """
@@ -22,10 +23,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from stage1_vqvae.common import VqgenError, atomic_dir, commit_dir, run_cli, to_dict, write_json
-from stage1_vqvae.data import find_columns, iter_image_batches, load_source, to_model_input
-from stage1_vqvae.evaluate import load_model_and_data_config
-from stage1_vqvae.hub import CODES_METADATA, state_fingerprint, upload_folder
+from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
+from stage1_vqvae.data import data_config_for, find_columns, iter_image_batches, load_source, to_model_input
+from stage1_vqvae.hub import state_fingerprint, upload_folder
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.shared import (
+    VqgenError,
+    atomic_dir,
+    commit_dir,
+    deprecated_flags,
+    deprecated_push_to_hub,
+    run_cli,
+    to_dict,
+)
 
 DATASET_CARD = """---
 {{ card_data }}
@@ -70,7 +80,7 @@ def extract(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
     if out.exists() and not overwrite:
-        raise VqgenError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+        raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
     cfg = model.config
     model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
     h = w = cfg.grid_size
@@ -125,20 +135,20 @@ def extract(
             splits[split] = datasets.concatenate_datasets(parts) if world > 1 else parts[0]
         merged = datasets.DatasetDict(splits)
         merged.save_to_disk(str(tmp / "data"))
-        meta = {
-            "format": "vqgen-codes/1",
-            "codebook_size": cfg.codebook_size,
-            "grid": [h, w],
-            "vqvae_fingerprint": fingerprint,
-            "vqvae_location": model_location,
-            "source_dataset": data_cfg.source,
-            "splits": {k: len(v) for k, v in merged.items()},
-            "image_size": cfg.image_size,
-            "channels": cfg.in_channels,
-            "class_names": class_names,
-            "data_config": to_dict(data_cfg),
-        }
-        write_json(tmp / CODES_METADATA, meta)
+        CodesMeta(
+            codebook_size=cfg.codebook_size,
+            height=h,
+            width=w,
+            image_size=cfg.image_size,
+            channels=cfg.in_channels,
+            class_names=class_names,
+            splits={k: len(v) for k, v in merged.items()},
+            source=data_cfg.source,
+            data_config=to_dict(data_cfg),
+            vqvae_fingerprint=fingerprint,
+            vqvae_location=model_location,
+            codes_fingerprint=codes_fingerprint(merged),
+        ).save(tmp)
         commit_dir(tmp, out)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -151,10 +161,8 @@ def publish_codes(
     """Write the Hub layout (data/{split}-00000-of-00001.parquet, README.md card, metadata) and upload it."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from stage1_vqvae.hub import read_codes_metadata
-
     codes_dir = Path(codes_dir)
-    meta = read_codes_metadata(codes_dir)
+    meta = CodesMeta.load(codes_dir)
     dd = datasets.load_from_disk(str(codes_dir / "data"))
     staging = atomic_dir(codes_dir.parent / f"{codes_dir.name}.hub")
     (staging / "data").mkdir()
@@ -162,27 +170,18 @@ def publish_codes(
         ds.to_parquet(str(staging / "data" / f"{split}-00000-of-00001.parquet"))
     shutil.copy(codes_dir / CODES_METADATA, staging / CODES_METADATA)
     card_data = DatasetCardData(
-        pretty_name=f"VQ-VAE codes of {meta['source_dataset']}",
+        pretty_name=f"VQ-VAE codes of {meta.source}",
         tags=["vqgen", "vq-vae", "image-tokens"],
-        source_datasets=[meta["source_dataset"]],
+        source_datasets=[meta.source],
         configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in dd]}],
     )
     card = DatasetCard.from_template(
         card_data,
         template_str=DATASET_CARD,
-        source=meta["source_dataset"],
-        **{
-            k: meta[k]
-            for k in (
-                "grid",
-                "codebook_size",
-                "vqvae_location",
-                "vqvae_fingerprint",
-                "image_size",
-                "channels",
-                "splits",
-            )
-        },
+        source=meta.source,
+        grid=meta.grid,
+        **{k: getattr(meta, k) for k in ("codebook_size", "vqvae_location", "vqvae_fingerprint", "image_size")},
+        **{k: getattr(meta, k) for k in ("channels", "splits")},
     )
     card.save(staging / "README.md")
     url = upload_folder(staging, repo_id, repo_type="dataset", token=token, private=private, api=api)
@@ -193,28 +192,35 @@ def publish_codes(
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="VQ-VAE folder or Hub repo id")
-    parser.add_argument("--out", required=True, help="output folder (save_to_disk layout + vqgen_codes.json)")
+    parser.add_argument("--output_dir", required=True, help="output folder (data/ + vqgen_codes.json)")
     parser.add_argument("--batch_size", type=int, default=512)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also publish as a parquet dataset")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument("--push_to_hub", action="store_true", help="also publish as a parquet dataset")
+    parser.add_argument("--hub_dataset_id", default=None, help="the Hub dataset repo for --push_to_hub")
+    parser.add_argument("--hub_private_repo", action="store_true")
+    renames = {"--out": "--output_dir", "--overwrite": "--overwrite_output_dir", "--private": "--hub_private_repo"}
+    argv = deprecated_flags(argv, {**renames, "--batch-size": "--batch_size"})
+    argv = deprecated_push_to_hub(argv, "--hub_dataset_id")
     args, rest = parser.parse_known_args(argv)
     if args.batch_size < 1:
         raise VqgenError("--batch_size must be positive")
-    model, folder, data_cfg = load_model_and_data_config(args.model, rest)
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise VqgenError("--push_to_hub needs --hub_dataset_id owner/name")
+    model = VQVAE.from_pretrained(args.model)
+    data_cfg = data_config_for(model.data_config, rest)
     location = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     accelerator = Accelerator()
     out = extract(
         model,
         data_cfg,
-        Path(args.out),
+        Path(args.output_dir),
         model_location=location,
         batch_size=args.batch_size,
         accelerator=accelerator,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite_output_dir,
     )
     if args.push_to_hub and accelerator.is_main_process:
-        print(publish_codes(out, args.push_to_hub, private=args.private or None))
+        print(publish_codes(out, args.hub_dataset_id, private=args.hub_private_repo or None))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Hub and file-format helpers shared by both stages: safe loading, fingerprints, uploads.
+"""Hub helpers shared by both stages: folder-or-repo resolution, safe loading, fingerprints, uploads.
 
 Everything loads from safetensors and JSON only: no pickle, no remote code. Uploads go through an
 injectable `HfApi`, so tests run the real code path against a fake endpoint offline.
@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors.torch import load_file
 
-from stage1_vqvae.common import VqgenError
+from stage1_vqvae.shared import VqgenError
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "checkpoint.pt")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -105,37 +105,3 @@ def upload_folder(
             f"in {folder} is complete. Check your network and token, then retry"
         ) from None
     return str(getattr(info, "commit_url", info))
-
-
-# --------------------------------------------------------------------------------------------------
-# Code datasets (written by stage1_vqvae.extract, read by stage 2)
-
-CODES_METADATA = "vqgen_codes.json"
-
-
-def read_codes_metadata(folder: Path) -> dict:
-    import json
-
-    path = Path(folder) / CODES_METADATA
-    if not path.is_file():
-        raise VqgenError(f"{folder} has no {CODES_METADATA}; it was not written by stage1_vqvae.extract")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VqgenError(f"{path} is not valid JSON ({e}); re-run stage1_vqvae.extract") from None
-
-
-def load_code_dataset(name_or_path: str | os.PathLike):
-    """(DatasetDict, metadata) from an extract folder (save_to_disk) or a Hub/parquet layout."""
-    import datasets
-
-    folder = resolve_folder(name_or_path, "code dataset", repo_type="dataset")
-    meta = read_codes_metadata(folder)
-    if (folder / "data" / "dataset_dict.json").is_file():
-        dd = datasets.load_from_disk(str(folder / "data"))
-    else:
-        files = {p.name.split("-")[0]: str(p) for p in sorted((folder / "data").glob("*.parquet"))}
-        if not files:
-            raise VqgenError(f"{folder} holds no code data (data/dataset_dict.json or data/*.parquet)")
-        dd = datasets.load_dataset("parquet", data_files=files)
-    return dd, meta

@@ -5,26 +5,38 @@
     decoder:  z_q -> 3x3 conv -> residual blocks -> ReLU -> [4x4 stride-2 transposed conv] * log2(downsample) -> x
 
 Loss (paper, eq. 3): -log p(x|z_q) + ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2, beta = commitment_weight = 0.25.
-With a Gaussian decoder of fixed variance the first term is the MSE up to constants. The codebook term is used
-when `decay is None`; otherwise the codebook follows the EMA update of the paper's appendix A.1 (Laplace
-smoothed, as in Sonnet) and only the commitment term enters the loss. Every reduction is a mean over
-elements, so beta keeps its meaning whatever D is.
+With a Gaussian decoder of fixed variance the first term is the MSE up to constants. Every reduction is a mean
+over elements, so beta keeps its meaning whatever D is. The codebook term is used when `decay is None`;
+otherwise the codebook follows the EMA update of the paper's appendix A.1 and only the commitment term enters
+the loss.
 
-Under several processes the EMA statistics are all-reduced and k-means init / dead-code restarts are
-broadcast from rank 0, so every rank holds the same codebook (DDP's buffer broadcast alone would throw away
-every rank's statistics but rank 0's).
+The EMA formulas and Laplace smoothing are Sonnet's (VectorQuantizerEMA). It differs from Sonnet v2 in two ways:
+z_q is looked up in the codebook *after* this batch's EMA update (Sonnet uses the codebook before it), and the
+statistics start from the initial codebook (cluster sizes 1) without Sonnet's zero-debiasing, so an unused code
+keeps its vector instead of decaying towards 0. The EMA, k-means init and the dead-code counter advance once per
+training forward pass, i.e. per micro-batch under gradient accumulation: with A accumulation steps the decay per
+optimizer step is decay^A, and `dead_code_window` counts micro-batches.
+
+Under several processes the EMA statistics are all-reduced, k-means init clusters the encoder outputs of every
+rank (gathered), and its result and the dead-code restarts are broadcast from rank 0, so every rank holds the
+same codebook (DDP's buffer broadcast alone would throw away every rank's statistics but rank 0's).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from stage1_vqvae.hub import load_safetensors_model, resolve_folder
+from stage1_vqvae.shared import VqgenError
 
 
 @dataclass
@@ -42,7 +54,7 @@ class VQVAEConfig:
     epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes
     kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
     kmeans_iters: int = 10
-    dead_code_window: int = 0  # restart codes unused for this many training steps (0: never)
+    dead_code_window: int = 0  # restart codes unused for this many training forward passes (micro-batches; 0: never)
 
     def __post_init__(self):
         if self.codebook_size < 2:
@@ -80,7 +92,7 @@ class QuantizerOutput:
     counts: torch.Tensor  # (K,) code histogram of this batch (all ranks when distributed)
     perplexity: torch.Tensor
     usage: torch.Tensor  # fraction of K used in this batch
-    dead_codes: torch.Tensor  # codes unused for >= dead_code_window steps (0 when restarts are off)
+    dead_codes: torch.Tensor  # codes unused for >= dead_code_window forward passes (0 when restarts are off)
 
 
 def _distributed() -> bool:
@@ -152,7 +164,8 @@ class VectorQuantizer(nn.Module):
         decay: EMA decay gamma (paper appendix: 0.99); None learns the codebook by gradient of ||sg[z_e] - e||^2.
         epsilon: Laplace smoothing of the EMA cluster sizes (keeps empty codes from dividing by zero).
         kmeans_init: initialise the codebook by k-means on the first training batch.
-        dead_code_window: re-seed codes unused for this many training steps from the batch's encoder outputs.
+        dead_code_window: re-seed codes unused for this many training forward passes (micro-batches) from the
+            batch's encoder outputs.
     """
 
     def __init__(
@@ -194,8 +207,16 @@ class VectorQuantizer(nn.Module):
     # -- the nearest code -------------------------------------------------------------------------
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N,) index of the closest code in squared L2; ||x||^2 is constant per row and dropped."""
-        embed = self.embed.detach()
+        """(N, D) -> (N,) index of the closest code in squared L2; ||x||^2 is constant per row and dropped.
+
+        Always fp32, whatever the caller's autocast: under bf16 autocast the addmm below would be downcast and
+        choose other codes than the fp32 argmin (~1-6% of them on the demo model).
+        """
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return self._nearest_fp32(flat.detach().float())
+
+    def _nearest_fp32(self, flat: torch.Tensor) -> torch.Tensor:
+        embed = self.embed.detach().float()
         e_sq = (embed * embed).sum(1)  # (K,)
         n = flat.shape[0]
         # ||e||^2 - 2 x.e in one addmm per row block. On CPU, blocks of ~1M distances bound the memory
@@ -297,6 +318,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
+        if _distributed():
+            # Cluster every rank's batch (rank 0 alone may hold fewer vectors than K), in rank order.
+            parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, flat.contiguous())
+            flat = torch.cat(parts)  # (world * N, D); every rank's batch has the same size
         centroids = kmeans(flat, self.codebook_size, self.kmeans_iters)
         if _distributed():
             dist.broadcast(centroids, src=0)
@@ -456,6 +482,7 @@ class VQVAE(
             dead_code_window=config.dead_code_window,
         )
         self.decoder = Decoder(config)
+        self.data_config: dict | None = None  # preprocessing of the training images; set by training and loading
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         c, s = self.config.in_channels, self.config.image_size
@@ -506,13 +533,26 @@ class VQVAE(
         param = next(self.decoder.parameters())
         return self.decoder(z_q.to(param.dtype))
 
-    # -- Hub: strict, safetensors-only loading ---------------------------------------------------------
+    # -- Hub: a card that describes the model, strict safetensors-only loading -----------------------
+
+    def save_pretrained(self, save_directory, *, model_card_kwargs: dict | None = None, **kwargs):
+        """PyTorchModelHubMixin.save_pretrained, with the card's geometry filled from the config."""
+        c = self.config
+        card = dict(image_size=c.image_size, in_channels=c.in_channels, grid=c.grid_size)
+        card.update(codebook_size=c.codebook_size, codebook_dim=c.codebook_dim)
+        card.update(model_card_kwargs or {})
+        out = super().save_pretrained(save_directory, model_card_kwargs=card, **kwargs)
+        if self.data_config is not None:  # the preprocessing of the training images travels with the weights
+            (Path(save_directory) / "data_config.json").write_text(json.dumps(self.data_config, indent=2) + "\n")
+        return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> VQVAE:
-        """Load from a local folder or a Hub repo id (safetensors + config.json only, strict)."""
-        from stage1_vqvae.hub import resolve_folder
+        """Load from a local folder or a Hub repo id (safetensors + config.json only, strict).
 
+        The loaded model carries `data_config`: the preprocessing of its training images (data_config.json),
+        or None when the folder has none.
+        """
         hub_kwargs = {
             k: kwargs.pop(k)
             for k in ("revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -540,15 +580,14 @@ class VQVAE(
         strict=True,
         **model_kwargs,
     ):
-        from stage1_vqvae.common import VqgenError
-        from stage1_vqvae.hub import load_safetensors_model
-
         if "config" not in model_kwargs:
             raise VqgenError(f"{model_id} has no config.json; is this a vqgen VQ-VAE folder?")
         try:
             model = cls(**model_kwargs)
         except (TypeError, ValueError) as e:
             raise VqgenError(f"{model_id}/config.json is not a valid VQ-VAE config ({e})") from None
+        data_file = Path(model_id) / "data_config.json"
+        model.data_config = json.loads(data_file.read_text()) if data_file.is_file() else None
         return load_safetensors_model(
             model,
             model_id,

@@ -1,91 +1,72 @@
 """Train the stage-1 VQ-VAE with Accelerate.
 
-    python -m stage1_vqvae.train --config configs/mnist/stage1.yaml
+    python -m stage1_vqvae.train --config configs/mnist/stage1.yaml          # or --config mnist/stage1
+    python -m stage1_vqvae.train --config mnist/stage1 --output_dir runs/a train.max_steps=100
     accelerate launch -m stage1_vqvae.train --config configs/cifar10/stage1.yaml train.batch_size=256
     accelerate launch --config_file configs/accelerate/ddp_bf16.yaml -m stage1_vqvae.train --config ...
-    python -m stage1_vqvae.train --config configs/mnist/stage1.yaml --resume latest
+    python -m stage1_vqvae.train --config configs/mnist/stage1.yaml --resume_from_checkpoint latest
     # two CPU processes (what `accelerate launch --cpu` cannot start without mpirun):
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stage1_vqvae.train --config ...
 
-Overrides are dotted `section.key=value` (sections: data, model, train). `train.batch_size` is the global batch
-of one optimizer step; each process gets batch_size / (processes * gradient_accumulation_steps).
-The run folder holds config.yaml (resolved), checkpoints/step_XXXXXXXX, logs/ (tensorboard), samples/ and
-model/ (save_pretrained: model.safetensors, config.json, README.md, data_config.json).
+Config keys are overridden as dotted `section.key=value` (sections: data, model, train; all listed below).
+`train.batch_size` is the global batch of one optimizer step; each process gets batch_size / (processes *
+gradient_accumulation_steps). The run folder holds config.yaml (resolved), checkpoints/checkpoint_<step>,
+logs/ (tensorboard), samples/ and model/ (save_pretrained: model.safetensors, config.json, README.md,
+data_config.json).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from stage1_vqvae.common import (
-    STATE_FILE,
-    LossWatch,
+from stage1_vqvae.data import DataConfig, load_splits, to_model_input
+from stage1_vqvae.evaluate import evaluate_model
+from stage1_vqvae.hub import upload_folder
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.shared import (
+    BaseTrainConfig,
+    NonFiniteGuard,
     VqgenError,
     atomic_dir,
     build_accelerator,
     commit_dir,
     dump_yaml,
     init_trackers,
-    load_config,
+    load_checkpoint,
     lr_at,
+    parse_train_args,
     prepare_output_dir,
     resolve_resume,
     run_cli,
     save_checkpoint,
+    save_image_grid,
     to_dict,
     write_json,
 )
-from stage1_vqvae.data import DataConfig, load_splits, to_model_input
-from stage1_vqvae.evaluate import evaluate_model
-from stage1_vqvae.model import VQVAE, VQVAEConfig
 
 logger = logging.getLogger("stage1_vqvae.train")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BaseTrainConfig):
     output_dir: str = "runs/stage1"
-    seed: int = 0
-    batch_size: int = 128  # global batch per optimizer step (paper: 128)
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 128  # global batch of one optimizer step (paper: 128)
     max_steps: int = 10000
     learning_rate: float = 2e-4  # paper: Adam 2e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
     min_lr_ratio: float = 1.0  # cosine floor as a fraction of learning_rate; 1.0 = constant (the paper)
-    max_grad_norm: float | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    log_every: int = 50
     eval_every: int = 1000  # 0 disables periodic validation
-    eval_max_batches: int | None = 20
     checkpoint_every: int = 1000  # 0 disables checkpoints
-    checkpoints_total_limit: int = 2
-    num_workers: int = 0
-    channels_last: bool = True
-    compile: bool = False  # torch.compile through Accelerate's dynamo plugin
-    push_to_hub: str | None = None  # Hub repo id: upload model/ when training ends (token from `hf auth login`)
-
-    def __post_init__(self):
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+    channels_last: bool = True  # NHWC convolutions: ~1.4x faster on CPU
 
 
 @dataclass
@@ -104,41 +85,25 @@ def resolve_model_config(cfg: Stage1Config) -> VQVAEConfig:
         raise VqgenError(f"model: {e} (data.resolution sets model.image_size)") from None
 
 
-def save_image_grid(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> torch.Tensor:
-    """Two rows (originals over reconstructions) of [-1, 1] images -> PNG; returns the (H, W, C) uint8 grid."""
-    from torchvision.utils import make_grid, save_image
-
-    both = torch.cat([top, bottom]).float().clamp(-1, 1).add(1).div(2).cpu()  # (2n, C, H, W) in [0, 1]
-    grid = make_grid(both, nrow=len(top), padding=2)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_image(grid, tmp, format="png")
-    tmp.replace(path)
-    return (grid * 255).round().byte().permute(1, 2, 0)  # (H, W, 3)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file (see configs/)")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
-    args, overrides = parser.parse_known_args(argv)
-    cfg: Stage1Config = load_config(Stage1Config, args.config, overrides)
+    args, cfg = parse_train_args(__doc__, Stage1Config, argv)
     cfg.model = resolve_model_config(cfg)
     tc = cfg.train
     out = Path(tc.output_dir)
 
     # Every rank computes the same (all-reduced) codebook, so DDP need not broadcast buffers each step.
     accelerator, per_device = build_accelerator(tc, out, [DistributedDataParallelKwargs(broadcast_buffers=False)])
-
-    resume_dir = resolve_resume(args.resume, out / "checkpoints") if args.resume else None
+    resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
+    # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
+    # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
+    with accelerator.main_process_first():
+        splits = load_splits(cfg.data, splits=("train", "validation"), progress=accelerator.is_main_process)
     if accelerator.is_main_process:
-        prepare_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
+        prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
         dump_yaml(out / "config.yaml", to_dict(cfg))
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    with accelerator.main_process_first():
-        splits = load_splits(cfg.data, splits=("train", "validation"), progress=accelerator.is_main_process)
     train_dl = torch.utils.data.DataLoader(
         splits["train"], batch_size=per_device, shuffle=True, drop_last=True, num_workers=tc.num_workers
     )
@@ -156,8 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     step = 0
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        step = json.loads((resume_dir / STATE_FILE).read_text())["step"]
+        step = load_checkpoint(accelerator, resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage1_vqvae", cfg)
 
@@ -167,13 +131,11 @@ def main(argv: list[str] | None = None) -> Path:
     consumed = step * tc.gradient_accumulation_steps
     epoch, skip = divmod(consumed, per_epoch)
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
     t0, images_seen = time.perf_counter(), 0
     val_metrics: dict = {}
-    watch = LossWatch("Lower train.learning_rate or set train.max_grad_norm")
+    guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     while step < tc.max_steps:
         train_dl.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
@@ -198,8 +160,13 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             step += 1
             bar.update(1)
-            # The loss is read on the host (a sync) only when something is due, never saved after a non-finite one.
-            log_now, eval_now, save_now = watch.after_step(outputs.loss, step, tc, last_ckpt)
+            guard.observe(outputs.loss, step)
+            last = step >= tc.max_steps
+            log_now = step % tc.log_every == 0 or last
+            eval_now = tc.eval_every and (step % tc.eval_every == 0 or last)
+            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or last)
+            if log_now or eval_now or save_now:
+                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
                 loss = outputs.loss.item()
                 logs = {
@@ -218,8 +185,8 @@ def main(argv: list[str] | None = None) -> Path:
             if eval_now:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
             if save_now:
-                last_ckpt = save_checkpoint(accelerator, out / "checkpoints", step, tc.checkpoints_total_limit)
-            if step >= tc.max_steps:
+                last_ckpt = save_checkpoint(accelerator, step)
+            if last:
                 break
         epoch += 1
     bar.close()
@@ -235,9 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out)
         if tc.push_to_hub:
-            from stage1_vqvae.hub import upload_folder
-
-            logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
+            logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
         write_json(
             out / "train_summary.json",
             {
@@ -265,7 +230,7 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
             x = to_model_input(images)
             recon = unwrapped.decode_codes(unwrapped.encode(x))
         (out / "samples").mkdir(exist_ok=True)
-        grid = save_image_grid(x, recon, out / "samples" / f"reconstructions_step_{step:08d}.png")
+        grid = save_image_grid([x, recon], out / "samples" / f"reconstructions_step_{step:08d}.png")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"val/reconstructions": grid.numpy()}, step=step, dataformats="HWC")
@@ -281,16 +246,12 @@ def save_final_model(model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict
         shutil.copy(recon[-1], tmp / "reconstructions.png")
     card = {
         "metrics": {f"validation {k}": round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
-        "training_data": cfg.data.source,
+        # A local folder's path means nothing on the Hub (and may reveal a user's file system).
+        "training_data": None if Path(cfg.data.source).exists() else cfg.data.source,
         "image": "reconstructions.png" if recon else None,
-        "image_size": cfg.model.image_size,
-        "in_channels": cfg.model.in_channels,
-        "grid": cfg.model.grid_size,
-        "codebook_size": cfg.model.codebook_size,
-        "codebook_dim": cfg.model.codebook_dim,
     }
+    model.data_config = to_dict(cfg.data)
     model.save_pretrained(tmp, model_card_kwargs=card)
-    write_json(tmp / "data_config.json", to_dict(cfg.data))
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))
     commit_dir(tmp, final)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from stage1_vqvae.common import VqgenError
-from stage1_vqvae.hub import load_code_dataset
+from stage1_vqvae.codes import CodesMeta, load_code_dataset
+from stage1_vqvae.shared import VqgenError
 from stage2_prior.model import TokenLayout, grid_to_input_ids
 
 
@@ -34,17 +32,13 @@ class CodeSequences(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i]}
 
 
-def codes_fingerprint(meta: dict) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def load_code_splits(cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test")):
-    """({split: CodeSequences}, metadata, TokenLayout) for `splits`; checks the codes against their metadata."""
+def load_code_splits(
+    cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test")
+) -> tuple[dict[str, CodeSequences], CodesMeta, TokenLayout]:
+    """({split: CodeSequences}, CodesMeta, TokenLayout) for `splits`; checks the codes against their metadata."""
     dd, meta = load_code_dataset(cfg.codes)
-    meta = dict(meta, codes_fingerprint=codes_fingerprint(meta))
-    k, (h, w) = meta["codebook_size"], meta["grid"]
-    names = meta.get("class_names") if cfg.conditional else None
-    layout = TokenLayout(codebook_size=k, num_classes=len(names) if names else 0, height=h, width=w)
+    layout = TokenLayout.from_meta(meta, cfg.conditional)
+    k, (h, w) = meta.codebook_size, meta.grid
     out = {}
     for split in splits:
         if split not in dd:

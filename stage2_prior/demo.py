@@ -1,39 +1,35 @@
 """The one-command demo: the whole two-stage pipeline on the built-in MNIST, on a CPU, in minutes.
 
     make demo                      # = python -m stage2_prior.demo (after creating .venv)
-    python -m stage2_prior.demo --out runs/demo
+    vqgen-demo --output_dir runs/demo
 
-Runs each stage's CLI exactly as a user would (so the demo never reaches into a stage's internals):
-stage-1 training, evaluation, code extraction, stage-2 training, evaluation, pipeline export and sampling
-(10 images per class). Then it scores the samples with a small MNIST classifier trained here on the train
-split (accuracy on the class asked for, and a Frechet distance in its feature space against the test split,
-with train-vs-test as the reference), and writes runs/demo/{grid.png, reconstructions.png, metrics.json,
-report.md} with wall time per stage.
+Runs each stage's CLI in a subprocess exactly as a user would, with the built-in configs (so it works from an
+installed wheel as from a checkout): stage-1 training, evaluation, code extraction, stage-2 training,
+evaluation, pipeline export and sampling (10 images per class). Then it scores the samples with a small MNIST
+classifier trained here on the train split (`stage2_prior.quality`): accuracy on the class asked for, and a
+Frechet distance in its feature space against the test split, with train-vs-test as the reference. It writes
+OUTPUT_DIR/{grid.png, reconstructions.png, metrics.json, report.md} with the wall time per stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from stage1_vqvae.common import VqgenError, run_cli, write_json
-
-ROOT = Path(__file__).resolve().parent.parent
+from stage1_vqvae.shared import VqgenError, run_cli, write_json
 
 
-def run_step(name: str, args: list[str], timings: dict) -> None:
+def run_step(name: str, args: list, timings: dict) -> None:
+    args = [str(a) for a in args]
     t0 = time.perf_counter()
     print(f"\n=== {name}: {' '.join(args)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise VqgenError(f"demo step '{name}' failed (exit {proc.returncode}); see the output above")
+    if subprocess.run([sys.executable, *args]).returncode != 0:
+        raise VqgenError(f"demo step '{name}' failed; see the output above")
     timings[name] = round(time.perf_counter() - t0, 1)
     print(f"=== {name}: {timings[name]} s", flush=True)
 
@@ -52,20 +48,16 @@ def sample_quality(samples_dir: Path) -> dict:
     train_x, train_y = to_model_input(splits["train"].images), splits["train"].labels
     test_x, test_y = to_model_input(splits["test"].images), splits["test"].labels
     clf = train_classifier(train_x, train_y, 10)
-    test_pred, test_feat = predict(clf, test_x)
     info = json.loads((samples_dir / "samples.json").read_text())
-    imgs = torch.stack([torch.from_numpy(np.array(Image.open(samples_dir / f).convert("L"))) for f in info["files"]])[
-        :, None
-    ]  # (N, 1, 28, 28) uint8
-    pred, feat = predict(clf, to_model_input(imgs))
+    files = [np.array(Image.open(samples_dir / f).convert("L")) for f in info["files"]]
+    samples = to_model_input(torch.from_numpy(np.stack(files))[:, None])  # (N, 1, 28, 28) in [-1, 1]
     asked = torch.tensor(info["classes"])
-    _, train_feat = predict(clf, train_x[:10000])
     return {
-        "classifier_test_accuracy": float((test_pred == test_y).float().mean()),
-        "samples_recognised_as_asked": float((pred == asked).float().mean()),
+        "classifier_test_accuracy": float((predict(clf, test_x) == test_y).float().mean()),
+        "samples_recognised_as_asked": float((predict(clf, samples) == asked).float().mean()),
         "num_samples": len(asked),
-        "frechet_distance_samples_vs_test": frechet_distance(feat, test_feat),
-        "frechet_distance_train_vs_test_reference": frechet_distance(train_feat, test_feat),
+        "frechet_distance_samples_vs_test": frechet_distance(clf, samples, test_x),
+        "frechet_distance_train_vs_test_reference": frechet_distance(clf, train_x[:10000], test_x),
         "frechet_feature": "128-d penultimate layer of the project's small MNIST classifier",
     }
 
@@ -100,103 +92,56 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=3.0)
+    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--temperature", type=float, default=0.85)
-    parser.add_argument("--stage1-steps", dest="stage1_steps", type=int, default=None)
-    parser.add_argument("--stage2-steps", dest="stage2_steps", type=int, default=None)
+    parser.add_argument("--stage1_steps", type=int, default=None)
+    parser.add_argument("--stage2_steps", type=int, default=None)
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     if out.exists():
         shutil.rmtree(out)  # the demo is a fresh, reproducible run every time
     out.mkdir(parents=True)
     t: dict = {}
-    s1, s2 = out / "stage1", out / "stage2"
-    extra1 = [f"train.max_steps={args.stage1_steps}"] if args.stage1_steps else []
-    extra2 = [f"train.max_steps={args.stage2_steps}"] if args.stage2_steps else []
+    s1, s2, codes, pipe = out / "stage1", out / "stage2", out / "codes", out / "pipeline"
+    steps1 = [f"train.max_steps={args.stage1_steps}"] if args.stage1_steps else []
+    steps2 = [f"train.max_steps={args.stage2_steps}"] if args.stage2_steps else []
     t_all = time.perf_counter()
     run_step(
-        "stage 1 training",
-        ["-m", "stage1_vqvae.train", "--config", "configs/mnist/stage1.yaml", f"train.output_dir={s1}", *extra1],
-        t,
+        "stage 1 training", ["-m", "stage1_vqvae.train", "--config", "mnist/stage1", "--output_dir", s1, *steps1], t
     )
     run_step(
         "stage 1 evaluation",
-        [
-            "-m",
-            "stage1_vqvae.evaluate",
-            "--model",
-            str(s1 / "model"),
-            "--split",
-            "test",
-            "--out",
-            str(out / "stage1_test.json"),
-        ],
+        ["-m", "stage1_vqvae.evaluate", "--model", s1 / "model", "--output_dir", out / "stage1_test"],
         t,
     )
-    run_step(
-        "code extraction", ["-m", "stage1_vqvae.extract", "--model", str(s1 / "model"), "--out", str(out / "codes")], t
-    )
+    run_step("code extraction", ["-m", "stage1_vqvae.extract", "--model", s1 / "model", "--output_dir", codes], t)
     run_step(
         "stage 2 training",
-        [
-            "-m",
-            "stage2_prior.train",
-            "--config",
-            "configs/mnist/stage2.yaml",
-            f"data.codes={out / 'codes'}",
-            f"train.output_dir={s2}",
-            *extra2,
-        ],
+        ["-m", "stage2_prior.train", "--config", "mnist/stage2", f"data.codes={codes}", "--output_dir", s2, *steps2],
         t,
     )
     run_step(
         "stage 2 evaluation",
-        [
-            "-m",
-            "stage2_prior.evaluate",
-            "--prior",
-            str(s2 / "model"),
-            "--split",
-            "test",
-            "--out",
-            str(out / "stage2_test.json"),
-        ],
+        ["-m", "stage2_prior.evaluate", "--prior", s2 / "model", "--output_dir", out / "stage2_test"],
         t,
     )
     run_step(
         "pipeline export",
-        [
-            "-m",
-            "stage2_prior.export",
-            "--vqvae",
-            str(s1 / "model"),
-            "--prior",
-            str(s2 / "model"),
-            "--out",
-            str(out / "pipeline"),
-        ],
+        ["-m", "stage2_prior.export", "--vqvae", s1 / "model", "--prior", s2 / "model", "--output_dir", pipe],
         t,
     )
-    run_step(
-        "sampling",
-        [
-            "sample.py",
-            "--pipeline",
-            str(out / "pipeline"),
-            "--per-class",
-            "10",
-            "--seed",
-            "0",
-            "--guidance-scale",
-            str(args.guidance_scale),
-            "--temperature",
-            str(args.temperature),
-            "--out",
-            str(out / "samples"),
-        ],
-        t,
-    )
+    sampling = [
+        "--per_class",
+        "10",
+        "--seed",
+        "0",
+        "--guidance_scale",
+        args.guidance_scale,
+        "--temperature",
+        args.temperature,
+    ]
+    run_step("sampling", ["-m", "sample", "--pipeline", pipe, *sampling, "--output_dir", out / "samples"], t)
     t0 = time.perf_counter()
     quality = sample_quality(out / "samples")
     t["sample quality"] = round(time.perf_counter() - t0, 1)
@@ -205,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(out / "samples" / "grid.png", out / "grid.png")
     if (s1 / "model" / "reconstructions.png").is_file():
         shutil.copy(s1 / "model" / "reconstructions.png", out / "reconstructions.png")
-    stage1 = json.loads((out / "stage1_test.json").read_text())
-    stage2 = json.loads((out / "stage2_test.json").read_text())
+    stage1 = json.loads((out / "stage1_test" / "metrics.json").read_text())
+    stage2 = json.loads((out / "stage2_test" / "metrics.json").read_text())
     metrics = {
         "stage1_test": stage1,
         "stage2_test": stage2,

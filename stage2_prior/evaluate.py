@@ -1,14 +1,15 @@
 """Evaluate a prior: held-out NLL in nats and bits per code, and the paper's two-stage bound in bits/dim.
 
     python -m stage2_prior.evaluate --prior runs/mnist/stage2/model --split test
-    python -m stage2_prior.evaluate --prior user/prior --codes user/codes --vqvae user/vqvae --out m.json
+    python -m stage2_prior.evaluate --prior user/prior --codes user/codes --vqvae user/vqvae --output_dir DIR
 
 Bits per code are measured over the K code tokens (the distribution that sampling draws from), against the
 uniform prior's log2 K. The two-stage bound (paper, sec. 4.1) is
     bpd = ( -log p(x|z_q) - log p(z) ) / (C*H*W) / ln 2,   z = the VQ-VAE's codes of x,
 with the same discretised-Gaussian decoder likelihood (sigma fitted on the validation split) as stage-1
 evaluation and p(z) the prior's unconditional (NULL-class) probability; with a uniform prior it equals the
-stage-1 bound exactly.
+stage-1 bound exactly. The images are those the codes were extracted from (the codes' `data_config`), so the
+bound always scores the data the prior was evaluated on.
 """
 
 from __future__ import annotations
@@ -16,26 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from stage1_vqvae.common import VqgenError, run_cli, write_json
-from stage2_prior.model import code_nll, grid_to_input_ids, layout_of
-
-
-def load_prior(name_or_path: str):
-    """A vqgen prior from a folder or Hub id: safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM
-
-    from stage1_vqvae.hub import resolve_folder
-
-    folder = resolve_folder(name_or_path, "prior", allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"])
-    if not (folder / "model.safetensors").is_file():
-        raise VqgenError(f"{folder} has no model.safetensors (pickle checkpoints are never loaded)")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
-    layout_of(model)  # raises when it is not a vqgen prior
-    return model.eval()
+from stage1_vqvae.data import DataConfig, load_splits, to_model_input
+from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
+from stage1_vqvae.hub import state_fingerprint
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.shared import VqgenError, deprecated_flags, from_dict, run_cli, write_json
+from stage2_prior.data import CodeDataConfig, load_code_splits
+from stage2_prior.model import bits_per_code, code_nll, codes_meta_of, grid_to_input_ids, layout_of, load_prior
 
 
 @torch.no_grad()
@@ -51,9 +44,6 @@ def sequences_nll(prior, input_ids: torch.Tensor, batch_size: int = 256) -> floa
 @torch.no_grad()
 def two_stage_bits_per_dim(prior, vqvae, loaders: dict, split: str) -> dict:
     """The paper's bound on `split`; sigma of the decoder likelihood fitted on loaders['validation']."""
-    from stage1_vqvae.data import to_model_input
-    from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
-
     layout = layout_of(prior)
     sigma = fit_sigma(vqvae, loaders["validation"])
     dec, pri, n = 0.0, 0.0, 0
@@ -80,27 +70,26 @@ def two_stage_bits_per_dim(prior, vqvae, loaders: dict, split: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prior", required=True)
+    parser.add_argument("--prior", required=True, help="prior folder or Hub repo id")
     parser.add_argument("--codes", default=None, help="code dataset (default: the one the prior was trained on)")
-    parser.add_argument("--vqvae", default=None, help="VQ-VAE for the bits/dim bound (default: the prior's)")
+    parser.add_argument("--vqvae", default=None, help="VQ-VAE for the bits/dim bound (default: the codes' own)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    from stage1_vqvae.hub import state_fingerprint
-    from stage2_prior.data import CodeDataConfig, load_code_splits
-    from stage2_prior.model import bits_per_code, check_fingerprints
+    parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # deprecated: a file path
+    args = parser.parse_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
+    if args.out:
+        warnings.warn("--out is deprecated and will be removed; use --output_dir FOLDER", FutureWarning, 2)
 
     prior = load_prior(args.prior)
-    meta = prior.config.vqgen
-    layout = layout_of(prior)
-    codes = args.codes or meta.get("code_dataset")
+    learned, layout = codes_meta_of(prior), layout_of(prior)
+    codes = args.codes or prior.config.vqgen.get("code_dataset")
     if not codes:
         raise VqgenError("the prior does not record its code dataset; pass --codes")
-    splits, codes_meta, _ = load_code_splits(
+    splits, meta, _ = load_code_splits(
         CodeDataConfig(codes=codes, conditional=layout.num_classes > 0), splits=(args.split,)
     )
-    check_fingerprints(meta, codes_meta, f"code dataset {codes}")
+    learned.check_same_vqvae(meta, f"code dataset {codes}")
     ids = splits[args.split].input_ids
     nll = sequences_nll(prior, ids, args.batch_size)
     result = {
@@ -111,21 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
         "num_sequences": len(ids),
         "conditional": layout.num_classes > 0,
     }
-    vq_loc = args.vqvae or meta.get("vqvae_location")
+    vq_loc = args.vqvae or meta.vqvae_location
     if vq_loc:
-        from stage1_vqvae.data import load_splits
-        from stage1_vqvae.evaluate import load_model_and_data_config
-
-        vqvae, _, data_cfg = load_model_and_data_config(vq_loc, [])
-        check_fingerprints(
-            meta,
-            {
-                "vqvae_fingerprint": state_fingerprint(vqvae),
-                "codebook_size": vqvae.config.codebook_size,
-                "grid": [vqvae.config.grid_size] * 2,
-            },
-            f"VQ-VAE {vq_loc}",
+        vqvae = VQVAE.from_pretrained(vq_loc)
+        meta.check_vqvae(
+            vqvae.config.codebook_size, vqvae.config.grid_size, state_fingerprint(vqvae), f"VQ-VAE {vq_loc}"
         )
+        # The images the codes were extracted from, not the VQ-VAE's training data (they may differ).
+        data_cfg = from_dict(DataConfig, meta.data_config, "the codes' data_config")
         images = load_splits(data_cfg, splits=sorted({"validation", args.split}))
         loaders = {k: torch.utils.data.DataLoader(v, batch_size=args.batch_size) for k, v in images.items()}
         result["two_stage"] = two_stage_bits_per_dim(
@@ -139,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
             uncond[:, 1] = layout.null
             uncond_nll = sequences_nll(prior, uncond, args.batch_size)
         result["bits_per_code_unconditional"] = bits_per_code(uncond_nll, layout)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output_dir) / "metrics.json", result)
     if args.out:
         write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))

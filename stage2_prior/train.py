@@ -1,19 +1,20 @@
 """Train the stage-2 prior (a transformers causal LM over code grids) with Accelerate.
 
-    python -m stage2_prior.train --config configs/mnist/stage2.yaml
+    python -m stage2_prior.train --config configs/mnist/stage2.yaml          # or --config mnist/stage2
     accelerate launch -m stage2_prior.train --config configs/cifar10/stage2.yaml data.codes=user/cifar10-codes
     accelerate launch --config_file configs/accelerate/fsdp_bf16.yaml -m stage2_prior.train --config ...
-    python -m stage2_prior.train --config configs/mnist/stage2.yaml --resume latest
+    python -m stage2_prior.train --config configs/mnist/stage2.yaml --resume_from_checkpoint latest
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stage2_prior.train --config ...   # 2 CPU processes
 
-Reads the code dataset written by `stage1_vqvae.extract` (a local folder or a Hub dataset id). The run folder
-holds config.yaml, checkpoints/step_XXXXXXXX, logs/, samples/ and model/ (save_pretrained: model.safetensors,
-config.json with the token layout and fingerprints, generation_config.json, README.md).
+Reads the code dataset written by `stage1_vqvae.extract` (a local folder or a Hub dataset id). Config keys are
+overridden as dotted `section.key=value` (sections: data, model, train; all listed below). The run folder holds
+config.yaml, codes_meta.json, checkpoints/checkpoint_<step>, logs/, samples/ and model/ (save_pretrained:
+model.safetensors, config.json with the token layout and the codes' contract, generation_config.json, README.md).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -21,66 +22,52 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
+from huggingface_hub import ModelCard, ModelCardData
+from tqdm.auto import tqdm
 
-from stage1_vqvae.common import (
-    STATE_FILE,
-    LossWatch,
+from stage1_vqvae.codes import CodesMeta
+from stage1_vqvae.hub import state_fingerprint, upload_folder
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.shared import (
+    BaseTrainConfig,
+    NonFiniteGuard,
     VqgenError,
     atomic_dir,
     build_accelerator,
     commit_dir,
     dump_yaml,
     init_trackers,
-    load_config,
+    load_checkpoint,
     lr_at,
+    parse_train_args,
     prepare_output_dir,
     resolve_resume,
     run_cli,
     save_checkpoint,
+    save_image_grid,
     to_dict,
     write_json,
 )
 from stage2_prior.data import CodeDataConfig, load_code_splits
-from stage2_prior.model import PriorConfig, TokenLayout, build_prior, check_fingerprints, labels_for
+from stage2_prior.model import PriorConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
+from stage2_prior.sampling import sample_codes
 
 logger = logging.getLogger("stage2_prior.train")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BaseTrainConfig):
     output_dir: str = "runs/stage2"
-    seed: int = 0
-    batch_size: int = 64  # global sequences per optimizer step
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 64  # global sequences of one optimizer step
     max_steps: int = 5000
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     weight_decay: float = 0.1  # on 2-D weights only (no biases, no norms)
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    log_every: int = 50
-    eval_every: int = 500
-    eval_max_batches: int | None = 20
     sample_every_eval: bool = True  # decode a sample grid at each evaluation when the VQ-VAE is at hand
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int = 2
-    compile: bool = False
-    push_to_hub: str | None = None  # Hub repo id: upload model/ when training ends (token from `hf auth login`)
-
-    def __post_init__(self):
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
 
 @dataclass
@@ -109,8 +96,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 @torch.no_grad()
 def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> dict:
     """Held-out code NLL (nats and bits per code, over the K code tokens) on the loader's sequences."""
-    from stage2_prior.model import code_nll, layout_of
-
     was = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
@@ -134,51 +119,26 @@ def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true")
-    args, overrides = parser.parse_known_args(argv)
-    cfg: Stage2Config = load_config(Stage2Config, args.config, overrides)
+    args, cfg = parse_train_args(__doc__, Stage2Config, argv)
     tc = cfg.train
     out = Path(tc.output_dir)
 
     accelerator, per_device = build_accelerator(tc, out, ())
 
     splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"))
-    resume_dir = resolve_resume(args.resume, out / "checkpoints") if args.resume else None
+    resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
-        before = json.loads((out / "codes_meta.json").read_text())
-        check_fingerprints(
-            {
-                "layout": {
-                    "codebook_size": before["codebook_size"],
-                    "height": before["grid"][0],
-                    "width": before["grid"][1],
-                },
-                "vqvae_fingerprint": before["vqvae_fingerprint"],
-            },
-            meta,
-            f"code dataset {cfg.data.codes}",
-        )
+        before = CodesMeta.from_json_dict(json.loads((out / "codes_meta.json").read_text()), "codes_meta.json")
+        before.check_same_vqvae(meta, f"code dataset {cfg.data.codes}")
     if accelerator.is_main_process:
-        prepare_output_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
+        prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
         dump_yaml(out / "config.yaml", to_dict(cfg))
-        write_json(out / "codes_meta.json", meta)
+        write_json(out / "codes_meta.json", dataclasses.asdict(meta))
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    vqgen_meta = {
-        "class_names": meta.get("class_names") if layout.num_classes else None,
-        "codes_fingerprint": meta["codes_fingerprint"],
-        "code_dataset": cfg.data.codes,
-        "vqvae_fingerprint": meta["vqvae_fingerprint"],
-        "vqvae_location": meta.get("vqvae_location"),
-        "image_size": meta.get("image_size"),
-        "channels": meta.get("channels"),
-    }
-    model = build_prior(cfg.model, layout, vqgen_meta)
+    model = build_prior(cfg.model, layout, meta, cfg.data.codes)
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
@@ -190,22 +150,19 @@ def main(argv: list[str] | None = None) -> Path:
 
     step = 0
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        step = json.loads((resume_dir / STATE_FILE).read_text())["step"]
+        step = load_checkpoint(accelerator, resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
 
-    decoder = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
+    vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
     per_epoch = len(train_dl)
     epoch, skip = divmod(step * tc.gradient_accumulation_steps, per_epoch)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
     t0, tokens_seen = time.perf_counter(), 0
     val: dict = {}
-    watch = LossWatch("Lower train.learning_rate or set train.max_grad_norm")
+    guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     micro = step * tc.gradient_accumulation_steps
     while step < tc.max_steps:
         train_dl.set_epoch(epoch)
@@ -232,8 +189,13 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             step += 1
             bar.update(1)
-            # The loss is read on the host (a sync) only when something is due, never saved after a non-finite one.
-            log_now, eval_now, save_now = watch.after_step(outputs.loss, step, tc, last_ckpt)
+            guard.observe(outputs.loss, step)
+            last = step >= tc.max_steps
+            log_now = step % tc.log_every == 0 or last
+            eval_now = tc.eval_every and (step % tc.eval_every == 0 or last)
+            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or last)
+            if log_now or eval_now or save_now:
+                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
                 loss = outputs.loss.item()
                 accelerator.log(
@@ -250,11 +212,11 @@ def main(argv: list[str] | None = None) -> Path:
                 val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
                 accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
                 logger.info("step %d validation: %s", step, val)
-                if decoder is not None and accelerator.is_main_process:
-                    log_samples(accelerator, model, decoder, layout, step, out)
+                if vqvae is not None:
+                    log_samples(accelerator, model, vqvae, layout, step, out)
             if save_now:
-                last_ckpt = save_checkpoint(accelerator, out / "checkpoints", step, tc.checkpoints_total_limit)
-            if step >= tc.max_steps:
+                last_ckpt = save_checkpoint(accelerator, step)
+            if last:
                 break
         epoch += 1
     bar.close()
@@ -262,13 +224,14 @@ def main(argv: list[str] | None = None) -> Path:
     wall = time.perf_counter() - t0
     if not val:
         val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
+    # Every rank joins: under FSDP the full state dict is gathered from the shards (unwrap_model alone would
+    # leave a sharded model that cannot be saved from one rank).
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        save_final_prior(unwrapped, out / "model", cfg, val, out)
+        save_final_prior(unwrapped, state_dict, out / "model", cfg, val, out)
         if tc.push_to_hub:
-            from stage1_vqvae.hub import upload_folder
-
-            logger.info("pushed %s", upload_folder(out / "model", tc.push_to_hub))
+            logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
         write_json(
             out / "train_summary.json",
             {
@@ -279,90 +242,94 @@ def main(argv: list[str] | None = None) -> Path:
                 "validation": val,
             },
         )
+        logger.info("saved the prior to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "model"
 
 
-def load_matching_vqvae(meta: dict, accelerator):
+def load_matching_vqvae(meta: CodesMeta, accelerator) -> VQVAE | None:
     """The VQ-VAE that made the codes, if it is a local folder whose fingerprint matches; else None."""
-    from stage1_vqvae.hub import state_fingerprint
-    from stage1_vqvae.model import VQVAE
-
-    loc = meta.get("vqvae_location")
+    loc = meta.vqvae_location
     if not loc or not Path(loc).is_dir():
         return None
     try:
-        vqvae = VQVAE.from_pretrained(loc).to(accelerator.device)
+        vqvae = VQVAE.from_pretrained(loc)
     except VqgenError:
         return None
-    return vqvae if state_fingerprint(vqvae) == meta["vqvae_fingerprint"] else None
+    return vqvae.to(accelerator.device) if state_fingerprint(vqvae) == meta.vqvae_fingerprint else None
 
 
-def log_samples(accelerator, model, vqvae, layout: TokenLayout, step: int, out: Path) -> None:
-    from torchvision.utils import make_grid, save_image
-
-    from stage2_prior.model import sample_codes
-
+def log_samples(accelerator, model, vqvae: VQVAE, layout: TokenLayout, step: int, out: Path) -> None:
+    """One seeded grid of samples. Every rank samples (under FSDP a forward gathers the shards, so a forward
+    on one rank alone would hang); the main process writes the image."""
     unwrapped = accelerator.unwrap_model(model)
     n = 8 if layout.num_classes == 0 else layout.num_classes
     classes = None if layout.num_classes == 0 else torch.arange(n)
     g = torch.Generator(device=accelerator.device).manual_seed(0)
     codes = sample_codes(unwrapped, n, classes=classes, generator=g)
-    images = vqvae.decode_codes(codes).float().clamp(-1, 1).add(1).div(2).cpu()  # (n, C, H, W)
-    grid = make_grid(images, nrow=n, padding=2)
-    (out / "samples").mkdir(exist_ok=True)
-    save_image(grid, out / "samples" / f"samples_step_{step:08d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images(
-                {"val/samples": (grid * 255).byte().permute(1, 2, 0).numpy()}, step=step, dataformats="HWC"
-            )
+    if accelerator.is_main_process:
+        (out / "samples").mkdir(exist_ok=True)
+        grid = save_image_grid([vqvae.decode_codes(codes)], out / "samples" / f"samples_step_{step:08d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"val/samples": grid.numpy()}, step=step, dataformats="HWC")
 
 
 PRIOR_CARD = """---
-library_name: transformers
-pipeline_tag: unconditional-image-generation
-tags: [vqgen, vq-vae, image-generation, autoregressive-prior]
-{datasets}---
+{{ card_data }}
+---
 
 # vqgen prior over VQ-VAE codes
 
-A {arch} causal LM trained with [vqgen](https://github.com/vqgen/vqgen) on the code grids of `{dataset}`:
-{h}x{w} codes from a codebook of K={k}, {classes}.
+A {{ arch }} causal LM trained with [vqgen](https://github.com/vqgen/vqgen) on {{ h }}x{{ w }} code grids from a
+codebook of K={{ k }} made by the VQ-VAE with fingerprint `{{ vqvae_fp }}`; {{ classes }}.
+{% if source %}The images came from `{{ source }}`.{% endif %}
 
-- VQ-VAE it belongs to: `{vqvae}` (fingerprint `{vqvae_fp}`)
-- held-out bits per code: {bpc} (uniform prior: {uniform})
+- held-out bits per code: {{ bpc }} (a uniform prior: {{ uniform }})
 
-Sample with `python sample.py --vqvae VQVAE --prior THIS_REPO`.
+{% if image %}![samples]({{ image }}){% endif %}
+
+## Use
+
+Sample with the VQ-VAE it belongs to, through a pipeline (`python -m stage2_prior.export`), or:
+
+```bash
+python sample.py --vqvae VQVAE_FOLDER_OR_REPO --prior PRIOR_FOLDER_OR_REPO --num_images 16
+```
 """
 
 
-def save_final_prior(model, final: Path, cfg: Stage2Config, val: dict, run_dir: Path) -> None:
+def save_final_prior(model, state_dict: dict, final: Path, cfg: Stage2Config, val: dict, run_dir: Path) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) + card, atomically."""
-    meta = model.config.vqgen
+    layout, codes = layout_of(model), CodesMeta.from_json_dict(model.config.vqgen["codes"], "config.vqgen.codes")
     tmp = atomic_dir(final)
-    model.save_pretrained(tmp)
-    lay = meta["layout"]
-    dataset = meta.get("code_dataset") or ""
-    card = PRIOR_CARD.format(
-        arch=cfg.model.arch,
-        dataset=dataset,
-        h=lay["height"],
-        w=lay["width"],
-        k=lay["codebook_size"],
-        classes=f"conditioned on {lay['num_classes']} classes" if lay["num_classes"] else "unconditional",
-        vqvae=meta.get("vqvae_location"),
-        vqvae_fp=meta.get("vqvae_fingerprint"),
-        bpc=round(val.get("bits_per_code", float("nan")), 4),
-        uniform=round(math.log2(lay["codebook_size"]), 4),
-        datasets=f"datasets: [{dataset}]\n" if "/" in dataset and not Path(dataset).exists() else "",
-    )
+    model.save_pretrained(tmp, state_dict=state_dict)
     samples = sorted((run_dir / "samples").glob("samples_step_*.png"))
     if samples:
         shutil.copy(samples[-1], tmp / "samples.png")
-        card += "\n![samples](samples.png)\n"
-    (tmp / "README.md").write_text(card)
+    on_hub = not Path(codes.source).exists() and "/" in codes.source  # a Hub dataset id, not a local path
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="transformers",
+            license="apache-2.0",
+            pipeline_tag="unconditional-image-generation",
+            tags=["vqgen", "vq-vae", "image-generation", "autoregressive-prior"],
+            datasets=[codes.source] if on_hub else None,
+        ),
+        template_str=PRIOR_CARD,
+        arch=cfg.model.arch,
+        h=layout.height,
+        w=layout.width,
+        k=layout.codebook_size,
+        vqvae_fp=codes.vqvae_fingerprint[:16],
+        classes=f"conditioned on {layout.num_classes} classes" if layout.num_classes else "unconditional",
+        source=codes.source if on_hub or codes.source == "mnist" else None,
+        bpc=round(val.get("bits_per_code", float("nan")), 4),
+        uniform=round(math.log2(layout.codebook_size), 4),
+        image="samples.png" if samples else None,
+    )
+    card.save(tmp / "README.md")
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))
     commit_dir(tmp, final)
 

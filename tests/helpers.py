@@ -29,3 +29,24 @@ def run_two_processes(port: int, *module_args: str) -> subprocess.CompletedProce
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     return subprocess.run([*cmd, "-m", *module_args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"), fingerprint="f" * 64, **kw):
+    """A CodesMeta for priors built in tests without extracting codes."""
+    from stage1_vqvae.codes import CodesMeta
+
+    fields = dict(
+        codebook_size=codebook_size,
+        height=height,
+        width=width,
+        image_size=16,
+        channels=1,
+        class_names=list(class_names) if class_names else None,
+        splits={"train": 8},
+        source="mnist",
+        data_config={"source": "mnist", "resolution": 16},
+        vqvae_fingerprint=fingerprint,
+        vqvae_location=None,
+        codes_fingerprint="c" * 64,
+    )
+    return CodesMeta(**{**fields, **kw})

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from stage1_vqvae.common import VqgenError
 from stage1_vqvae.data import (
     DataConfig,
     ImageSplit,
@@ -21,6 +20,7 @@ from stage1_vqvae.data import (
     to_model_input,
     to_uint8,
 )
+from stage1_vqvae.shared import VqgenError
 
 
 def test_builtin_mnist_has_the_standard_splits_and_exact_pixels():
@@ -80,7 +80,8 @@ def test_an_unknown_hub_id_with_the_hub_unreachable_is_one_clear_error():
 def test_a_corrupt_image_is_named_with_the_fix(tmp_path):
     d = tmp_path / "imgs" / "train" / "a"
     d.mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "good.png")
+    for i in range(3):  # train, validation and test each get one image or more
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / f"good{i}.png")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=8, validation_fraction=0.5)
     with pytest.raises(VqgenError, match=r"broken\.png.*Remove or replace"):
@@ -146,3 +147,24 @@ def test_scaling_round_trips_all_256_levels():
     x = to_model_input(levels)
     assert x.min() == -1 and x.max() == 1
     assert torch.equal(to_uint8(x), levels)
+
+
+def test_a_source_without_a_test_split_gets_a_seeded_test_split_apart_from_validation(tmp_path):
+    d = tmp_path / "imgs" / "train" / "a"
+    d.mkdir(parents=True)
+    for i in range(40):
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(d / f"{i:03d}.png")
+    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=4, validation_fraction=0.1, test_fraction=0.1)
+    first, again = load_source(cfg), load_source(cfg)
+    pixel = {s: sorted(int(np.array(im)[0, 0]) for im in first[s]["image"]) for s in first}
+    assert len(pixel["test"]) == 4 and len(pixel["validation"]) == 4 and len(pixel["train"]) == 32
+    # Test is scored, validation fits the decoder's sigma: they must not share an image, nor with train.
+    assert not set(pixel["test"]) & set(pixel["validation"]) and not set(pixel["test"]) & set(pixel["train"])
+    assert pixel == {s: sorted(int(np.array(im)[0, 0]) for im in again[s]["image"]) for s in again}  # seeded
+
+
+def test_float_images_in_0_1_are_scaled_not_black():
+    ramp = Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), mode="F")
+    assert np.array(to_mode(ramp, "L")).ravel().tolist() == [int(v * 255 + 0.5) for v in np.linspace(0, 1, 16)]
+    levels = Image.fromarray(np.full((4, 4), 200.0, np.float32), mode="F")  # floats in 0..255 stay as they are
+    assert np.array(to_mode(levels, "L")).max() == 200

@@ -1,5 +1,6 @@
 """Code extraction (schema, order, metadata, Hub layout) and the evaluation metrics against references."""
 
+import dataclasses
 import json
 import math
 
@@ -7,11 +8,12 @@ import datasets
 import pytest
 import torch
 
-from stage1_vqvae.common import VqgenError
+from stage1_vqvae.codes import codes_fingerprint, load_code_dataset
 from stage1_vqvae.data import DataConfig, ImageSplit, load_source, to_model_input
 from stage1_vqvae.evaluate import bits_per_dim, discretized_gaussian_nll, full_evaluation, ssim
 from stage1_vqvae.extract import extract, publish_codes
-from stage1_vqvae.hub import load_code_dataset, state_fingerprint
+from stage1_vqvae.hub import state_fingerprint
+from stage1_vqvae.shared import VqgenError
 
 from helpers import run_two_processes
 
@@ -29,10 +31,14 @@ def test_extraction_schema_order_and_metadata(tiny_model, image_folder, tmp_path
         got = torch.from_numpy(dd[split].with_format("numpy")[:]["codes"])
         assert torch.equal(got.long(), expected), split  # same rows, same order, batch boundaries irrelevant
         assert dd[split]["label"] == src[split]["label"]
-    assert meta["codebook_size"] == 16 and meta["grid"] == [4, 4]
-    assert meta["vqvae_fingerprint"] == state_fingerprint(tiny_model)
-    assert meta["vqvae_location"] == "somewhere/vqvae" and meta["source_dataset"] == str(image_folder)
-    assert meta["splits"] == {k: len(v) for k, v in dd.items()} and meta["image_size"] == 16
+    assert meta.codebook_size == 16 and meta.grid == (4, 4) and meta.class_names == ["a", "b"]
+    assert meta.vqvae_fingerprint == state_fingerprint(tiny_model)
+    assert meta.vqvae_location == "somewhere/vqvae" and meta.source == str(image_folder)
+    assert meta.data_config == dataclasses.asdict(cfg)
+    assert meta.splits == {k: len(v) for k, v in dd.items()} and meta.image_size == 16
+    assert meta.codes_fingerprint == codes_fingerprint(dd)
+    # The plain datasets API reads the codes without vqgen.
+    assert datasets.load_from_disk(str(out / "data"))["test"]["codes"] == dd["test"]["codes"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left behind
     with pytest.raises(VqgenError, match="already exists"):
         extract(tiny_model, cfg, out, model_location="x")
@@ -53,7 +59,7 @@ def test_published_code_dataset_loads_back_with_its_features(tiny_model, image_f
     local, _ = load_code_dataset(out)
     assert dd["train"].features["codes"] == datasets.Array2D((4, 4), "int16")
     assert dd["test"]["codes"] == local["test"]["codes"]
-    assert json.loads((remote / "vqgen_codes.json").read_text()) == meta
+    assert meta == load_code_dataset(out)[1]
 
 
 def test_discretized_gaussian_is_a_proper_distribution_over_256_levels():
@@ -69,10 +75,58 @@ def test_bits_per_dim_formula():
     assert bits_per_dim(1000.0, 49, 256, 784) == pytest.approx((1000 + 49 * math.log(256)) / 784 / math.log(2))
 
 
-def test_ssim_reference_values():
-    x = torch.rand(2, 1, 16, 16)
-    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
-    assert (ssim(x, torch.rand(2, 1, 16, 16)) < 0.5).all()
+def test_codes_fingerprint_covers_the_codes_not_just_the_metadata():
+    def dd(codes, labels):
+        features = datasets.Features({"codes": datasets.Array2D((2, 2), "int16"), "label": datasets.Value("int64")})
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"codes": codes, "label": labels}, features)})
+
+    base = codes_fingerprint(dd([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [0, 1]))
+    assert base == codes_fingerprint(dd([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [0, 1]))
+    assert base != codes_fingerprint(dd([[[1, 2], [3, 4]], [[5, 6], [7, 9]]], [0, 1]))  # one code differs
+    assert base != codes_fingerprint(dd([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [1, 1]))  # one label differs
+    assert base != codes_fingerprint(dd([[[5, 6], [7, 8]], [[1, 2], [3, 4]]], [1, 0]))  # the order differs
+
+
+def test_discretized_gaussian_equals_a_high_precision_reference_in_the_tails():
+    """Against mpmath at 50 digits, for sigma from 0.5 to 50 levels and means far outside the bins."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    levels = torch.tensor([0, 1, 30, 128, 200, 254, 255], dtype=torch.uint8)
+    for sigma in (0.5, 1.0, 4.0, 16.0, 50.0):
+        for mu_level in (-40.0, 0.0, 30.0, 127.3, 255.0, 300.0):
+            mean = torch.full((len(levels), 1, 1, 1), mu_level / 127.5 - 1, dtype=torch.float64)
+            ours = discretized_gaussian_nll(levels.view(-1, 1, 1, 1), mean, sigma)
+            for v, got in zip(levels.tolist(), ours.tolist()):
+                lo = mpmath.mpf("-inf") if v == 0 else (v - 0.5 - mu_level) / mpmath.mpf(sigma)
+                hi = mpmath.mpf("inf") if v == 255 else (v + 0.5 - mu_level) / mpmath.mpf(sigma)
+                # The same mass, taken in the tail where 50 digits resolve it.
+                mass = mpmath.ncdf(-lo) - mpmath.ncdf(-hi) if lo > 0 else mpmath.ncdf(hi) - mpmath.ncdf(lo)
+                ref = -mpmath.log(mass)
+                assert got == pytest.approx(float(ref), rel=1e-9, abs=1e-9), (sigma, mu_level, v)
+
+
+def test_ssim_equals_a_per_window_reference():
+    """Wang et al. 2004: 11x11 Gaussian window (sigma 1.5), mean over the windows inside the image."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 2, 13, 14, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.rand(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    w = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2)).double()
+    w = torch.outer(w, w) / w.sum() ** 2
+    c1, c2 = 0.01**2, 0.03**2
+    expected = []
+    for i in range(2):
+        vals = []
+        for c in range(2):
+            for r in range(13 - 10):
+                for col in range(14 - 10):
+                    p, q = a[i, c, r : r + 11, col : col + 11], b[i, c, r : r + 11, col : col + 11]
+                    mp, mq = (w * p).sum(), (w * q).sum()
+                    vp, vq, cov = (w * p * p).sum() - mp**2, (w * q * q).sum() - mq**2, (w * p * q).sum() - mp * mq
+                    vals.append(((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp**2 + mq**2 + c1) * (vp + vq + c2)))
+        expected.append(torch.stack(vals).mean())
+    assert torch.allclose(ssim(a, b), torch.stack(expected), atol=1e-12)
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
 
 
 def test_full_evaluation_reports_every_metric(tiny_model, image_folder):
@@ -101,7 +155,7 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
         "stage1_vqvae.extract",
         "--model",
         str(tmp_path / "vq"),
-        "--out",
+        "--output_dir",
         str(tmp_path / "two"),
         "--batch_size",
         "3",
@@ -112,7 +166,8 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
     b, meta = load_code_dataset(tmp_path / "two")
     for split in a:
         assert a[split]["codes"] == b[split]["codes"] and a[split]["label"] == b[split]["label"], split
-    assert meta["splits"] == {k: len(v) for k, v in a.items()}
+    assert meta.splits == {k: len(v) for k, v in a.items()}
+    assert meta.codes_fingerprint == load_code_dataset(one)[1].codes_fingerprint
 
 
 def test_sigma_fit_finds_the_grid_minimum(tiny_model, image_folder):

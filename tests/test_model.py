@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from stage1_vqvae.common import VqgenError
 from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.shared import VqgenError
 
 
 def test_decode_codes_of_encode_equals_forward_reconstruction_in_eval(tiny_model):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.common import VqgenError
 from stage1_vqvae.data import DataConfig
 from stage1_vqvae.extract import extract
+from stage1_vqvae.shared import VqgenError
 
 from helpers import ROOT, TINY1, TINY2, run_two_processes
 
@@ -58,10 +58,10 @@ def test_training_resume_reproduces_the_uninterrupted_run(stage1, tmp_path):
     common = ["train.max_steps=5", "train.checkpoint_every=2", "train.checkpoints_total_limit=5"]
     full = train2(tmp_path / "a", codes, *common)
     train2(tmp_path / "b", codes, *common)
-    for name in ("step_00000004", "step_00000005"):
+    for name in ("checkpoint_4", "checkpoint_5"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     shutil.rmtree(tmp_path / "b" / "model")
-    resumed = train2(tmp_path / "b", codes, *common, "--resume", "latest")
+    resumed = train2(tmp_path / "b", codes, *common, "--resume_from_checkpoint", "latest")
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -78,7 +78,7 @@ def test_resuming_on_codes_of_another_vqvae_is_refused(stage1, tmp_path):
     meta["vqvae_fingerprint"] = "0" * 64
     (other / "vqgen_codes.json").write_text(json.dumps(meta))
     with pytest.raises(VqgenError, match="fingerprints differ"):
-        train2(tmp_path / "a", other, "train.max_steps=4", "--resume", "latest")
+        train2(tmp_path / "a", other, "train.max_steps=4", "--resume_from_checkpoint", "latest")
 
 
 @pytest.mark.slow
@@ -106,16 +106,18 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
     from sample import main as sample
     from stage2_prior.evaluate import main as evaluate
     from stage2_prior.export import main as export
+    from stage2_prior.pipeline import VQGenPipeline
 
     _, vqvae_dir, codes = stage1
     prior = train2(tmp_path / "s2", codes, "train.max_steps=3", "train.checkpoint_every=0")
-    r = evaluate(["--prior", str(prior), "--split", "test", "--out", str(tmp_path / "m.json")])
+    r = evaluate(["--prior", str(prior), "--split", "test", "--output_dir", str(tmp_path / "m")])
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == r
     assert r["uniform_bits_per_code"] == 4.0 and 0 < r["bits_per_code"] < 6
     assert r["two_stage"]["num_images"] == 8 and r["two_stage"]["bits_per_dim"] > 0
-    pipe = export(["--vqvae", str(vqvae_dir), "--prior", str(prior), "--out", str(tmp_path / "pipe")])
-    assert json.loads((pipe / "pipeline.json").read_text())["class_names"] == ["a", "b"]
+    pipe = export(["--vqvae", str(vqvae_dir), "--prior", str(prior), "--output_dir", str(tmp_path / "pipe")])
+    assert VQGenPipeline.from_pretrained(pipe).class_names == ["a", "b"]
 
-    out = sample(["--pipeline", str(pipe), "--per-class", "3", "--seed", "5", "--out", str(tmp_path / "o1")])
+    out = sample(["--pipeline", str(pipe), "--per_class", "3", "--seed", "5", "--output_dir", str(tmp_path / "o1")])
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"{i:05d}_class{c}.png" for i, c in enumerate("aaabbb")] + ["grid.png", "samples.json"])
     info = json.loads((out / "samples.json").read_text())
@@ -126,11 +128,11 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
             str(vqvae_dir),
             "--prior",
             str(prior),
-            "--per-class",
+            "--per_class",
             "3",
             "--seed",
             "5",
-            "--out",
+            "--output_dir",
             str(tmp_path / "o2"),
         ]
     )
@@ -138,10 +140,10 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
         if n.endswith(".png"):
             assert (out / n).read_bytes() == (again / n).read_bytes(), n  # same seed, same images
     guided = sample(
-        ["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance-scale", "3", "--out", str(tmp_path / "o3")]
+        ["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance_scale", "3", "--output_dir", str(tmp_path / "o3")]
     )
     assert json.loads((guided / "samples.json").read_text())["classes"] == [1, 0, 1]
-    unc = sample(["--pipeline", str(pipe), "--num-images", "4", "--out", str(tmp_path / "o4")])
+    unc = sample(["--pipeline", str(pipe), "--num_images", "4", "--output_dir", str(tmp_path / "o4")])
     assert sorted(p.name for p in unc.glob("0*.png")) == [f"{i:05d}.png" for i in range(4)]
     comp = sample(
         [
@@ -149,24 +151,24 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
             str(pipe),
             "--complete",
             str(out / "00000_classa.png"),
-            "--keep-rows",
+            "--keep_rows",
             "2",
-            "--num-images",
+            "--num_images",
             "3",
-            "--out",
+            "--output_dir",
             str(tmp_path / "o5"),
         ]
     )
     assert (comp / "completion.png").is_file()
 
     with pytest.raises(VqgenError, match="already holds files"):
-        sample(["--pipeline", str(pipe), "--out", str(out)])
+        sample(["--pipeline", str(pipe), "--output_dir", str(out)])
     with pytest.raises(VqgenError, match="not a class"):
-        sample(["--pipeline", str(pipe), "--classes", "zebra", "--out", str(tmp_path / "o6")])
+        sample(["--pipeline", str(pipe), "--classes", "zebra", "--output_dir", str(tmp_path / "o6")])
     with pytest.raises(VqgenError, match="no such folder"):
-        sample(["--vqvae", str(tmp_path / "missing"), "--prior", str(prior), "--out", str(tmp_path / "o7")])
+        sample(["--vqvae", str(tmp_path / "missing"), "--prior", str(prior), "--output_dir", str(tmp_path / "o7")])
     with pytest.raises(VqgenError, match="Hub could not be reached"):
-        sample(["--pipeline", "nobody/no-pipeline", "--out", str(tmp_path / "o8")])
+        sample(["--pipeline", "nobody/no-pipeline", "--output_dir", str(tmp_path / "o8")])
 
 
 def test_sampling_with_a_mismatching_vqvae_fails_clearly(stage1, tmp_path, tiny_model):
@@ -176,7 +178,7 @@ def test_sampling_with_a_mismatching_vqvae_fails_clearly(stage1, tmp_path, tiny_
     prior = train2(tmp_path / "s2", codes, "train.max_steps=1", "train.checkpoint_every=0")
     tiny_model.save_pretrained(tmp_path / "other_vqvae")
     with pytest.raises(VqgenError, match="fingerprints differ"):
-        sample(["--vqvae", str(tmp_path / "other_vqvae"), "--prior", str(prior), "--out", str(tmp_path / "o")])
+        sample(["--vqvae", str(tmp_path / "other_vqvae"), "--prior", str(prior), "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
@@ -187,7 +189,7 @@ def test_cli_errors_print_one_line_without_traceback(tmp_path):
             os.path.join(ROOT, "sample.py"),
             "--pipeline",
             str(tmp_path / "nope"),
-            "--out",
+            "--output_dir",
             str(tmp_path / "o"),
         ],
         capture_output=True,
@@ -200,12 +202,17 @@ def test_cli_errors_print_one_line_without_traceback(tmp_path):
 
 
 def test_trained_prior_is_pushed_with_its_card_and_loads_back(stage1, tmp_path, fake_hub):
-    from stage2_prior.evaluate import load_prior
-    from stage2_prior.model import layout_of
+    from stage2_prior.model import layout_of, load_prior
 
     _, _, codes = stage1
     prior = train2(
-        tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0", "train.push_to_hub=me/prior"
+        tmp_path / "s2",
+        codes,
+        "train.max_steps=2",
+        "train.checkpoint_every=0",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/prior",
     )
     remote = tmp_path / "remote" / "model" / "me" / "prior"
     card = (remote / "README.md").read_text()

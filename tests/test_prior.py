@@ -5,26 +5,31 @@ import math
 import pytest
 import torch
 
-from stage1_vqvae.common import VqgenError
+from stage1_vqvae.shared import VqgenError
 from stage2_prior.model import (
     PriorConfig,
     TokenLayout,
     build_prior,
-    check_fingerprints,
+    codes_meta_of,
     grid_to_input_ids,
-    guided_logits,
     input_ids_to_grid,
     labels_for,
     layout_of,
-    sample_codes,
+    load_prior,
 )
+from stage2_prior.sampling import draw, filter_logits, guided_logits, sample_codes
+
+from helpers import codes_meta
 
 LAYOUT = TokenLayout(codebook_size=16, num_classes=3, height=4, width=4)
 
 
-def tiny_prior(layout=LAYOUT, arch="gpt2", meta=None):
+def tiny_prior(layout=LAYOUT, arch="gpt2", **meta):
     torch.manual_seed(0)
-    return build_prior(PriorConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, dropout=0.0), layout, meta).eval()
+    names = [f"c{i}" for i in range(layout.num_classes)] or None
+    codes = codes_meta(layout.codebook_size, layout.height, layout.width, class_names=names, **meta)
+    cfg = PriorConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return build_prior(cfg, layout, codes, "codes").eval()
 
 
 def test_token_layout_round_trip():
@@ -71,9 +76,22 @@ def test_samples_are_codes_never_special_tokens_and_seeded():
     b = sample_codes(model, 4, classes=[0, 1, 2, 0], generator=torch.Generator().manual_seed(7))
     c = sample_codes(model, 4, classes=[0, 1, 2, 0], generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    # Batching does not change the samples' distribution code path: same seed, batch 2 vs 4 are valid codes.
-    d = sample_codes(model, 4, generator=torch.Generator().manual_seed(7), batch_size=2)
-    assert d.shape == (4, 4, 4)
+
+
+def test_batches_draw_the_same_samples_as_one_batch_when_greedy_and_the_same_distribution_when_sampled():
+    model = tiny_prior()
+    classes = [0, 1, 2, 0, 1, 2]
+    whole = sample_codes(model, 6, classes=classes, temperature=0.0)
+    assert torch.equal(sample_codes(model, 6, classes=classes, temperature=0.0, batch_size=4), whole)
+    # Sampled: every batch draws from the same per-row distribution, so the codes' histograms over many
+    # images agree between batch 2 and batch 50 (a two-sample chi-square on the first code of each grid).
+    g = torch.Generator().manual_seed(0)
+    a = sample_codes(model, 1200, classes=[0] * 1200, generator=g, batch_size=50)[:, 0, 0]
+    b = sample_codes(model, 1200, classes=[0] * 1200, generator=g, batch_size=600)[:, 0, 0]
+    ca, cb = torch.bincount(a, minlength=16).double(), torch.bincount(b, minlength=16).double()
+    keep = (ca + cb) > 0
+    chi2 = (((ca - cb) ** 2) / (ca + cb))[keep].sum().item()
+    assert chi2 < 45.0  # chi-square with <= 15 dof: p < 1e-4 beyond 45
 
 
 def test_kv_cached_greedy_sampling_equals_full_recomputation():
@@ -129,7 +147,10 @@ def test_compiled_decoding_draws_the_same_samples_and_leaves_the_model_as_it_was
 
 
 def test_compiled_decoders_are_kept_per_batch_size_device_and_dtype():
-    from stage2_prior.model import decoder_for
+    import gc
+    import weakref
+
+    from stage2_prior.sampling import _DECODERS, decoder_for
 
     model = tiny_prior()
     first = decoder_for(model, 4)  # torch.compile is lazy: nothing is compiled until the step is called
@@ -137,6 +158,11 @@ def test_compiled_decoders_are_kept_per_batch_size_device_and_dtype():
     assert decoder_for(model, 8) is not first
     model.double()  # a cast needs a static cache of the new dtype
     assert decoder_for(model, 4) is not first
+    assert "_vqgen_compiled_decoders" not in model.__dict__  # kept outside the model
+    alive = weakref.ref(model)
+    del model, first
+    gc.collect()
+    assert alive() is None and len(_DECODERS) == 0  # the decoders do not keep the model alive
 
 
 def test_prefix_codes_are_kept_for_completion():
@@ -146,33 +172,47 @@ def test_prefix_codes_are_kept_for_completion():
     assert torch.equal(codes.reshape(3, -1)[:, :8], prefix)
 
 
-def test_fingerprint_mismatch_raises_naming_both():
-    meta = {"layout": {"codebook_size": 16, "num_classes": 3, "height": 4, "width": 4}, "vqvae_fingerprint": "a" * 64}
-    check_fingerprints(meta, {"vqvae_fingerprint": "a" * 64, "codebook_size": 16, "grid": [4, 4]}, "x")
+def test_a_vqvae_or_codes_that_do_not_match_the_prior_are_refused_naming_both():
+    learned = codes_meta_of(tiny_prior())
+    learned.check_vqvae(16, 4, "f" * 64, "x")
+    learned.check_same_vqvae(codes_meta(), "codes")
     with pytest.raises(VqgenError, match="fingerprints differ"):
-        check_fingerprints(meta, {"vqvae_fingerprint": "b" * 64}, "VQ-VAE y")
+        learned.check_vqvae(16, 4, "b" * 64, "VQ-VAE y")
     with pytest.raises(VqgenError, match="K=32"):
-        check_fingerprints(meta, {"codebook_size": 32}, "codes")
+        learned.check_vqvae(32, 4, "f" * 64, "VQ-VAE y")
     with pytest.raises(VqgenError, match="grid"):
-        check_fingerprints(meta, {"grid": [8, 8]}, "codes")
+        learned.check_vqvae(16, 8, "f" * 64, "VQ-VAE y")
+    with pytest.raises(VqgenError, match="fingerprints differ"):
+        learned.check_same_vqvae(codes_meta(fingerprint="e" * 64), "codes")
+
+
+def test_top_p_keeps_the_tokens_transformers_keeps_also_at_exact_ties():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    # [.5, .25, .25] at top_p=.5: the first token alone reaches the mass, so only it stays (a tie at the edge).
+    tie = torch.tensor([[0.5, 0.25, 0.25, 0.0]]).log()
+    assert torch.isfinite(filter_logits(tie, None, 0.5)).tolist() == [[True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.1, 0.5, 0.75, 0.9, 0.99):
+        logits = torch.randn(64, 32, generator=g) * 3
+        ours = torch.isfinite(filter_logits(logits, None, top_p))
+        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        assert torch.equal(ours, theirs), top_p
 
 
 def test_save_load_round_trip_keeps_layout_and_outputs(tmp_path):
-    from stage2_prior.evaluate import load_prior
-
-    model = tiny_prior(meta={"vqvae_fingerprint": "f" * 64, "class_names": ["a", "b", "c"]})
+    model = tiny_prior()
     model.save_pretrained(tmp_path / "p")
     files = {p.name for p in (tmp_path / "p").iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json"} <= files
     loaded = load_prior(str(tmp_path / "p"))
-    assert layout_of(loaded) == LAYOUT and loaded.config.vqgen["class_names"] == ["a", "b", "c"]
+    assert layout_of(loaded) == LAYOUT and codes_meta_of(loaded) == codes_meta_of(model)
     ids = grid_to_input_ids(torch.randint(0, 16, (2, 4, 4)), LAYOUT, torch.tensor([0, 1]))
     assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
 def test_pushed_prior_loads_back(tmp_path, fake_hub):
     from stage1_vqvae.hub import upload_folder
-    from stage2_prior.evaluate import load_prior
 
     model = tiny_prior()
     model.save_pretrained(tmp_path / "p")
@@ -180,14 +220,15 @@ def test_pushed_prior_loads_back(tmp_path, fake_hub):
     assert layout_of(load_prior(str(tmp_path / "remote" / "model" / "me" / "prior"))) == LAYOUT
 
 
-def test_a_non_vqgen_or_pickle_prior_is_refused(tmp_path):
-    from stage2_prior.evaluate import load_prior
-
+def test_a_non_vqgen_or_pickle_prior_is_refused(tmp_path, tiny_model):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"not loaded")
     (tmp_path / "p" / "config.json").write_text("{}")
     with pytest.raises(VqgenError, match="no model.safetensors"):
         load_prior(str(tmp_path / "p"))
+    tiny_model.save_pretrained(tmp_path / "vqvae")  # a VQ-VAE folder passed as the prior
+    with pytest.raises(VqgenError, match="not a vqgen prior"):
+        load_prior(str(tmp_path / "vqvae"))
 
 
 def test_uniform_prior_bound_equals_the_stage1_bound(tiny_model, image_folder):
@@ -209,14 +250,19 @@ def test_uniform_prior_bound_equals_the_stage1_bound(tiny_model, image_folder):
 
 
 def test_frechet_distance_against_the_closed_form():
-    from stage2_prior.quality import frechet_distance
+    from stage2_prior.quality import SmallClassifier, frechet_distance
 
+    class Identity(SmallClassifier):  # features = the 3 "pixels" themselves
+        def features(self, x):
+            return x.flatten(1)
+
+    clf = Identity(1, 2, 4)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20000, 3, generator=g)
-    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    x = torch.randn(20000, 3, 1, 1, generator=g)
+    assert frechet_distance(clf, x, x) == pytest.approx(0.0, abs=1e-4)
     # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
-    y = torch.randn(20000, 3, generator=g) * 2 + torch.tensor([1.0, 2.0, 0.0])
-    assert frechet_distance(x, y) == pytest.approx(5.0 + 3.0, rel=0.05)
+    y = torch.randn(20000, 3, 1, 1, generator=g) * 2 + torch.tensor([1.0, 2.0, 0.0])[:, None, None]
+    assert frechet_distance(clf, x, y) == pytest.approx(5.0 + 3.0, rel=0.05)
 
 
 def test_small_classifier_learns_separable_classes():
@@ -227,13 +273,10 @@ def test_small_classifier_learns_separable_classes():
     images = torch.randn(400, 1, 8, 8, generator=g) * 0.3
     images[labels == 1, :, :4] += 1.0  # class 1: bright top half
     model = train_classifier(images, labels, 2, steps=60, batch_size=64)
-    preds, feats = predict(model, images)
-    assert (preds == labels).float().mean() > 0.95 and feats.shape == (400, 128)
+    assert (predict(model, images) == labels).float().mean() > 0.95 and model.features(images).shape == (400, 128)
 
 
 def test_inverse_cdf_draw_matches_the_distribution():
-    from stage2_prior.model import draw
-
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(40000, 4)
     tokens = draw(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens, minlength=4).float() / len(tokens)

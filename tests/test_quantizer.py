@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.model import VQVAE, VectorQuantizer
+from stage1_vqvae.model import VQVAE, VectorQuantizer, VQVAEConfig
 
 
 def test_codes_equal_brute_force_nearest_neighbours():
@@ -187,3 +187,32 @@ def test_loading_a_state_dict_brings_back_kmeans_init_when_it_says_not_initialis
     vq(far)  # k-means runs again, on this batch: without it the EMA would move the code 1% of the way
     assert bool(vq.initted)
     assert torch.allclose(vq.embed[0], far.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_the_nearest_code_is_the_fp32_argmin_under_a_bf16_autocast():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=512, codebook_dim=64, decay=None)
+    flat = torch.randn(4000, 64)
+    reference = torch.cdist(flat.double(), vq.embed.detach().double()).argmin(1)
+    # What the search would choose in bf16: enough of these codes differ for the check below to mean something.
+    bf16 = torch.cdist(flat.bfloat16().float(), vq.embed.detach().bfloat16().float()).argmin(1)
+    assert (bf16 != reference).sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vq.nearest(flat), reference)
+        model = VQVAE(VQVAEConfig(image_size=8, hidden_channels=8, res_channels=8, codebook_size=512, codebook_dim=8))
+        images = torch.rand(16, 1, 8, 8) * 2 - 1
+        under_autocast = model.encode(images)
+    z_e = model.encoder(images).permute(0, 2, 3, 1).reshape(-1, 8)  # fp32, outside autocast
+    assert torch.equal(under_autocast.flatten(), model.quantizer.nearest(z_e))
+
+
+def test_the_ema_and_code_ages_advance_once_per_training_forward():
+    """Documented: per forward pass, so per micro-batch under gradient accumulation."""
+    vq = VectorQuantizer(4, 2, decay=0.9, dead_code_window=100).train()
+    vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
+    vq.embed_avg.copy_(vq.embed)
+    z_e = torch.rand(1, 2, 2, 2) * 0.1  # every vector chooses code 0
+    for _ in range(3):
+        vq(z_e)
+    assert vq.code_age.tolist() == [0, 3, 3, 3]
+    assert torch.allclose(vq.cluster_size[1:], torch.full((3,), 0.9**3))  # unused codes decay once a forward

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.common import STATE_FILE, LossWatch, VqgenError, commit_dir, resolve_resume, safe_name
+from stage1_vqvae.shared import STATE_FILE, NonFiniteGuard, VqgenError, commit_dir, resolve_resume, safe_name
 
 from helpers import ROOT, TINY1, TINY2, stage1_args
 
 
-def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "step_00000010") -> None:
+def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "checkpoint_10") -> None:
     """Start a training subprocess, SIGKILL it as soon as checkpoint `name` is complete."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -51,7 +51,7 @@ def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image
     assert resolve_resume("latest", ckpts) is not None
 
     resumed = subprocess.run(
-        cmd + stage1_args(tmp_path / "run", image_folder, *common) + ["--resume", "latest"],
+        cmd + stage1_args(tmp_path / "run", image_folder, *common) + ["--resume_from_checkpoint", "latest"],
         env=env,
         capture_output=True,
     )
@@ -66,14 +66,17 @@ def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder)
     out = tmp_path / "run"
     main(stage1_args(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2"))
     ckpts = out / "checkpoints"
-    # What a kill during save_state leaves: a temp folder, and a step folder without its state file.
-    shutil.copytree(ckpts / "step_00000004", ckpts / ".step_00000006.tmp")
-    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000008")
-    (ckpts / "step_00000008" / STATE_FILE).unlink()
-    (ckpts / "step_00000008" / "model.safetensors").write_bytes(b"truncated")
-    assert resolve_resume("latest", ckpts) == ckpts / "step_00000004"
-    main(stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2") + ["--resume", "latest"])
+    # What a kill during save_state leaves: a checkpoint folder without its state file (written last).
+    shutil.copytree(ckpts / "checkpoint_4", ckpts / "checkpoint_6")
+    (ckpts / "checkpoint_6" / STATE_FILE).unlink()
+    (ckpts / "checkpoint_6" / "model.safetensors").write_bytes(b"truncated")
+    assert resolve_resume("latest", ckpts) == ckpts / "checkpoint_4"
+    main(
+        stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2")
+        + ["--resume_from_checkpoint", "latest"]
+    )
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
+    assert (ckpts / "checkpoint_6" / STATE_FILE).is_file()  # the incomplete save was replaced by a complete one
 
 
 def test_commit_dir_replaces_a_folder_only_when_the_new_one_is_complete(tmp_path):
@@ -93,8 +96,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_
 
     out = tmp_path / "run"
     main(stage1_args(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
-    good = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
-    with pytest.raises(VqgenError, match=r"at step \d+.*step_00000002") as err:
+    good = load_file(str(out / "checkpoints" / "checkpoint_2" / "model.safetensors"))
+    final_model = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(VqgenError, match=r"at step \d+.*checkpoint_2") as err:
         main(
             stage1_args(
                 out,
@@ -104,13 +108,15 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_
                 "train.log_every=1000",  # the loss is first checked at step 50, before the final save
                 "train.learning_rate=1.0e+30",
             )
-            + ["--resume", "latest"]
+            + ["--resume_from_checkpoint", "latest"]
         )
     # The error names the step where the loss first stopped being finite, not the step where it was checked.
     assert 2 < int(re.search(r"at step (\d+)", str(err.value)).group(1)) < 50
-    again = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    again = load_file(str(out / "checkpoints" / "checkpoint_2" / "model.safetensors"))
     assert all(torch.equal(good[k], again[k]) for k in good)
-    assert not (out / "model").exists() or (out / "model" / "model.safetensors").is_file()
+    # Nothing was saved after the non-finite loss: no new checkpoint, and model/ is still the first run's.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2"]
+    assert (out / "model" / "model.safetensors").read_bytes() == final_model
 
 
 def test_an_unwritable_output_folder_is_one_clear_error(tmp_path, image_folder):
@@ -172,10 +178,12 @@ def test_names_that_reach_paths_cannot_escape():
 
 
 def test_a_folder_where_an_image_is_expected(tmp_path):
-    from sample import load_image
+    from types import SimpleNamespace
 
-    with pytest.raises(VqgenError, match="is a folder"):
-        load_image(str(tmp_path), tmp_path, None)
+    from sample import completion_prefix
+
+    with pytest.raises(VqgenError, match="pass one image file"):
+        completion_prefix(SimpleNamespace(complete=str(tmp_path), keep_rows=None), None, 1)
 
 
 @pytest.mark.slow
@@ -194,7 +202,9 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     run = [f"train.output_dir={tmp_path / 'run'}", *common]
     kill_after_checkpoint(cmd + run, env, tmp_path / "run" / "checkpoints")
     resumed = subprocess.run(
-        cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume", "latest"], env=env, capture_output=True
+        cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume_from_checkpoint", "latest"],
+        env=env,
+        capture_output=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Class dropout is keyed by the micro-batch index, so it replays exactly too.
@@ -238,19 +248,19 @@ def test_codes_that_do_not_match_their_metadata_are_refused(tmp_path, image_fold
     (codes / "vqgen_codes.json").write_text(json.dumps(meta))
     with pytest.raises(VqgenError, match="outside"):
         load_code_splits(CodeDataConfig(codes=str(codes)))
-    meta["codebook_size"], meta["grid"] = 16, [8, 8]
+    meta["codebook_size"], meta["height"], meta["width"] = 16, 8, 8
     (codes / "vqgen_codes.json").write_text(json.dumps(meta))
     with pytest.raises(VqgenError, match="grids but its metadata says"):
         load_code_splits(CodeDataConfig(codes=str(codes)))
 
 
-def test_loss_watch_reports_the_first_non_finite_step_without_syncing_each_step():
-    watch = LossWatch("Lower train.learning_rate")
+def test_non_finite_guard_reports_the_first_non_finite_step_without_syncing_each_step():
+    watch = NonFiniteGuard("Lower train.learning_rate")
     for step, value in enumerate([1.0, 0.5, float("nan"), float("inf"), 2.0], start=1):
         watch.observe(torch.tensor(value), step)
         assert isinstance(watch.first_step, torch.Tensor)  # kept on the device until checked
-    with pytest.raises(VqgenError, match=r"became nan at step 3;.*Last good checkpoint: ckpt/step_2.*--resume latest"):
-        watch.check(Path("ckpt/step_2"))
-    fine = LossWatch("")
+    with pytest.raises(VqgenError, match=r"became nan at step 3;.*Last good checkpoint: ckpt/checkpoint_2.*latest"):
+        watch.check(Path("ckpt/checkpoint_2"))
+    fine = NonFiniteGuard("")
     fine.observe(torch.tensor(1.0), 1)
     fine.check(None)  # finite losses: no error

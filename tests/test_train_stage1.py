@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.common import VqgenError
+from stage1_vqvae.shared import VqgenError
 from stage1_vqvae.train import main
 
 from helpers import TINY1, run_two_processes, stage1_args
@@ -35,7 +35,7 @@ def test_training_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path, ima
     model = VQVAE.from_pretrained(model_dir)
     assert model.config.image_size == 16 and model.config.codebook_size == 16
     assert (model_dir / "data_config.json").is_file() and (out / "config.yaml").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_3", "checkpoint_6"]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 6
     with pytest.raises(VqgenError, match="already holds a run"):
@@ -48,12 +48,12 @@ def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tm
     full = main(stage1_args(tmp_path / "a", image_folder, *common))
     main(stage1_args(tmp_path / "b", image_folder, *common))
     # Simulate a run that died after step 3: drop the later checkpoints and the final model.
-    for name in ("step_00000006", "step_00000007"):
+    for name in ("checkpoint_6", "checkpoint_7"):
         import shutil
 
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     shutil.rmtree(tmp_path / "b" / "model")
-    resumed = main(stage1_args(tmp_path / "b", image_folder, *common) + ["--resume", "latest"])
+    resumed = main(stage1_args(tmp_path / "b", image_folder, *common) + ["--resume_from_checkpoint", "latest"])
     a, b = weights(full), weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -62,7 +62,8 @@ def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tm
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, image_folder):
-    args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=false"]
+    # k-means init clusters the encoder outputs of both ranks (gathered), as one process clusters its batch.
+    args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=true"]
     one = main(stage1_args(tmp_path / "one", image_folder, *args))
     proc = run_two_processes(29533, "stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
