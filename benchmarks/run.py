@@ -202,7 +202,7 @@ def bench_sampling(repeats: int) -> None:
 
     from stage1_vqvae.shared import load_config
     from stage2_prior.model import TokenLayout, build_prior, prefix_ids
-    from stage2_prior.sampling import sample_codes
+    from stage2_prior.sampling import CACHE, sample_codes
     from stage2_prior.train import Stage2Config
 
     cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
@@ -245,7 +245,7 @@ def bench_sampling(repeats: int) -> None:
         token = torch.zeros(len(ids), 1, dtype=torch.long)
         out = model(input_ids=ids, use_cache=True)
         for _ in range(layout.num_codes - 1):
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{CACHE: getattr(out, CACHE)})
 
     params = sum(p.numel() for p in model.parameters())
     # A fresh inductor cache, so that the compile time below is what a user's first run pays.

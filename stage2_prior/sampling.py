@@ -9,13 +9,18 @@ with a StaticCache and a torch.compile'd step (same samples; pays for many batch
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
-from transformers import PreTrainedModel, StaticCache
+from transformers import GPT2LMHeadModel, PreTrainedModel, StaticCache
 
 from stage2_prior.model import TokenLayout, layout_of, prefix_ids
+
+# transformers renamed the KV cache argument and output field `past_key_values` -> `cache` (5.2x, with a
+# FutureWarning on the old name); use whichever this version has.
+CACHE = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -54,7 +59,7 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 
 
 def _decode_step(model: PreTrainedModel, cache: StaticCache, input_ids: torch.Tensor, position: torch.Tensor):
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, cache_position=position)
+    out = model(input_ids=input_ids, use_cache=True, cache_position=position, **{CACHE: cache})
     return out.logits[:, -1]  # (B, V)
 
 
@@ -186,7 +191,7 @@ def sample_codes(
                     if compile:
                         last = decoder.step(model, feed, torch.tensor([prompt.shape[1] + t - start], device=device))
                     else:
-                        step_out = model(input_ids=feed, past_key_values=step_out.past_key_values, use_cache=True)
+                        step_out = model(input_ids=feed, use_cache=True, **{CACHE: getattr(step_out, CACHE)})
                         last = step_out.logits[:, -1]
                 if progress is not None:
                     progress(m)

@@ -84,7 +84,8 @@ def test_resuming_on_codes_of_another_vqvae_is_refused(stage1, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process(stage1, tmp_path):
     _, _, codes = stage1
-    args = ["train.max_steps=3", "train.checkpoint_every=0", "train.sample_every_eval=false", "model.class_dropout=0.0"]
+    # Sample grids on: every rank samples (as FSDP needs), the main process writes the grid.
+    args = ["train.max_steps=3", "train.checkpoint_every=0", "model.class_dropout=0.0"]
     one = train2(tmp_path / "one", codes, *args)
     proc = run_two_processes(
         29534,
@@ -97,6 +98,7 @@ def test_two_processes_match_one_process(stage1, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
+    assert (tmp_path / "two" / "model" / "samples.png").is_file()
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
@@ -219,3 +221,56 @@ def test_trained_prior_is_pushed_with_its_card_and_loads_back(stage1, tmp_path, 
     assert "pipeline_tag: unconditional-image-generation" in card and "bits per code" in card
     assert "samples.png" in card and (remote / "samples.png").is_file()
     assert layout_of(load_prior(str(remote))) == layout_of(load_prior(str(prior)))
+
+
+def test_the_two_stage_bound_scores_the_images_the_codes_were_extracted_from(stage1, tmp_path, image_folder):
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.evaluate import main as evaluate
+
+    _, vqvae_dir, _ = stage1
+    other = tmp_path / "other_images"
+    shutil.copytree(image_folder, other)
+    for extra in sorted((other / "test").rglob("*.png"))[:3]:
+        extra.unlink()  # 5 test images here, 8 in the VQ-VAE's training folder
+    codes = extract(
+        VQVAE.from_pretrained(vqvae_dir),
+        DataConfig(source=str(other), resolution=16, resize_mode="stretch"),
+        tmp_path / "codes",
+        model_location=str(vqvae_dir),
+    )
+    prior = train2(tmp_path / "s2", codes, "train.max_steps=1", "train.checkpoint_every=0")
+    result = evaluate(["--prior", str(prior), "--split", "test"])
+    assert result["num_sequences"] == 5 and result["two_stage"]["num_images"] == 5
+
+
+def test_the_pipeline_object_samples_saves_loads_and_pushes(stage1, tmp_path, fake_hub, caplog):
+    from PIL import Image
+
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.model import load_prior
+    from stage2_prior.pipeline import VQGenPipeline
+
+    _, vqvae_dir, codes = stage1
+    prior = train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
+    pipe = VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior))
+    out = pipe(classes=["a", 1, "b"], generator=torch.Generator().manual_seed(0))
+    assert [im.size for im in out.images] == [(16, 16)] * 3 and all(isinstance(im, Image.Image) for im in out.images)
+    assert out.classes.tolist() == [0, 1, 1] and out.codes.shape == (3, 4, 4)
+    pt = pipe(classes=["a", 1, "b"], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert pt.images.shape == (3, 1, 16, 16) and 0 <= pt.images.min() and pt.images.max() <= 1
+    assert torch.equal(pt.codes, out.codes)  # same seed, same samples
+    pil_pixels = torch.tensor([list(im.getdata()) for im in out.images]).view(3, 1, 16, 16)
+    assert torch.equal(pil_pixels, pt.images.mul(255).round().byte())
+    with caplog.at_level("WARNING"):
+        assert pipe(num_images=2, guidance_scale=3.0, output_type="pt").images.shape[0] == 2
+    assert "ignored" in caplog.text  # guidance needs a class: said, not silently dropped
+
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    assert {"vqvae", "prior", "pipeline.json", "README.md", "samples.png"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "vqvae" / "data_config.json").is_file()
+    again = VQGenPipeline.from_pretrained(folder)
+    assert torch.equal(again(classes=[0, 1, 1], generator=torch.Generator().manual_seed(0)).codes, out.codes)
+    pipe.push_to_hub("me/pipe", api=fake_hub())
+    remote = tmp_path / "remote" / "model" / "me" / "pipe"
+    assert "me/pipe" in (remote / "README.md").read_text()
+    assert VQGenPipeline.from_pretrained(remote).vqvae_fingerprint == pipe.vqvae_fingerprint

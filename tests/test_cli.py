@@ -1,0 +1,112 @@
+"""One CLI dialect: HF flag names, config keys in --help, hints for wrong forms, old spellings, console scripts."""
+
+import importlib
+import warnings
+
+import pytest
+import tomllib
+
+from stage1_vqvae.shared import VqgenError, builtin_configs, load_config
+
+from helpers import ROOT, TINY1
+
+
+def test_every_console_script_points_at_a_cli_that_parses_its_help(capsys):
+    scripts = tomllib.loads(open(f"{ROOT}/pyproject.toml").read())["project"]["scripts"]
+    modules = {"stage1_vqvae.train", "stage1_vqvae.evaluate", "stage1_vqvae.extract", "stage2_prior.train"}
+    modules |= {"stage2_prior.evaluate", "stage2_prior.export", "sample", "stage2_prior.demo"}
+    assert {target.split(":")[0] for target in scripts.values()} == modules  # every CLI has a console script
+    for target in scripts.values():
+        module, func = target.split(":")
+        with pytest.raises(SystemExit) as e:
+            getattr(importlib.import_module(module), func)(["--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage:" in text and "--batch-size" not in text and "--out " not in text, target
+
+
+def test_training_help_lists_every_config_key_with_its_type_and_default(capsys):
+    from stage1_vqvae.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for line in ("train.max_steps=10000  (an integer)", "model.decay=0.99  (a number or null)"):
+        assert line in text
+    assert "data.channels=\"L\"  (one of ['L', 'RGB'])" in text
+    assert "--resume_from_checkpoint" in text and "--output_dir" in text and "--push_to_hub" in text
+
+
+def test_a_missing_config_names_the_configs_to_pick_from(tmp_path):
+    from stage1_vqvae.train import main
+
+    with pytest.raises(VqgenError, match=r"pass --config.*mnist/stage1.yaml"):
+        main([f"train.output_dir={tmp_path}"])
+    assert "mnist/stage1.yaml" in builtin_configs() and "tiny/stage2.yaml" in builtin_configs()
+    # Built-in configs by name, as from an installed wheel.
+    from stage1_vqvae.train import Stage1Config
+
+    assert load_config(Stage1Config, "mnist/stage1", []).model.codebook_size == 256
+
+
+def test_a_flag_in_the_wrong_form_gets_the_dotted_form_as_a_hint(tmp_path):
+    from stage1_vqvae.train import main
+
+    with pytest.raises(VqgenError, match=r"train\.max_steps=VALUE"):
+        main(["--config", TINY1, "--max_steps", "5"])
+    with pytest.raises(VqgenError, match=r"model\.codebook_size=VALUE"):
+        main(["--config", TINY1, "codebook_size=5"])
+
+
+def test_old_spellings_still_work_with_a_deprecation_warning(tmp_path):
+    from stage1_vqvae.shared import deprecated_flags, deprecated_push_to_hub, parse_train_args
+    from stage2_prior.train import Stage2Config
+
+    with pytest.warns(FutureWarning, match="--batch-size is deprecated"):
+        assert deprecated_flags(["--batch-size=4", "--seed", "1"], {"--batch-size": "--batch_size"}) == [
+            "--batch_size=4",
+            "--seed",
+            "1",
+        ]
+    with pytest.warns(FutureWarning, match="--push_to_hub REPO is deprecated"):
+        assert deprecated_push_to_hub(["--push_to_hub", "me/codes", "data.x=1"], "--hub_dataset_id") == [
+            "--push_to_hub",
+            "--hub_dataset_id",
+            "me/codes",
+            "data.x=1",
+        ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args, cfg = parse_train_args(
+            "", Stage2Config, ["--config", "tiny/stage2", "--resume", "latest", "train.push_to_hub=me/prior"]
+        )
+    assert args.resume_from_checkpoint == "latest"
+    assert cfg.train.push_to_hub is True and cfg.train.hub_model_id == "me/prior"
+    assert sum(issubclass(w.category, FutureWarning) for w in caught) == 2
+
+
+def test_mixed_precision_is_left_to_accelerate_launch_unless_the_config_sets_it(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from stage1_vqvae.shared import build_accelerator
+    from stage2_prior.train import TrainConfig
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    try:
+        AcceleratorState._reset_state(True)
+        accelerator, _ = build_accelerator(TrainConfig(report_to="none"), tmp_path)
+        assert accelerator.mixed_precision == "bf16"
+        AcceleratorState._reset_state(True)
+        accelerator, _ = build_accelerator(TrainConfig(report_to="none", mixed_precision="no"), tmp_path)
+        assert accelerator.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_stage_2_never_imports_stage_1_training_code():
+    import subprocess
+    import sys
+
+    code = "import sys, stage2_prior.train, stage2_prior.pipeline, sample; print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "stage1_vqvae.train" not in out and "stage1_vqvae.extract" not in out
