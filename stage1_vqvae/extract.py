@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from stage1_vqvae.data import data_config_for, find_columns, iter_image_batches, load_source, to_model_input
-from stage1_vqvae.hub import state_fingerprint, upload_folder
+from stage1_vqvae.hub import looks_like_repo_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import (
     VqgenError,
@@ -41,16 +43,18 @@ DATASET_CARD = """---
 {{ card_data }}
 ---
 
-# Code grids of `{{ source }}` from a VQ-VAE
+# VQ-VAE code grids{% if source %} of `{{ source }}`{% endif %}
 
-Discrete codes made by [vqgen](https://github.com/vqgen/vqgen) stage 1: every image of `{{ source }}` encoded
-into a {{ grid[0] }}x{{ grid[1] }} grid of indices into a codebook of K={{ codebook_size }} vectors.
+Discrete codes made by [vqgen](https://github.com/vqgen/vqgen) stage 1: every image encoded into a
+{{ grid[0] }}x{{ grid[1] }} grid of indices into a codebook of K={{ codebook_size }} vectors
+({{ image_size }}x{{ image_size }} images, {{ channels }} channel(s)).
 
-- VQ-VAE: `{{ vqvae_location }}` (weights sha256 fingerprint `{{ vqvae_fingerprint }}`)
-- image size: {{ image_size }}, channels: {{ channels }}
+- VQ-VAE: {% if vqvae_repo %}[`{{ vqvae_repo }}`](https://huggingface.co/{{ vqvae_repo }}), {% endif %}weights sha256
+  fingerprint `{{ vqvae_fingerprint }}`
 - splits: {% for k, v in splits.items() %}{{ k }} ({{ v }}) {% endfor %}
 
-`vqgen_codes.json` holds this metadata for stage 2, which refuses codes from another VQ-VAE.
+`vqgen_codes.json` holds this metadata for stage 2 (`python -m stage2_prior.train data.codes=THIS_REPO_ID`), which
+refuses codes from another VQ-VAE. `datasets.load_dataset` reads the parquet files without vqgen.
 """
 
 
@@ -155,38 +159,46 @@ def extract(
     return out
 
 
-def publish_codes(
-    codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None, api=None
-) -> str:
-    """Write the Hub layout (data/{split}-00000-of-00001.parquet, README.md card, metadata) and upload it."""
+def hub_id(location: str | None) -> str | None:
+    """`location` if it names a Hub repo (owner/name, not an existing local path), else None."""
+    return location if location and looks_like_repo_id(location) and not Path(location).exists() else None
+
+
+def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Publish a code dataset: the card and `vqgen_codes.json` first, then `DatasetDict.push_to_hub`, which
+    writes data/{split}-*.parquet and adds the features and split sizes to the card's metadata."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     codes_dir = Path(codes_dir)
     meta = CodesMeta.load(codes_dir)
     dd = datasets.load_from_disk(str(codes_dir / "data"))
-    staging = atomic_dir(codes_dir.parent / f"{codes_dir.name}.hub")
-    (staging / "data").mkdir()
-    for split, ds in dd.items():
-        ds.to_parquet(str(staging / "data" / f"{split}-00000-of-00001.parquet"))
-    shutil.copy(codes_dir / CODES_METADATA, staging / CODES_METADATA)
-    card_data = DatasetCardData(
-        pretty_name=f"VQ-VAE codes of {meta.source}",
-        tags=["vqgen", "vq-vae", "image-tokens"],
-        source_datasets=[meta.source],
-        configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in dd]}],
-    )
+    # Only Hub ids mean something on the Hub; a local path would leak a user's file system into the card.
+    source, vqvae_repo = hub_id(meta.source), hub_id(meta.vqvae_location)
     card = DatasetCard.from_template(
-        card_data,
+        DatasetCardData(
+            pretty_name=f"VQ-VAE codes of {source or ('MNIST' if meta.source == 'mnist' else 'images')}",
+            tags=["vqgen", "vq-vae", "image-tokens"],
+            task_categories=["unconditional-image-generation"],
+            source_datasets=[source] if source else None,
+        ),
         template_str=DATASET_CARD,
-        source=meta.source,
+        source=source or ("MNIST (built in)" if meta.source == "mnist" else None),
+        vqvae_repo=vqvae_repo,
         grid=meta.grid,
-        **{k: getattr(meta, k) for k in ("codebook_size", "vqvae_location", "vqvae_fingerprint", "image_size")},
-        **{k: getattr(meta, k) for k in ("channels", "splits")},
+        **{k: getattr(meta, k) for k in ("codebook_size", "vqvae_fingerprint", "image_size", "channels", "splits")},
     )
-    card.save(staging / "README.md")
-    url = upload_folder(staging, repo_id, repo_type="dataset", token=token, private=private, api=api)
-    shutil.rmtree(staging, ignore_errors=True)
-    return url
+    with tempfile.TemporaryDirectory() as staging:
+        card.save(Path(staging) / "README.md")
+        shutil.copy(codes_dir / CODES_METADATA, Path(staging) / CODES_METADATA)
+        upload_folder(Path(staging), repo_id, repo_type="dataset", token=token, private=private)
+    try:
+        info = dd.push_to_hub(repo_id, token=token, private=private, commit_message="Upload codes with vqgen")
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+        raise VqgenError(
+            f"could not push the codes to the Hub dataset {repo_id} ({type(e).__name__}); the local copy in "
+            f"{codes_dir} is complete. Check your network and token, then retry"
+        ) from None
+    return str(getattr(info, "commit_url", info))
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -68,9 +68,10 @@ def tiny_model(tiny_config):
 
 
 class FakeHubApi:
-    """Stands in for the Hub endpoint (HfApi): create_repo + upload_folder copy into `remote/{type}/{repo_id}`.
+    """Stands in for the Hub endpoint (HfApi): repos are folders under `remote/{type}/{repo_id}`.
 
-    The real upload code path runs; only the network boundary is replaced.
+    The real upload code paths run (ours, the mixin's, and `DatasetDict.push_to_hub`'s preupload + commit);
+    only the network boundary is replaced.
     """
 
     remote: Path = Path("remote")
@@ -78,27 +79,97 @@ class FakeHubApi:
     def __init__(self, *args, **kwargs):
         self.created = []
 
+    def _repo(self, repo_id, repo_type) -> Path:
+        return self.remote / (repo_type or "model") / repo_id
+
     def create_repo(self, repo_id, repo_type=None, **kwargs):
         from types import SimpleNamespace
 
         self.created.append((repo_id, repo_type or "model"))
-        return SimpleNamespace(repo_id=repo_id)
+        self._repo(repo_id, repo_type).mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(repo_id=repo_id, url=f"https://hub.local/{repo_id}")
+
+    def repo_info(self, repo_id, repo_type=None, **kwargs):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if not self._repo(repo_id, repo_type).is_dir():
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=None)
+        return SimpleNamespace(id=repo_id, sha="0" * 40)
 
     def upload_folder(self, *, folder_path, repo_id, repo_type=None, **kwargs):
         import shutil
 
-        shutil.copytree(folder_path, self.remote / (repo_type or "model") / repo_id, dirs_exist_ok=True)
+        shutil.copytree(folder_path, self._repo(repo_id, repo_type), dirs_exist_ok=True)
         return f"https://hub.local/{repo_id}/commit/0"
+
+    def preupload_lfs_files(self, repo_id, additions, **kwargs):
+        for op in additions:  # the caller deletes its temp file after this: keep the bytes
+            op.fake_bytes = Path(op.path_or_fileobj).read_bytes()
+
+    def create_commit(self, repo_id, operations, repo_type=None, **kwargs):
+        from types import SimpleNamespace
+
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        repo = self._repo(repo_id, repo_type)
+        for op in operations:
+            target = repo / op.path_in_repo
+            if isinstance(op, CommitOperationAdd):
+                data = getattr(op, "fake_bytes", None)
+                if data is None:
+                    src = op.path_or_fileobj
+                    data = src if isinstance(src, bytes) else Path(src).read_bytes()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            elif isinstance(op, CommitOperationDelete) and target.exists():
+                target.unlink()
+        return SimpleNamespace(commit_url=f"https://hub.local/{repo_id}/commit/1", oid="1" * 40)
+
+
+def fake_hf_file_system(remote: Path):
+    """An fsspec filesystem reading `datasets/{repo}@{rev}/path` from the fake Hub's folders."""
+    import fsspec
+
+    class FakeHfFileSystem(fsspec.AbstractFileSystem):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+        @staticmethod
+        def _split(path: str) -> tuple[str, Path]:
+            kind, rest = path.split("/", 1)
+            repo, _, tail = rest.partition("@")
+            prefix = path[: len(path) - len(tail.partition("/")[2])].rstrip("/")
+            return prefix, remote / {"datasets": "dataset", "models": "model"}[kind] / repo / tail.partition("/")[2]
+
+        def _open(self, path, mode="rb", **kwargs):
+            _, local = self._split(path)
+            if not local.is_file():
+                raise FileNotFoundError(path)
+            return open(local, mode)
+
+        def glob(self, path, **kwargs):
+            prefix, local = self._split(path)
+            root = remote / local.relative_to(remote).parts[0] / "/".join(local.relative_to(remote).parts[1:3])
+            pattern = str(local.relative_to(root))
+            return [f"{prefix}/{p.relative_to(root)}" for p in sorted(root.glob(pattern))] if root.is_dir() else []
+
+    return FakeHfFileSystem
 
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    """The FakeHubApi class, uploading under tmp_path/remote and patched in wherever vqgen or the mixin use HfApi."""
+    """The FakeHubApi class, uploading under tmp_path/remote and patched in wherever vqgen, the mixin or
+    datasets' push_to_hub reach the Hub."""
+    import datasets.arrow_dataset
+    import datasets.dataset_dict
     import huggingface_hub.hub_mixin
 
     import stage1_vqvae.hub as hub
 
     api = type("FakeHub", (FakeHubApi,), {"remote": tmp_path / "remote"})
-    monkeypatch.setattr(hub, "HfApi", api)
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", api)
+    for module in (hub, huggingface_hub.hub_mixin, datasets.dataset_dict, datasets.arrow_dataset):
+        monkeypatch.setattr(module, "HfApi", api)
+    monkeypatch.setattr(datasets.dataset_dict, "HfFileSystem", fake_hf_file_system(tmp_path / "remote"))
     return api

@@ -46,33 +46,22 @@ def test_extraction_schema_order_and_metadata(tiny_model, image_folder, tmp_path
 
 def test_published_code_dataset_loads_back_with_its_features(tiny_model, image_folder, tmp_path, fake_hub):
     out = extract(
-        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="x"
+        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="me/vq"
     )
-    api = fake_hub()
-    publish_codes(out, "me/codes", api=api)
-    assert api.created == [("me/codes", "dataset")]
+    publish_codes(out, "me/codes")
     remote = tmp_path / "remote" / "dataset" / "me" / "codes"
-    assert (remote / "data" / "train-00000-of-00001.parquet").is_file()
+    assert sorted(p.name for p in (remote / "data").iterdir()) == [
+        f"{s}-00000-of-00001.parquet" for s in ("test", "train", "validation")
+    ]
     card = (remote / "README.md").read_text()
-    assert "vqgen" in card and "K=16" in card
+    assert "vqgen" in card and "K=16" in card and "me/vq" in card
+    assert "dataset_info" in card and "num_examples" in card  # added by DatasetDict.push_to_hub to our card
+    assert str(image_folder) not in card and str(tmp_path) not in card  # no local path on the Hub
     dd, meta = load_code_dataset(remote)
     local, _ = load_code_dataset(out)
     assert dd["train"].features["codes"] == datasets.Array2D((4, 4), "int16")
-    assert dd["test"]["codes"] == local["test"]["codes"]
+    assert dd["test"]["codes"] == local["test"]["codes"] and dd["train"]["label"] == local["train"]["label"]
     assert meta == load_code_dataset(out)[1]
-
-
-def test_discretized_gaussian_is_a_proper_distribution_over_256_levels():
-    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
-    for mu in (-1.0, -0.3, 0.0, 0.97, 1.0):
-        for sigma in (0.5, 3.0, 40.0):
-            nll = discretized_gaussian_nll(levels, torch.full((256, 1, 1, 1), mu), sigma)
-            assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-9)
-
-
-def test_bits_per_dim_formula():
-    # -log p(x|z) = 1000 nats, 49 codes of K = 256, 784 subpixels
-    assert bits_per_dim(1000.0, 49, 256, 784) == pytest.approx((1000 + 49 * math.log(256)) / 784 / math.log(2))
 
 
 def test_codes_fingerprint_covers_the_codes_not_just_the_metadata():
