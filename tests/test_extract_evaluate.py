@@ -10,7 +10,7 @@ import torch
 
 from stage1_vqvae.codes import codes_fingerprint, load_code_dataset
 from stage1_vqvae.data import DataConfig, ImageSplit, load_source, to_model_input
-from stage1_vqvae.evaluate import bits_per_dim, discretized_gaussian_nll, full_evaluation, ssim
+from stage1_vqvae.evaluate import discretized_gaussian_nll, full_evaluation, ssim
 from stage1_vqvae.extract import extract, publish_codes
 from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.shared import VqgenError
