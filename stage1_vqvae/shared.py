@@ -460,6 +460,27 @@ def build_accelerator(tc: BaseTrainConfig, out: Path, kwargs_handlers=()):
     return accelerator, per_device
 
 
+def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig):
+    """The train loader (shuffled, seeded) and the validation loader of both trainers.
+
+    Each loader has its own generator: a DataLoader without one draws a base seed from the global RNG every
+    time an iterator starts, and a resumed run starts one mid-epoch where the uninterrupted run did not, which
+    shifted every later global-RNG draw (dead-code restarts, dropout) and broke bit-exact resume.
+    """
+    train_dl = torch.utils.data.DataLoader(
+        train,
+        batch_size=per_device,
+        shuffle=True,
+        drop_last=True,
+        num_workers=tc.num_workers,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+    val_dl = torch.utils.data.DataLoader(
+        validation, batch_size=max(per_device, 64), generator=torch.Generator().manual_seed(tc.seed)
+    )
+    return train_dl, val_dl
+
+
 def init_trackers(accelerator, project: str, cfg) -> None:
     """Log the flattened config as hyperparameters (main process, when a tracker is on)."""
     if accelerator.is_main_process and cfg.train.report_to != "none":

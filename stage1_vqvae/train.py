@@ -44,6 +44,7 @@ from stage1_vqvae.shared import (
     init_trackers,
     load_checkpoint,
     lr_at,
+    make_loaders,
     parse_train_args,
     prepare_output_dir,
     resolve_resume,
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    train_dl = torch.utils.data.DataLoader(
-        splits["train"], batch_size=per_device, shuffle=True, drop_last=True, num_workers=tc.num_workers
-    )
-    val_dl = torch.utils.data.DataLoader(splits["validation"], batch_size=max(per_device, 64))
+    train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
     if len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(splits['train'])} images, fewer than one batch of {per_device}")
 

@@ -42,6 +42,7 @@ from stage1_vqvae.shared import (
     init_trackers,
     load_checkpoint,
     lr_at,
+    make_loaders,
     parse_train_args,
     prepare_output_dir,
     resolve_resume,
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
-    train_dl = torch.utils.data.DataLoader(splits["train"], batch_size=per_device, shuffle=True, drop_last=True)
-    val_dl = torch.utils.data.DataLoader(splits["validation"], batch_size=max(per_device, 64))
+    train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
     if len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(splits['train'])} sequences, fewer than one batch of {per_device}")
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)

@@ -56,6 +56,7 @@ def train2(out, codes, *extra):
 def test_training_resume_reproduces_the_uninterrupted_run(stage1, tmp_path):
     _, _, codes = stage1
     common = ["train.max_steps=5", "train.checkpoint_every=2", "train.checkpoints_total_limit=5"]
+    common += ["model.dropout=0.1"]  # global-RNG draws at every step must continue exactly after the resume
     full = train2(tmp_path / "a", codes, *common)
     train2(tmp_path / "b", codes, *common)
     for name in ("checkpoint_4", "checkpoint_5"):

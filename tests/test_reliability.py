@@ -19,8 +19,11 @@ from stage1_vqvae.shared import STATE_FILE, NonFiniteGuard, VqgenError, commit_d
 from helpers import ROOT, TINY1, TINY2, stage1_args
 
 
-def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "checkpoint_10") -> None:
-    """Start a training subprocess, SIGKILL it as soon as checkpoint `name` is complete."""
+def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "checkpoint_5") -> Path:
+    """Start a training subprocess, SIGKILL it as soon as checkpoint `name` is complete; returns that checkpoint.
+
+    The tests resume from it explicitly: step 5 is mid-epoch (2 batches an epoch), where a resumed run starts
+    a data iterator that the uninterrupted run did not."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (ckpts / name / STATE_FILE).is_file():
@@ -28,6 +31,7 @@ def kill_after_checkpoint(cmd: list[str], env: dict, ckpts, name: str = "checkpo
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (ckpts.parent / "model").exists(), "the run finished before it could be killed"
+    return ckpts / name
 
 
 def assert_same_weights(folder_a, folder_b) -> None:
@@ -40,18 +44,20 @@ def assert_same_weights(folder_a, folder_b) -> None:
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, image_folder):
-    common = ["train.max_steps=300", "train.checkpoint_every=5", "train.checkpoints_total_limit=2"]
+    # Dead-code restarts (global RNG draws) fire throughout, also in the resumed window.
+    common = ["train.max_steps=300", "train.checkpoint_every=5", "train.checkpoints_total_limit=0"]
+    common += ["model.dead_code_window=3", "train.eval_every=50"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stage1_vqvae.train"]
     ref = subprocess.run(cmd + stage1_args(tmp_path / "ref", image_folder, *common), env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     ckpts = tmp_path / "run" / "checkpoints"
-    kill_after_checkpoint(cmd + stage1_args(tmp_path / "run", image_folder, *common), env, ckpts)
+    start = kill_after_checkpoint(cmd + stage1_args(tmp_path / "run", image_folder, *common), env, ckpts)
     assert resolve_resume("latest", ckpts) is not None
 
     resumed = subprocess.run(
-        cmd + stage1_args(tmp_path / "run", image_folder, *common) + ["--resume_from_checkpoint", "latest"],
+        cmd + stage1_args(tmp_path / "run", image_folder, *common) + ["--resume_from_checkpoint", str(start)],
         env=env,
         capture_output=True,
     )
@@ -194,15 +200,17 @@ def test_prior_kill_9_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path,
     codes = extract(
         tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="none"
     )
-    common = ["train.max_steps=200", "train.checkpoint_every=5", "train.eval_every=0", f"data.codes={codes}"]
+    common = ["train.max_steps=200", "train.checkpoint_every=5", "train.eval_every=50", f"data.codes={codes}"]
+    common += ["train.checkpoints_total_limit=0"]
+    common += ["model.dropout=0.1"]  # dropout draws from the global RNG at every step, also after the resume
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stage2_prior.train", "--config", TINY2]
     ref = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'ref'}", *common], env=env, capture_output=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = [f"train.output_dir={tmp_path / 'run'}", *common]
-    kill_after_checkpoint(cmd + run, env, tmp_path / "run" / "checkpoints")
+    start = kill_after_checkpoint(cmd + run, env, tmp_path / "run" / "checkpoints")
     resumed = subprocess.run(
-        cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume_from_checkpoint", "latest"],
+        cmd + [f"train.output_dir={tmp_path / 'run'}", *common, "--resume_from_checkpoint", str(start)],
         env=env,
         capture_output=True,
     )

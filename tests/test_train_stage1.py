@@ -1,6 +1,7 @@
 """Stage-1 training: config validation, resume that reproduces an uninterrupted run, two processes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,3 +74,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, im
     a, b = weights(one), weights(tmp_path / "two" / "model")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_resume_is_bit_exact_when_dead_code_restarts_fire_in_the_resumed_window(tmp_path, image_folder):
+    # dead_code_window=2 with K=16 on 22 images: restarts fire at most steps, before and after the resume.
+    common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
+    common += ["model.dead_code_window=2", "train.eval_every=3"]
+    full = main(stage1_args(tmp_path / "a", image_folder, *common))
+    main(stage1_args(tmp_path / "b", image_folder, *common))
+    for name in ("checkpoint_6", "checkpoint_7"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = main(stage1_args(tmp_path / "b", image_folder, *common) + ["--resume_from_checkpoint", "latest"])
+    a, b = weights(full), weights(resumed)
+    restarted = a["quantizer.code_age"].max() < 7  # ages were reset by restarts (K=16 codes, few used)
+    assert restarted
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
