@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
@@ -90,17 +92,17 @@ def codebook_stats(counts: torch.Tensor) -> dict:
 def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches: int | None = None) -> dict:
     """Reconstruction metrics over a loader of {'images': uint8}; `sigmas` adds the discretised-Gaussian NLL.
 
-    Under Accelerate each rank scores its shard; sums are reduced so every rank returns the same numbers.
+    Under Accelerate each rank scores its shard and the per-image figures are gathered with
+    `gather_for_metrics`, which drops the samples a prepared loader repeats to pad its last batch: every image
+    counts exactly once, and every rank returns the same numbers.
     """
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
     cfg = unwrapped.config
     device = accelerator.device if accelerator else next(model.parameters()).device
-    k = cfg.codebook_size
-    counts = torch.zeros(k, dtype=torch.float64, device=device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n_images, sum mse, sum psnr, sum ssim
-    nll = torch.zeros(len(sigmas), dtype=torch.float64, device=device)
+    counts = torch.zeros(cfg.codebook_size, dtype=torch.float64, device=device)
+    totals = torch.zeros(4 + len(sigmas), dtype=torch.float64, device=device)  # n, mse, psnr, ssim, nll per sigma
     channels_last = next(unwrapped.parameters()).is_contiguous(memory_format=torch.channels_last)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -112,27 +114,18 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with autocast:
             z_e = unwrapped.encoder(x)  # (B, D, h, w); the nearest-code search itself always runs in fp32
-            codes = unwrapped.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim))
             b, _, h, w = z_e.shape
-            recon = unwrapped.decode_codes(codes.view(b, h, w)).float()  # (B, C, H, W)
-        counts += torch.bincount(codes, minlength=k).double()
+            codes = unwrapped.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim)).view(b, h, w)
+            recon = unwrapped.decode_codes(codes).float()  # (B, C, H, W)
         a01, b01 = (x.float() + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
         mse = ((a01 - b01) ** 2).flatten(1).mean(1).double()  # (B,)
         psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-        totals += torch.stack(
-            [
-                torch.tensor(float(len(u8)), dtype=torch.float64, device=device),
-                mse.sum(),
-                psnr.sum(),
-                ssim(a01, b01).sum(),
-            ]
-        )
-        for j, s in enumerate(sigmas):
-            if s is not None:
-                nll[j] += discretized_gaussian_nll(u8, recon, s).sum()
-    if accelerator is not None and accelerator.num_processes > 1:
-        # Note: a prepared loader may pad the last batch with repeated samples; the effect is a few images.
-        counts, totals, nll = accelerator.reduce(counts), accelerator.reduce(totals), accelerator.reduce(nll)
+        nll = [discretized_gaussian_nll(u8, recon, s) if s is not None else torch.zeros_like(mse) for s in sigmas]
+        per_image = torch.stack([torch.ones_like(mse), mse, psnr, ssim(a01, b01), *nll], dim=1)  # (B, 4 + S)
+        if accelerator is not None:
+            per_image, codes = accelerator.gather_for_metrics((per_image, codes))
+        totals += per_image.sum(0)
+        counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size).double()
     model.train(was_training)
     n = totals[0].item()
     out = {
@@ -143,7 +136,7 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         **codebook_stats(counts),
     }
     if any(s is not None for s in sigmas):
-        out["nll_per_image"] = [v / n for v in nll.tolist()]
+        out["nll_per_image"] = [v / n for v in totals[4:].tolist()]
     return out
 
 
@@ -165,19 +158,18 @@ def fit_sigma(model, loader, accelerator=None, max_images: int = 1000) -> float:
     unwrapped.eval()
     pairs, n = [], 0
     for batch in loader:
-        u8 = batch["images"].to(device)[: max_images - n]
+        u8 = batch["images"].to(device)
         recon = unwrapped.decode_codes(unwrapped.encode(to_model_input(u8))).float()
-        pairs.append((u8, recon))
-        n += len(u8)
+        if accelerator is not None:  # every rank scores all images (each once), so no reduction follows
+            u8, recon = accelerator.gather_for_metrics((u8, recon))
+        pairs.append((u8[: max_images - n], recon[: max_images - n]))
+        n += len(pairs[-1][0])
         if n >= max_images:
             break
     unwrapped.train(was_training)
 
     def score(grid: list[float]) -> list[float]:
-        out = [sum(discretized_gaussian_nll(u8, r, s).sum().item() for u8, r in pairs) for s in grid]
-        if accelerator is not None and accelerator.num_processes > 1:
-            out = accelerator.reduce(torch.tensor(out, device=device, dtype=torch.float64)).tolist()
-        return out
+        return [sum(discretized_gaussian_nll(u8, r, s).sum().item() for u8, r in pairs) for s in grid]
 
     # Coarse to fine on the grid (the NLL is unimodal in log sigma): every 4th point, then the neighbours.
     coarse = list(range(0, len(SIGMA_GRID), 4))
@@ -222,17 +214,20 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
     if args.out:
         warnings.warn("--out is deprecated and will be removed; use --output_dir FOLDER", FutureWarning, 2)
-    model = VQVAE.from_pretrained(args.model).to(memory_format=torch.channels_last)
+    accelerator = Accelerator()  # under accelerate launch / torchrun every process scores its shard
+    model = VQVAE.from_pretrained(args.model).to(accelerator.device, memory_format=torch.channels_last)
     data_cfg = data_config_for(model.data_config, rest)
-    splits = load_splits(data_cfg, splits=sorted({"validation", args.split}))
-    loaders = {k: torch.utils.data.DataLoader(v, batch_size=args.batch_size) for k, v in splits.items()}
-    result = full_evaluation(model, loaders, args.split)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output_dir) / "metrics.json", result)
-    if args.out:
-        write_json(Path(args.out), result)
-    print(json.dumps(result, indent=2))
+    with accelerator.main_process_first():
+        splits = load_splits(data_cfg, splits=sorted({"validation", args.split}))
+    loaders = {k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size)) for k, v in splits.items()}
+    result = full_evaluation(model, loaders, args.split, accelerator)
+    if accelerator.is_main_process:
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.output_dir) / "metrics.json", result)
+        if args.out:
+            write_json(Path(args.out), result)
+        print(json.dumps(result, indent=2))
     return result
 
 

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
@@ -121,12 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
             uncond[:, 1] = layout.null
             uncond_nll = sequences_nll(prior, uncond, args.batch_size)
         result["bits_per_code_unconditional"] = bits_per_code(uncond_nll, layout)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output_dir) / "metrics.json", result)
-    if args.out:
-        write_json(Path(args.out), result)
-    print(json.dumps(result, indent=2))
+    if PartialState().is_main_process:  # under a launcher every process computes the same: one prints
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.output_dir) / "metrics.json", result)
+        if args.out:
+            write_json(Path(args.out), result)
+        print(json.dumps(result, indent=2))
     return result
 
 

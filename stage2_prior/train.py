@@ -101,14 +101,14 @@ def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> 
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     layout = layout_of(unwrapped)
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # sum of NLLs, sequences
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         with accelerator.autocast():
-            nll = code_nll(unwrapped, batch["input_ids"])
-        total += torch.stack([nll.double().sum(), torch.tensor(float(len(nll)), device=nll.device).double()])
-    total = accelerator.reduce(total) if accelerator.num_processes > 1 else total
+            nll = code_nll(unwrapped, batch["input_ids"]).double()  # (B,)
+        nll = accelerator.gather_for_metrics(nll)  # each sequence once: the padding of the last batch is dropped
+        total += torch.stack([nll.sum(), torch.tensor(float(len(nll)), dtype=torch.float64, device=nll.device)])
     model.train(was)
     per_seq = (total[0] / total[1]).item()
     return {

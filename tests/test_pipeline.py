@@ -83,8 +83,13 @@ def test_resuming_on_codes_of_another_vqvae_is_refused(stage1, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(stage1, tmp_path):
-    _, _, codes = stage1
+def test_two_processes_match_one_process(stage1, tmp_path, image_folder):
+    from stage1_vqvae.model import VQVAE
+
+    _, vqvae_dir, _ = stage1
+    # 3 validation sequences: 2 ranks pad them to 4, and validation must count each once.
+    data = DataConfig(source=str(image_folder), resolution=16, resize_mode="stretch", validation_fraction=0.125)
+    codes = extract(VQVAE.from_pretrained(vqvae_dir), data, tmp_path / "codes", model_location=str(vqvae_dir))
     # Sample grids on: every rank samples (as FSDP needs), the main process writes the grid.
     args = ["train.max_steps=3", "train.checkpoint_every=0", "model.class_dropout=0.0"]
     one = train2(tmp_path / "one", codes, *args)
@@ -100,6 +105,7 @@ def test_two_processes_match_one_process(stage1, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     assert (tmp_path / "two" / "model" / "samples.png").is_file()
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["validation"]["num_sequences"] == 3
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
