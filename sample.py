@@ -18,6 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.utils import make_grid, save_image
@@ -81,6 +82,19 @@ def completion_prefix(args, pipe: VQGenPipeline, n: int) -> tuple[torch.Tensor, 
         raise VqgenError(f"--keep_rows must be between 0 and {height} (the code grid's rows)")
     codes = pipe.encode_image(image)  # (1, h, w)
     return codes, codes.reshape(1, -1)[:, : rows * pipe.layout.width].expand(n, -1)  # (n, rows * w)
+
+
+def labelled_rows(grid: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """(3, H, W) grid of len(labels) equal rows -> the same with each row's label written in a left margin."""
+    from PIL import ImageDraw
+
+    rows, width = len(labels), 8 + 6 * max(len(t) for t in labels)
+    canvas = Image.new("RGB", (grid.shape[2] + width, grid.shape[1]), "black")
+    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()), (width, 0))
+    draw, row_height = ImageDraw.Draw(canvas), grid.shape[1] / rows
+    for i, text in enumerate(labels):
+        draw.text((4, int(i * row_height + row_height / 2 - 5)), text, fill="white")
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255  # (3, H, W + margin)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -151,7 +165,10 @@ def main(argv: list[str] | None = None) -> Path:
     tmp = atomic_dir(out)
     names = pipe.class_names
     per_row = args.per_class if args.per_class is not None else min(n, 10)
-    save_image(make_grid(images, nrow=per_row, padding=2), tmp / "grid.png")
+    grid = make_grid(images, nrow=per_row, padding=2)
+    if args.per_class is not None:  # one row per class: name each row in a margin on the left
+        grid = labelled_rows(grid, [str(c) for c in (names or range(pipe.layout.num_classes))])
+    save_image(grid, tmp / "grid.png")
     files = []
     for i, img in enumerate(images):
         name = f"{i:05d}.png"

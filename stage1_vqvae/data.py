@@ -240,11 +240,15 @@ def to_mode(img: Image.Image, channels: str) -> Image.Image:
     return img.convert(channels)
 
 
+COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
+
+
 class ImageTransform:
     """PIL image -> uint8 (C, R, R) tensor: mode, then resize + centre crop, pad or stretch."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
+        self.warned = False  # said once that colour becomes gray
         r = cfg.resolution
         if cfg.resize_mode == "crop":
             ops = [v2.Resize(r, antialias=True), v2.CenterCrop(r)]
@@ -255,6 +259,13 @@ class ImageTransform:
         self.ops = v2.Compose([v2.PILToTensor(), *ops])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.cfg.channels == "L" and img.mode in COLOUR_MODES and not self.warned:
+            logger.warning(
+                "colour (%s) images are converted to grayscale because data.channels=L; set data.channels=RGB "
+                "to keep the colour",
+                img.mode,
+            )
+            self.warned = True
         img = to_mode(img, self.cfg.channels)
         if img.size == (self.cfg.resolution,) * 2:
             # Already the right size: skip the transform pipeline, whose per-call overhead dominates small images.

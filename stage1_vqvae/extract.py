@@ -15,6 +15,7 @@ Under `accelerate launch`, each rank encodes a contiguous slice and the main pro
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,11 +24,10 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from stage1_vqvae.data import data_config_for, find_columns, iter_image_batches, load_source, to_model_input
-from stage1_vqvae.hub import looks_like_repo_id, state_fingerprint, upload_folder
+from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import (
     VqgenError,
@@ -38,6 +38,8 @@ from stage1_vqvae.shared import (
     run_cli,
     to_dict,
 )
+
+logger = logging.getLogger(__name__)
 
 DATASET_CARD = """---
 {{ card_data }}
@@ -53,7 +55,7 @@ Discrete codes made by [vqgen](https://github.com/vqgen/vqgen) stage 1: every im
   fingerprint `{{ vqvae_fingerprint }}`
 - splits: {% for k, v in splits.items() %}{{ k }} ({{ v }}) {% endfor %}
 
-`vqgen_codes.json` holds this metadata for stage 2 (`python -m stage2_prior.train data.codes=THIS_REPO_ID`), which
+`vqgen_codes.json` holds this metadata for stage 2 (`python -m stage2_prior.train data.codes={{ repo_id }}`), which
 refuses codes from another VQ-VAE. `datasets.load_dataset` reads the parquet files without vqgen.
 """
 
@@ -68,6 +70,41 @@ def _encode_slice(model, ds, data_cfg, split, start, stop, batch_size, device, d
             if has_label:
                 row["label"] = int(labels[j])
             yield row
+
+
+def _encode_splits(dd, work, model, data_cfg, features, fingerprint, batch_size, dtype, label_col, accelerator):
+    """Each rank encodes its contiguous slice of every split into work/{split}_{rank}."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for split, ds in dd.items():
+        n = len(ds)
+        start, stop = n * rank // world, n * (rank + 1) // world
+        try:
+            part = datasets.Dataset.from_generator(
+                _encode_slice,
+                features=features,
+                cache_dir=str(work / f"cache_{rank}"),
+                # The model is hashed through its fingerprint, not pickled by datasets' hasher.
+                fingerprint=f"{fingerprint[:16]}-{split}-{rank}-{world}-{start}-{stop}",
+                gen_kwargs=dict(
+                    model=model,
+                    ds=ds,
+                    data_cfg=data_cfg,
+                    split=split,
+                    start=start,
+                    stop=stop,
+                    batch_size=batch_size,
+                    device=accelerator.device,
+                    dtype=dtype,
+                    has_label=label_col is not None,
+                ),
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            # datasets wraps what the generator raised: surface our one-line error (a bad image, a bad label).
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, VqgenError):
+                raise cause from None
+            raise
+        part.save_to_disk(str(work / f"{split}_{rank:05d}"))
 
 
 def extract(
@@ -86,6 +123,13 @@ def extract(
     if out.exists() and not overwrite:
         raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
     cfg = model.config
+    channels, mode = (1 if data_cfg.channels == "L" else 3), ("L" if cfg.in_channels == 1 else "RGB")
+    if (data_cfg.resolution, channels) != (cfg.image_size, cfg.in_channels):
+        raise VqgenError(
+            f"the VQ-VAE takes {cfg.image_size}x{cfg.image_size} images with {cfg.in_channels} channel(s), but "
+            f"data.resolution={data_cfg.resolution} data.channels={data_cfg.channels} makes other images; drop "
+            f"those overrides or set data.resolution={cfg.image_size} data.channels={mode}"
+        )
     model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
     h = w = cfg.grid_size
     dtype = np.int16 if cfg.codebook_size <= 32767 else np.int32
@@ -105,30 +149,12 @@ def extract(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for split, ds in dd.items():
-        n = len(ds)
-        start, stop = n * rank // world, n * (rank + 1) // world
-        part = datasets.Dataset.from_generator(
-            _encode_slice,
-            features=features,
-            cache_dir=str(work / f"cache_{rank}"),
-            # The model is hashed through its fingerprint, not pickled by datasets' hasher.
-            fingerprint=f"{fingerprint[:16]}-{split}-{rank}-{world}-{start}-{stop}",
-            gen_kwargs=dict(
-                model=model,
-                ds=ds,
-                data_cfg=data_cfg,
-                split=split,
-                start=start,
-                stop=stop,
-                batch_size=batch_size,
-                device=accelerator.device,
-                dtype=dtype,
-                has_label=label_col is not None,
-            ),
-        )
-        part.save_to_disk(str(work / f"{split}_{rank:05d}"))
+    try:
+        _encode_splits(dd, work, model, data_cfg, features, fingerprint, batch_size, dtype, label_col, accelerator)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    world = accelerator.num_processes
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -159,11 +185,6 @@ def extract(
     return out
 
 
-def hub_id(location: str | None) -> str | None:
-    """`location` if it names a Hub repo (owner/name, not an existing local path), else None."""
-    return location if location and looks_like_repo_id(location) and not Path(location).exists() else None
-
-
 def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
     """Publish a code dataset: the card and `vqgen_codes.json` first, then `DatasetDict.push_to_hub`, which
     writes data/{split}-*.parquet and adds the features and split sizes to the card's metadata."""
@@ -182,21 +203,23 @@ def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, pr
             source_datasets=[source] if source else None,
         ),
         template_str=DATASET_CARD,
+        repo_id=repo_id,
         source=source or ("MNIST (built in)" if meta.source == "mnist" else None),
         vqvae_repo=vqvae_repo,
         grid=meta.grid,
         **{k: getattr(meta, k) for k in ("codebook_size", "vqvae_fingerprint", "image_size", "channels", "splits")},
     )
-    with tempfile.TemporaryDirectory() as staging:
-        card.save(Path(staging) / "README.md")
-        shutil.copy(codes_dir / CODES_METADATA, Path(staging) / CODES_METADATA)
-        upload_folder(Path(staging), repo_id, repo_type="dataset", token=token, private=private)
     try:
+        with tempfile.TemporaryDirectory() as staging:
+            card.save(Path(staging) / "README.md")
+            shutil.copy(codes_dir / CODES_METADATA, Path(staging) / CODES_METADATA)
+            upload_folder(Path(staging), repo_id, repo_type="dataset", token=token, private=private)
         info = dd.push_to_hub(repo_id, token=token, private=private, commit_message="Upload codes with vqgen")
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+    except Exception as e:  # offline, HTTP or connection errors of any transport: one clear line
         raise VqgenError(
-            f"could not push the codes to the Hub dataset {repo_id} ({type(e).__name__}); the local copy in "
-            f"{codes_dir} is complete. Check your network and token, then retry"
+            f"could not push the codes to the Hub dataset {repo_id} ({type(e).__name__}). The local copy in "
+            f"{codes_dir} is complete; check your network and token, then run the same command again: it "
+            "publishes the existing codes without extracting them again"
         ) from None
     return str(getattr(info, "commit_url", info))
 
@@ -222,15 +245,23 @@ def main(argv: list[str] | None = None) -> Path:
     data_cfg = data_config_for(model.data_config, rest)
     location = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     accelerator = Accelerator()
-    out = extract(
-        model,
-        data_cfg,
-        Path(args.output_dir),
-        model_location=location,
-        batch_size=args.batch_size,
-        accelerator=accelerator,
-        overwrite=args.overwrite_output_dir,
-    )
+    out = Path(args.output_dir)
+    if args.push_to_hub and (out / CODES_METADATA).is_file() and not args.overwrite_output_dir:
+        # A complete extraction whose push failed: publish it as it is (the codes are not made again).
+        CodesMeta.load(out).check_vqvae(
+            model.config.codebook_size, model.config.grid_size, state_fingerprint(model), f"--model {args.model}"
+        )
+        logger.info("%s is complete; publishing it without extracting again", out)
+    else:
+        extract(
+            model,
+            data_cfg,
+            out,
+            model_location=location,
+            batch_size=args.batch_size,
+            accelerator=accelerator,
+            overwrite=args.overwrite_output_dir,
+        )
     if args.push_to_hub and accelerator.is_main_process:
         print(publish_codes(out, args.hub_dataset_id, private=args.hub_private_repo or None))
     return out

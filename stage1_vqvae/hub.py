@@ -26,6 +26,12 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(REPO_ID_RE.match(name)) and not name.startswith((".", "/"))
 
 
+def hub_id(location: str | None) -> str | None:
+    """`location` if it names a Hub repo (owner/name, not an existing local path), else None: what a card may
+    show (a local path means nothing on the Hub and leaks a user's file system)."""
+    return location if location and looks_like_repo_id(location) and not Path(location).exists() else None
+
+
 def resolve_folder(name_or_path: str | os.PathLike, what: str, repo_type: str = "model", **hub_kwargs) -> Path:
     """A local folder as is, or a Hub repo id downloaded to the cache; one clear error otherwise."""
     p = Path(name_or_path)
@@ -99,9 +105,10 @@ def upload_folder(
         info = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message
         )
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+    except Exception as e:  # offline mode, HTTP errors, connection errors of any transport: one clear line
         raise VqgenError(
-            f"could not push to the Hub repo {repo_id} ({type(e).__name__}); the local copy "
-            f"in {folder} is complete. Check your network and token, then retry"
+            f"could not push to the Hub {repo_type} repo {repo_id} ({type(e).__name__}: {str(e)[:120]}). The "
+            f"local copy in {folder} is complete; check your network and token, then retry with: "
+            f"hf upload {repo_id} {folder} --repo-type {repo_type}"
         ) from None
     return str(getattr(info, "commit_url", info))

@@ -445,8 +445,9 @@ codes from a codebook of K={{ codebook_size }} vectors of dimension {{ codebook_
 
 ```python
 from stage1_vqvae.model import VQVAE
-vqvae = VQVAE.from_pretrained("{{ repo_id | default("path/to/model", true) }}")
-codes = vqvae.encode(images)           # images (B, C, H, W) in [-1, 1] -> (B, h, w) int64
+{% if repo_id %}vqvae = VQVAE.from_pretrained("{{ repo_id }}")
+{% else %}vqvae = VQVAE.from_pretrained(folder)  # this folder, or the Hub repo it is published to
+{% endif %}codes = vqvae.encode(images)           # images (B, C, H, W) in [-1, 1] -> (B, h, w) int64
 images = vqvae.decode_codes(codes)     # back to (B, C, H, W)
 ```
 """

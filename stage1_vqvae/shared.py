@@ -31,11 +31,15 @@ class VqgenError(Exception):
 
 
 def run_cli(main, argv: list[str] | None = None) -> None:
-    """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2."""
+    """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2.
+
+    Under a launcher (accelerate launch, torchrun) every process stops, and only rank 0 prints the line.
+    """
     try:
         main(argv)
     except VqgenError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -316,11 +320,19 @@ def unit_images(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().clamp(-1, 1).add(1).div(2).cpu()
 
 
-def save_image_grid(rows: list[torch.Tensor], path: Path) -> torch.Tensor:
-    """Rows of [-1, 1] images (each (n, C, H, W)) -> one PNG written atomically; returns it as (H, W, 3) uint8."""
+def save_image_grid(rows: list[torch.Tensor], path: Path, min_side: int = 112) -> torch.Tensor:
+    """Rows of [-1, 1] images (each (n, C, H, W)) -> one PNG written atomically; returns it as (H, W, 3) uint8.
+
+    Small images are enlarged (nearest neighbour, a whole factor) to about `min_side` pixels, so that a grid of
+    28x28 digits reads on a model card instead of being a thumbnail.
+    """
     from torchvision.utils import make_grid, save_image
 
-    grid = make_grid(unit_images(torch.cat(rows)), nrow=len(rows[0]), padding=2)  # (3, H, W) in [0, 1]
+    images = unit_images(torch.cat(rows))  # (n_rows * n, C, H, W) in [0, 1]
+    scale = max(1, min_side // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=len(rows[0]), padding=2 * scale)  # (3, H, W)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_image(grid, tmp, format="png")
@@ -522,18 +534,26 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     return p
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to silently reuse a folder that already holds a run."""
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently reuse a folder that already holds a run. Read-only, so every rank calls it and every
+    rank stops with the same error (a check on the main process alone would leave the others at a barrier)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise VqgenError(f"output_dir {out} is a file, not a folder. Choose another train.output_dir")
+        raise VqgenError(f"output_dir {out} is a file, not a folder. Choose another --output_dir")
     holds_run = out.is_dir() and any((out / n).exists() for n in ("checkpoints", "model", "config.yaml"))
-    if holds_run and not resume:
-        if not overwrite:
-            raise VqgenError(
-                f"output_dir {out} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to replace it, or choose another --output_dir"
-            )
+    if holds_run and not resume and not overwrite:
+        raise VqgenError(
+            f"output_dir {out} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir"
+        )
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """After `check_output_dir`, on the main process: empty it when overwriting, create it, probe that it is
+    writable."""
+    out = Path(out)
+    holds_run = out.is_dir() and any((out / n).exists() for n in ("checkpoints", "model", "config.yaml"))
+    if holds_run and overwrite and not resume:
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
-from stage1_vqvae.hub import upload_folder
+from stage1_vqvae.hub import hub_id, upload_folder
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.shared import (
     BaseTrainConfig,
@@ -39,6 +39,7 @@ from stage1_vqvae.shared import (
     VqgenError,
     atomic_dir,
     build_accelerator,
+    check_output_dir,
     commit_dir,
     dump_yaml,
     init_trackers,
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Every rank computes the same (all-reduced) codebook, so DDP need not broadcast buffers each step.
     accelerator, per_device = build_accelerator(tc, out, [DistributedDataParallelKwargs(broadcast_buffers=False)])
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
+    check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
     # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
     with accelerator.main_process_first():
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> Path:
     if not val_metrics:
         val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out)
+        repo_id = tc.hub_model_id if tc.push_to_hub else None
+        save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out, repo_id)
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
         write_json(
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
     return out / "model"
 
 
@@ -236,7 +240,9 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
     return metrics
 
 
-def save_final_model(model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict, run_dir: Path) -> None:
+def save_final_model(
+    model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict, run_dir: Path, repo_id: str | None = None
+) -> None:
     """save_pretrained into a temp folder with the data config and a card image, then rename into place."""
     tmp = atomic_dir(final)
     recon = sorted((run_dir / "samples").glob("reconstructions_step_*.png"))
@@ -245,8 +251,9 @@ def save_final_model(model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict
     card = {
         "metrics": {f"validation {k}": round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
         # A local folder's path means nothing on the Hub (and may reveal a user's file system).
-        "training_data": None if Path(cfg.data.source).exists() else cfg.data.source,
+        "training_data": "MNIST (built in)" if cfg.data.source == "mnist" else hub_id(cfg.data.source),
         "image": "reconstructions.png" if recon else None,
+        "repo_id": repo_id,  # the card's usage snippet names the repo it is pushed to
     }
     model.data_config = to_dict(cfg.data)
     model.save_pretrained(tmp, model_card_kwargs=card)

@@ -29,7 +29,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from stage1_vqvae.codes import CodesMeta
-from stage1_vqvae.hub import state_fingerprint, upload_folder
+from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import (
     BaseTrainConfig,
@@ -37,6 +37,7 @@ from stage1_vqvae.shared import (
     VqgenError,
     atomic_dir,
     build_accelerator,
+    check_output_dir,
     commit_dir,
     dump_yaml,
     init_trackers,
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"))
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
+    check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
         before = CodesMeta.from_json_dict(json.loads((out / "codes_meta.json").read_text()), "codes_meta.json")
@@ -148,13 +150,15 @@ def main(argv: list[str] | None = None) -> Path:
         raise VqgenError(f"the train split has {len(splits['train'])} sequences, fewer than one batch of {per_device}")
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
 
+    # Before the checkpoint restores the RNG: building the VQ-VAE draws from it, which after the restore would
+    # shift every later draw (dropout) away from the uninterrupted run's.
+    vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
     step = 0
     if resume_dir is not None:
         step = load_checkpoint(accelerator, resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
 
-    vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
     per_epoch = len(train_dl)
     epoch, skip = divmod(step * tc.gradient_accumulation_steps, per_epoch)
 
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> Path:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        save_final_prior(unwrapped, state_dict, out / "model", cfg, val, out)
+        repo_id = tc.hub_model_id if tc.push_to_hub else None
+        save_final_prior(unwrapped, state_dict, out / "model", cfg, val, out, repo_id)
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
         write_json(
@@ -242,9 +247,9 @@ def main(argv: list[str] | None = None) -> Path:
                 "validation": val,
             },
         )
-        logger.info("saved the prior to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.print(f"saved the prior to {out / 'model'}")
     return out / "model"
 
 
@@ -292,15 +297,19 @@ codebook of K={{ k }} made by the VQ-VAE with fingerprint `{{ vqvae_fp }}`; {{ c
 
 ## Use
 
-Sample with the VQ-VAE it belongs to, through a pipeline (`python -m stage2_prior.export`), or:
-
-```bash
-python sample.py --vqvae VQVAE_FOLDER_OR_REPO --prior PRIOR_FOLDER_OR_REPO --num_images 16
+{% if repo_id and vqvae_repo %}```bash
+python -m stage2_prior.export --vqvae {{ vqvae_repo }} --prior {{ repo_id }} --output_dir pipeline
+python sample.py --pipeline pipeline --num_images 16
 ```
-"""
+{% else %}Bundle it with the VQ-VAE that made its codes (the fingerprint above) into a pipeline with
+`python -m stage2_prior.export`, which checks that the two belong together, then sample with
+`python sample.py --pipeline` or `VQGenPipeline.from_pretrained`.
+{% endif %}"""
 
 
-def save_final_prior(model, state_dict: dict, final: Path, cfg: Stage2Config, val: dict, run_dir: Path) -> None:
+def save_final_prior(
+    model, state_dict: dict, final: Path, cfg: Stage2Config, val: dict, run_dir: Path, repo_id: str | None = None
+) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) + card, atomically."""
     layout, codes = layout_of(model), CodesMeta.from_json_dict(model.config.vqgen["codes"], "config.vqgen.codes")
     tmp = atomic_dir(final)
@@ -308,7 +317,7 @@ def save_final_prior(model, state_dict: dict, final: Path, cfg: Stage2Config, va
     samples = sorted((run_dir / "samples").glob("samples_step_*.png"))
     if samples:
         shutil.copy(samples[-1], tmp / "samples.png")
-    on_hub = not Path(codes.source).exists() and "/" in codes.source  # a Hub dataset id, not a local path
+    on_hub = hub_id(codes.source) is not None  # a Hub dataset id, not a local path
     card = ModelCard.from_template(
         ModelCardData(
             library_name="transformers",
@@ -328,6 +337,8 @@ def save_final_prior(model, state_dict: dict, final: Path, cfg: Stage2Config, va
         bpc=round(val.get("bits_per_code", float("nan")), 4),
         uniform=round(math.log2(layout.codebook_size), 4),
         image="samples.png" if samples else None,
+        repo_id=repo_id,
+        vqvae_repo=hub_id(codes.vqvae_location),
     )
     card.save(tmp / "README.md")
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))
