@@ -110,3 +110,13 @@ def test_stage_2_never_imports_stage_1_training_code():
     code = "import sys, stage2_prior.train, stage2_prior.pipeline, sample; print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "stage1_vqvae.train" not in out and "stage1_vqvae.extract" not in out
+
+
+@pytest.mark.parametrize("name", [n for n in builtin_configs()])
+def test_every_shipped_config_is_valid(name):
+    from stage1_vqvae.train import Stage1Config, resolve_model_config
+    from stage2_prior.train import Stage2Config
+
+    cfg = load_config(Stage1Config if name.endswith("stage1.yaml") else Stage2Config, name, [])
+    if name.endswith("stage1.yaml"):
+        resolve_model_config(cfg)  # the model's geometry follows the data's
