@@ -29,6 +29,7 @@ from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, deprecated_flags, run_cli, safe_name, write_json
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
+from stage2_prior.sampling import SETTINGS
 
 # Old spellings, accepted with a warning for one release.
 RENAMES = {
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--num_images", type=int, default=None, help="unconditional images (default 16)")
     parser.add_argument("--per_class", type=int, default=None, help="this many images of every class")
     parser.add_argument("--classes", default=None, help="comma-separated class ids or names, e.g. 3,3,7")
-    parser.add_argument("--temperature", type=float, default=None, help="default 1.0; 0 is greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (default 1.0)")
+    recommended = "default: the prior's recommended setting (its generation_config)"
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 is greedy; {recommended}")
+    parser.add_argument("--top_k", type=int, default=None, help=recommended)
+    parser.add_argument("--top_p", type=float, default=None, help=recommended)
+    parser.add_argument("--guidance_scale", type=float, default=None, help=f"classifier-free guidance; {recommended}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--device", default=None, help="default: Accelerate's device (cuda when available)")
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> Path:
         tmp / "samples.json",
         {
             "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite_output_dir")},
+            # What sampled: the flags given, the prior's recommended settings (generation_config) for the rest.
+            "sampling": pipe.sampling_settings(args.guidance_scale, args.temperature, args.top_k, args.top_p),
+            "sampling_from_generation_config": [k for k in SETTINGS if getattr(args, k) is None],
             "seed": args.seed,
             "num_images": n,
             "classes": classes.tolist() if classes is not None else None,

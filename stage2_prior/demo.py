@@ -5,9 +5,9 @@
 
 Runs each stage's CLI in a subprocess exactly as a user would, with the built-in configs (so it works from an
 installed wheel as from a checkout): stage-1 training, evaluation, code extraction, stage-2 training,
-evaluation, pipeline export and sampling (10 images per class). Then it scores the samples with a small MNIST
-classifier trained here on the train split (`stage2_prior.quality`): accuracy on the class asked for, and a
-Frechet distance in its feature space against the test split, with train-vs-test as the reference. It writes
+evaluation, pipeline export and sampling (100 images per class, with the prior's recommended sampling settings:
+no flags). Then it scores the samples with `stage2_prior.quality` against the test split: recognised as asked,
+Frechet distance and KID next to a size-matched real reference, precision and recall. It writes
 OUTPUT_DIR/{grid.png, reconstructions.png, metrics.json, report.md} with the wall time per stage.
 """
 
@@ -35,34 +35,33 @@ def run_step(name: str, args: list, timings: dict) -> None:
 
 
 def sample_quality(samples_dir: Path) -> dict:
-    """Classifier accuracy on the conditional samples and Frechet distances in its feature space."""
+    """The honest metrics of `stage2_prior.quality` for the sample folder, against the test split."""
+    from stage2_prior.quality import Judge, score_folder
+
+    return score_folder(Judge("test"), samples_dir)
+
+
+def compact_grid(samples_dir: Path, path: Path, per_class: int) -> None:
+    """The first `per_class` samples of every class as a labelled grid (the sample folder's own is 100 wide)."""
     import numpy as np
     import torch
     from PIL import Image
+    from torchvision.utils import make_grid, save_image
 
-    from stage1_vqvae.data import DataConfig, load_splits, to_model_input
-    from stage2_prior.quality import frechet_distance, predict, train_classifier
+    from sample import labelled_rows
 
-    torch.manual_seed(0)
-    splits = load_splits(DataConfig(source="mnist"), splits=("train", "test"))
-    train_x, train_y = to_model_input(splits["train"].images), splits["train"].labels
-    test_x, test_y = to_model_input(splits["test"].images), splits["test"].labels
-    clf = train_classifier(train_x, train_y, 10)
     info = json.loads((samples_dir / "samples.json").read_text())
-    files = [np.array(Image.open(samples_dir / f).convert("L")) for f in info["files"]]
-    samples = to_model_input(torch.from_numpy(np.stack(files))[:, None])  # (N, 1, 28, 28) in [-1, 1]
-    asked = torch.tensor(info["classes"])
-    return {
-        "classifier_test_accuracy": float((predict(clf, test_x) == test_y).float().mean()),
-        "samples_recognised_as_asked": float((predict(clf, samples) == asked).float().mean()),
-        "num_samples": len(asked),
-        "frechet_distance_samples_vs_test": frechet_distance(clf, samples, test_x),
-        "frechet_distance_train_vs_test_reference": frechet_distance(clf, train_x[:10000], test_x),
-        "frechet_feature": "128-d penultimate layer of the project's small MNIST classifier",
-    }
+    rows: dict = {}
+    for name, c in zip(info["files"], info["classes"]):
+        if len(rows.setdefault(c, [])) < per_class:
+            rows[c].append(np.array(Image.open(samples_dir / name).convert("L")))
+    images = torch.from_numpy(np.stack([im for c in sorted(rows) for im in rows[c]])).float()[:, None] / 255
+    grid = make_grid(images, nrow=per_class, padding=2)
+    save_image(labelled_rows(grid, [info["class_names"][c] for c in sorted(rows)]), path)
 
 
-REPORT = """# vqgen demo report
+REPORT = """\
+# vqgen demo report
 
 Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_prior.demo`).
 
@@ -80,10 +79,17 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 |---|---|---|---|
 | {s2[bits_per_code]:.4f} | {s2[uniform_bits_per_code]:.1f} | {two:.4f} | {s1[bits_per_dim]:.4f} |
 
-## Samples ({q[num_samples]} class-conditional, guidance scale {guidance}, temperature {temperature})
-- recognised as the class asked for: **{acc:.1%}** (classifier test accuracy {q[classifier_test_accuracy]:.2%})
-- Frechet distance to the test split: {q[frechet_distance_samples_vs_test]:.3f}
-  (train split vs test split: {q[frechet_distance_train_vs_test_reference]:.3f})
+## Samples: {q[num_samples]} class-conditional, with the pipeline's own settings (no flags: {sampling})
+| recognised as asked | Frechet distance | real reference (same size) | ratio | KID | real KID | precision | recall |
+|---|---|---|---|---|---|---|---|
+| {q[recognised_as_asked]:.1%} | {q[frechet_distance]:.2f} | {fd_ref[mean]:.2f} +- {fd_ref[std]:.2f} \
+| {q[frechet_distance_ratio]:.2f} | {q[kid]:.4f} | {kid_ref[mean]:.4f} +- {kid_ref[std]:.4f} \
+| {q[precision]:.2f} | {q[recall]:.2f} |
+
+All against the test split, in the feature space of the project's MNIST classifier (test accuracy
+{q[classifier_accuracy]:.2%}). The real reference is {q[num_samples]} training images drawn class-balanced
+like the samples, {fd_ref[draws]} draws (mean +- sd): a Frechet distance is biased upwards at small sample
+sizes, so only the ratio to it means something.
 
 ## Wall time per stage (s)
 {times}
@@ -93,8 +99,7 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--temperature", type=float, default=0.85)
+    parser.add_argument("--per_class", type=int, default=100, help="samples of every class to score")
     parser.add_argument("--stage1_steps", type=int, default=None)
     parser.add_argument("--stage2_steps", type=int, default=None)
     args = parser.parse_args(argv)
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     t["sample quality"] = round(time.perf_counter() - t0, 1)
     t["total"] = round(time.perf_counter() - t_all, 1)
 
-    shutil.copy(out / "samples" / "grid.png", out / "grid.png")
+    compact_grid(out / "samples", out / "grid.png", per_class=10)
     if (s1 / "model" / "reconstructions.png").is_file():
         shutil.copy(s1 / "model" / "reconstructions.png", out / "reconstructions.png")
     stage1 = json.loads((out / "stage1_test" / "metrics.json").read_text())
@@ -156,8 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         "stage1_test": stage1,
         "stage2_test": stage2,
         "samples": quality,
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
         "wall_time_s": t,
     }
     write_json(out / "metrics.json", metrics)
@@ -169,9 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
             s2=stage2,
             two=stage2.get("two_stage", {}).get("bits_per_dim", float("nan")),
             q=quality,
-            acc=quality["samples_recognised_as_asked"],
-            guidance=args.guidance_scale,
-            temperature=args.temperature,
+            fd_ref=quality["frechet_distance_real_reference"],
+            kid_ref=quality["kid_real_reference"],
+            sampling=json.loads((out / "samples" / "samples.json").read_text())["sampling"],
             times=times,
         )
     )

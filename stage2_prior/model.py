@@ -56,6 +56,25 @@ class PriorConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """The prior's recommended sampling settings, written into its generation_config; sampling uses them when
+    the caller gives none. Choose them with a sweep on the validation split (stage2_prior.quality --sweep)."""
+
+    guidance_scale: float = 1.0  # classifier-free guidance (1.0: none)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.guidance_scale < 0:
+            raise ValueError("temperature and guidance_scale must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be positive, got {self.top_k}")
+
+
+@dataclass
 class TokenLayout:
     codebook_size: int  # K
     num_classes: int  # C (0: unconditional)
@@ -128,8 +147,15 @@ def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def build_prior(cfg: PriorConfig, layout: TokenLayout, codes: CodesMeta, code_dataset: str) -> PreTrainedModel:
-    """A fresh GPT2LMHeadModel or LlamaForCausalLM sized for the layout; the contract in `config.vqgen`."""
+def build_prior(
+    cfg: PriorConfig,
+    layout: TokenLayout,
+    codes: CodesMeta,
+    code_dataset: str,
+    sampling: SamplingConfig | None = None,
+) -> PreTrainedModel:
+    """A fresh GPT2LMHeadModel or LlamaForCausalLM sized for the layout; the contract in `config.vqgen`, the
+    recommended sampling settings in its generation_config."""
     common = dict(
         vocab_size=layout.vocab_size,
         bos_token_id=layout.bos,
@@ -176,6 +202,8 @@ def build_prior(cfg: PriorConfig, layout: TokenLayout, codes: CodesMeta, code_da
     model.generation_config.do_sample = True
     model.generation_config.max_new_tokens = layout.num_codes
     model.generation_config.min_new_tokens = layout.num_codes
+    for key, value in asdict(sampling or SamplingConfig()).items():
+        setattr(model.generation_config, key, value)
     return model
 
 

@@ -30,7 +30,7 @@ from stage1_vqvae.hub import resolve_folder, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, save_image_grid, unit_images, write_json
 from stage2_prior.model import codes_meta_of, layout_of, load_prior
-from stage2_prior.sampling import sample_codes
+from stage2_prior.sampling import SETTINGS, default_settings, sample_codes
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,11 @@ class VQGenPipeline:
 
     # -- sampling --------------------------------------------------------------------------------------
 
+    def sampling_settings(self, guidance_scale=None, temperature=None, top_k=None, top_p=None) -> dict:
+        """The settings a call with these arguments uses: each given one, else the prior's recommended one."""
+        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        return default_settings(self.prior, **given)
+
     def class_ids(self, classes) -> torch.Tensor:
         """Class ids or names (as in the prior's class names) -> (n,) int64 ids."""
         if self.layout.num_classes == 0:
@@ -228,6 +233,8 @@ class VQGenPipeline:
     ) -> VQGenPipelineOutput:
         """Sample images.
 
+        Settings left None take the prior's recommended ones (its generation_config).
+
         Args:
             classes: class ids or names, one per image; None samples unconditionally (the NULL class).
             num_images: how many unconditional images (default 1); with `classes`, must equal len(classes).
@@ -238,8 +245,9 @@ class VQGenPipeline:
             prefix_codes: (B, L) codes kept as given (image completion from the top rows).
             compile: decode with a torch.compile'd step (same images; pays for thousands of images).
         """
-        guidance_scale = 1.0 if guidance_scale is None else guidance_scale
-        temperature = 1.0 if temperature is None else temperature
+        explicit_guidance = guidance_scale is not None
+        settings = self.sampling_settings(guidance_scale, temperature, top_k, top_p)
+        guidance_scale, temperature, top_k, top_p = (settings[k] for k in SETTINGS)
         if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
             raise VqgenError("temperature must be >= 0, top_p in (0, 1] and top_k positive")
         if output_type not in ("pil", "pt"):
@@ -251,11 +259,11 @@ class VQGenPipeline:
             n = len(classes)
         else:
             n = 1 if num_images is None else num_images
-            if guidance_scale != 1.0:
+            if guidance_scale != 1.0 and explicit_guidance:  # a recommended default needs no warning
                 logger.warning(
                     "guidance_scale=%s is ignored: unconditional samples have no class to guide", guidance_scale
                 )
-                guidance_scale = 1.0
+            guidance_scale = 1.0
         if n < 1:
             raise VqgenError("num_images must be positive")
         codes = sample_codes(

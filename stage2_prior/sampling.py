@@ -118,15 +118,32 @@ def decoder_for(model: PreTrainedModel, batch: int) -> CompiledDecoder:
     return decoders[key]
 
 
+SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p")
+FALLBACK = {"guidance_scale": 1.0, "temperature": 1.0, "top_k": None, "top_p": None}  # plain sampling
+
+
+def default_settings(model: PreTrainedModel, **given) -> dict:
+    """The sampling settings to use: each one given (not None), else the prior's recommended one from its
+    generation_config (chosen by a sweep on the validation split, docs/sampling.md), else plain sampling."""
+    config = model.generation_config
+    out = {}
+    for key in SETTINGS:
+        value = given.get(key)
+        out[key] = value if value is not None else getattr(config, key, None)
+        if out[key] is None:
+            out[key] = FALLBACK[key]
+    return out
+
+
 @torch.no_grad()
 def sample_codes(
     model: PreTrainedModel,
     n: int,
     classes: torch.Tensor | list[int] | None = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     progress=None,
@@ -135,10 +152,14 @@ def sample_codes(
 ) -> torch.Tensor:
     """Sample (n, h, w) code grids with the KV cache; never returns a special token.
 
+    Settings left None take the prior's recommended ones from its generation_config (`default_settings`).
+
     Args:
         classes: (n,) class ids for a conditional prior; None samples unconditionally (NULL token).
         temperature: softmax temperature; 0 means greedy.
-        guidance_scale: classifier-free guidance; != 1 runs conditional and NULL prompts as one doubled batch.
+        top_k, top_p: keep the k most likely codes / the smallest set holding mass top_p.
+        guidance_scale: classifier-free guidance; != 1 runs conditional and NULL prompts as one doubled batch
+            (ignored for unconditional samples, which have no class to guide).
         generator: a torch.Generator on the model's device for reproducible samples.
         progress: optional callable(tokens_done) for progress bars.
         prefix_codes: (n, L) codes that are kept as given (image completion); the rest is sampled.
@@ -147,6 +168,10 @@ def sample_codes(
     """
     layout = layout_of(model)
     device = next(model.parameters()).device
+    settings = default_settings(model, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+    temperature, top_k, top_p, guidance_scale = (
+        settings[k] for k in ("temperature", "top_k", "top_p", "guidance_scale")
+    )
     if classes is not None:
         classes = torch.as_tensor(classes, dtype=torch.long)
         if classes.shape != (n,):

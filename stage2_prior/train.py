@@ -54,7 +54,7 @@ from stage1_vqvae.shared import (
     write_json,
 )
 from stage2_prior.data import CodeDataConfig, load_code_splits
-from stage2_prior.model import PriorConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
+from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
 from stage2_prior.sampling import sample_codes
 
 logger = logging.getLogger("stage2_prior.train")
@@ -77,6 +77,7 @@ class Stage2Config:
     data: CodeDataConfig = field(default_factory=CodeDataConfig)
     model: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def apply_class_dropout(input_ids: torch.Tensor, layout: TokenLayout, p: float, generator: torch.Generator):
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    model = build_prior(cfg.model, layout, meta, cfg.data.codes)
+    model = build_prior(cfg.model, layout, meta, cfg.data.codes, cfg.sampling)
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )

@@ -250,30 +250,72 @@ def test_uniform_prior_bound_equals_the_stage1_bound(tiny_model, image_folder):
 
 
 def test_frechet_distance_against_the_closed_form():
-    from stage2_prior.quality import SmallClassifier, frechet_distance
+    from stage2_prior.quality import frechet_distance
 
-    class Identity(SmallClassifier):  # features = the 3 "pixels" themselves
-        def features(self, x):
-            return x.flatten(1)
-
-    clf = Identity(1, 2, 4)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20000, 3, 1, 1, generator=g)
-    assert frechet_distance(clf, x, x) == pytest.approx(0.0, abs=1e-4)
+    x = torch.randn(20000, 3, generator=g)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-4)
     # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
-    y = torch.randn(20000, 3, 1, 1, generator=g) * 2 + torch.tensor([1.0, 2.0, 0.0])[:, None, None]
-    assert frechet_distance(clf, x, y) == pytest.approx(5.0 + 3.0, rel=0.05)
+    y = torch.randn(20000, 3, generator=g) * 2 + torch.tensor([1.0, 2.0, 0.0])
+    assert frechet_distance(x, y) == pytest.approx(5.0 + 3.0, rel=0.05)
+
+
+def test_kid_is_zero_in_expectation_for_one_distribution_and_positive_for_two():
+    from stage2_prior.quality import kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, 8, generator=g), torch.randn(2000, 8, generator=g)
+    assert abs(kernel_distance(x, y)) < 0.01  # unbiased MMD^2 of one distribution
+    assert kernel_distance(x, y + 1.0) > 0.5
+
+
+def test_precision_and_recall_against_a_brute_force_count():
+    from stage2_prior.quality import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(60, 2, generator=g), torch.randn(40, 2, generator=g) * 0.5 + 1.0
+    p, r = precision_recall(fake, real, k=3)
+
+    def kth(points, i):
+        return sorted(float((points[i] - q).norm()) for q in points)[3]  # itself first, then 3 neighbours
+
+    def share(a, b):
+        return sum(any(float((x - y).norm()) <= kth(b, j) for j, y in enumerate(b)) for x in a) / len(a)
+
+    assert p == pytest.approx(share(fake, real)) and r == pytest.approx(share(real, fake))
 
 
 def test_small_classifier_learns_separable_classes():
-    from stage2_prior.quality import predict, train_classifier
+    from stage2_prior.quality import features, predict, train_classifier
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 2, (400,), generator=g)
     images = torch.randn(400, 1, 8, 8, generator=g) * 0.3
     images[labels == 1, :, :4] += 1.0  # class 1: bright top half
     model = train_classifier(images, labels, 2, steps=60, batch_size=64)
-    assert (predict(model, images) == labels).float().mean() > 0.95 and model.features(images).shape == (400, 128)
+    assert (predict(model, images) == labels).float().mean() > 0.95 and features(model, images).shape == (400, 128)
+
+
+def test_recommended_sampling_settings_travel_in_the_generation_config(tmp_path):
+    from stage2_prior.model import SamplingConfig
+
+    torch.manual_seed(0)
+    recommended = SamplingConfig(guidance_scale=2.0, temperature=0.7, top_k=8, top_p=0.9)
+    model = build_prior(
+        PriorConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.0), LAYOUT, codes_meta(), "c", recommended
+    )
+    model.save_pretrained(tmp_path / "p")
+    loaded = load_prior(tmp_path / "p")
+    defaults = sample_codes(loaded, 6, classes=[0, 1, 2] * 2, generator=torch.Generator().manual_seed(3))
+    explicit = sample_codes(
+        loaded, 6, classes=[0, 1, 2] * 2, generator=torch.Generator().manual_seed(3),
+        guidance_scale=2.0, temperature=0.7, top_k=8, top_p=0.9,
+    )  # fmt: skip
+    plain = sample_codes(
+        loaded, 6, classes=[0, 1, 2] * 2, generator=torch.Generator().manual_seed(3), guidance_scale=1.0,
+        temperature=1.0,
+    )  # fmt: skip
+    assert torch.equal(defaults, explicit) and not torch.equal(defaults, plain)
 
 
 def test_inverse_cdf_draw_matches_the_distribution():
