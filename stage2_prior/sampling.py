@@ -14,6 +14,7 @@ import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, PreTrainedModel, StaticCache
 
 from stage2_prior.model import TokenLayout, layout_of, prefix_ids
@@ -149,6 +150,9 @@ def sample_codes(
     progress=None,
     prefix_codes: torch.Tensor | None = None,
     compile: bool = False,
+    decoding: str | None = None,
+    window: int = 16,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Sample (n, h, w) code grids with the KV cache; never returns a special token.
 
@@ -165,6 +169,12 @@ def sample_codes(
         prefix_codes: (n, L) codes that are kept as given (image completion); the rest is sampled.
         compile: decode with a StaticCache and a torch.compile'd step (`CompiledDecoder`). Same samples; pays
             when many batches are drawn in one process, since the first call compiles.
+        decoding: "sequential" (one forward per code) or "jacobi" (speculative Jacobi decoding: `window`
+            tokens verified per forward, the same distribution in fewer forwards). None: jacobi for batches of
+            at most JACOBI_MAX_BATCH images, where a forward costs about the same whatever it carries, else
+            sequential (docs/benchmarks.md).
+        window: tokens fed per jacobi forward (the pending token and window - 1 drafts).
+        stats: a dict that receives "forwards" (model calls) and "decoding".
     """
     layout = layout_of(model)
     device = next(model.parameters()).device
@@ -178,6 +188,13 @@ def sample_codes(
             raise ValueError(f"classes must have shape ({n},), got {tuple(classes.shape)}")
     guided = classes is not None and guidance_scale != 1.0
     batch_size = batch_size or n
+    if decoding is None:
+        decoding = "jacobi" if min(batch_size, n) <= JACOBI_MAX_BATCH and not compile else "sequential"
+    if decoding not in ("sequential", "jacobi"):
+        raise ValueError(f"decoding must be 'sequential' or 'jacobi', got {decoding!r}")
+    if decoding == "jacobi" and (compile or window < 2):
+        raise ValueError("jacobi decoding needs window >= 2 and does not combine with compile")
+    forwards = 0
     was_training = model.training
     model.eval()
     out = []
@@ -195,6 +212,12 @@ def sample_codes(
                 start = fixed.shape[1]
                 codes[:, :start] = fixed
                 prompt = torch.cat([prompt, torch.cat([fixed, fixed]) if guided else fixed], dim=1)
+            if decoding == "jacobi":
+                mix = dict(guided=guided, scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+                forwards += jacobi_decode(model, layout, prompt, codes, start, window, generator, progress, **mix)
+                out.append(codes.view(m, layout.height, layout.width))  # (m, h, w)
+                continue
+            forwards += layout.num_codes - start
             if compile:
                 decoder = decoder_for(model, prompt.shape[0])
                 last = decoder.prefill(model, prompt)  # (B, V)
@@ -222,4 +245,110 @@ def sample_codes(
                     progress(m)
             out.append(codes.view(m, layout.height, layout.width))  # (m, h, w)
     model.train(was_training)
+    if stats is not None:
+        stats.update(forwards=forwards, decoding=decoding)
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speculative Jacobi decoding (Teng et al., ICLR 2025)
+
+JACOBI_MAX_BATCH = 16
+
+
+def target_probs(logits: torch.Tensor, m: int, guided: bool, scale: float, temperature: float, top_k, top_p):
+    """(rows, S, V) prior logits -> (m, S, K) the distribution that sequential sampling draws each code from
+    (guided rows: conditional first, NULL second; temperature 0: one-hot at the argmax)."""
+    logits = logits.float()
+    if guided:
+        logits = guided_logits(logits[:m], logits[m:], scale)
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    flat = filter_logits(logits.reshape(-1, logits.shape[-1]) / temperature, top_k, top_p)
+    return flat.softmax(-1).view(logits.shape)
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Accept `draft` (drawn from q) with probability min(1, p(draft) / q(draft)), u uniform in [0, 1)."""
+    p_x = p.gather(-1, draft[..., None]).squeeze(-1)
+    q_x = q.gather(-1, draft[..., None]).squeeze(-1)
+    return (u * q_x <= p_x) & (p_x > 0)  # never a token the target cannot draw, even at u == 0
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution to draw from after a rejection: max(0, p - q), normalised (p itself where p <= q)."""
+    r = (p - q).clamp_min(0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp_min(1e-30), p)
+
+
+@torch.no_grad()
+def jacobi_decode(
+    model, layout: TokenLayout, prompt, codes, start, window, generator, progress, guided, scale, **mix
+) -> int:
+    """Fill codes[:, start:] by speculative Jacobi decoding; returns the number of model forwards.
+
+    Every forward feeds each row its pending token (committed, not yet in the KV cache) and `window - 1` draft
+    tokens for the next positions, drawn from proposals q (uniform at first, then the distributions the last
+    forward gave for those positions). Draft j is accepted with probability min(1, p_j / q_j), p_j being the
+    target given everything before it; at the first rejection a token is drawn from the residual
+    max(0, p - q) and the row stops for this forward; if every draft is accepted, the last output gives a
+    bonus token. This is speculative sampling, so every code has exactly the sequential distribution.
+
+    Rows accept different numbers of tokens: each keeps its own position ids, and the KV-cache slots of
+    rejected drafts stay in the cache but are masked out of attention, so no row waits for another.
+    """
+    m, total = codes.shape
+    K, device = layout.codebook_size, prompt.device
+    twice = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+    out = model(input_ids=prompt, use_cache=True)
+    cache = getattr(out, CACHE)
+    first = target_probs(out.logits[:, -1:, :K], m, guided, scale, **mix)[:, 0]  # (m, K)
+    codes[:, start] = draw(first, generator)
+    count = torch.full((m,), start + 1, dtype=torch.long, device=device)  # committed codes per row
+    valid = torch.ones(prompt.shape, dtype=torch.bool, device=device)  # cache slots of committed tokens
+    q = torch.full((m, total + window, K), 1.0 / K, device=device)  # proposals per code position (padded)
+    rows, steps, forwards = torch.arange(m, device=device), torch.arange(window, device=device), 1
+    if progress is not None:
+        progress(m)
+    while bool((count < total).any()):
+        active = count < total  # (m,)
+        pos = (count - 1)[:, None] + steps  # (m, W) code positions fed: the pending token, then the drafts
+        fed = active[:, None] & (pos < total)
+        q_drafts = q[rows[:, None], pos[:, 1:]]  # (m, W-1, K)
+        drafts = draw(q_drafts.reshape(-1, K), generator).view(m, window - 1)
+        tokens = torch.cat([codes[rows, count - 1][:, None], drafts], 1)  # (m, W)
+        out = model(
+            input_ids=twice(tokens),
+            position_ids=twice(2 + pos.clamp_max(total - 1)),  # code i sits at position 2 + i
+            attention_mask=torch.cat([valid, twice(fed)], 1).long(),
+            use_cache=True,
+            **{CACHE: cache},
+        )
+        cache, forwards = getattr(out, CACHE), forwards + 1
+        p = target_probs(out.logits[..., :K], m, guided, scale, **mix)  # (m, W, K): p[:, j] is for pos + 1
+        u = torch.rand(m, window - 1, generator=generator, device=device)
+        ok = speculative_accept(p[:, :-1], q_drafts, drafts, u) & (pos[:, 1:] < total)
+        accepted = torch.minimum(ok.long().cumprod(1).sum(1), (total - count).clamp_min(0))  # (m,)
+        # One more token at position count + accepted, unless the row is full: the residual after a rejection,
+        # or the bonus from the last output when every draft was accepted.
+        j = accepted.clamp_max(window - 2)
+        after_reject = residual(p[rows, j], q_drafts[rows, j])
+        extra_dist = torch.where((accepted < window - 1)[:, None], after_reject, p[:, -1])
+        extra = draw(extra_dist, generator)
+        has_extra = active & (count + accepted < total)
+        keep = (steps[None, : window - 1] < accepted[:, None]) & active[:, None]  # (m, W-1) accepted drafts
+        target_pos = (count[:, None] + steps[None, : window - 1]).clamp_max(total - 1)
+        codes[rows[:, None].expand_as(keep)[keep], target_pos[keep]] = drafts[keep]
+        extra_pos = (count + accepted).clamp_max(total - 1)
+        codes[rows[has_extra], extra_pos[has_extra]] = extra[has_extra]
+        # Cache slots of this forward that hold committed tokens: the pending token and the accepted drafts.
+        valid = torch.cat([valid, twice(fed & torch.cat([fed[:, :1], keep], 1))], 1)
+        # The next proposals: this forward's distributions for the positions still open.
+        open_ = (pos + 1 >= (count + accepted + has_extra.long())[:, None]) & fed
+        q[rows[:, None].expand_as(open_)[open_], (pos + 1)[open_]] = p[open_]
+        done = accepted + has_extra.long()
+        count = count + done * active.long()
+        if progress is not None:
+            progress(int(done[active].sum()))
+    return forwards
