@@ -1,6 +1,6 @@
 """`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
 
-    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,extraction,demo] [--repeats 7]
+    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo] [--repeats 7]
 
 Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
 timed interleaved with each benchmark's own calls; FLOPs are counted with torch.utils.flop_counter. Prints a
@@ -336,9 +336,65 @@ def bench_demo() -> None:
     )
 
 
+def bench_jacobi(repeats: int, pipeline: str) -> None:
+    """Speculative Jacobi decoding against the sequential eager loop on a trained prior (the demo's)."""
+    from stage2_prior.pipeline import VQGenPipeline
+    from stage2_prior.quality import Judge, sample_pipeline
+    from stage2_prior.sampling import sample_codes
+
+    if not Path(pipeline, "pipeline.json").is_file():
+        raise SystemExit(f"{pipeline} holds no pipeline: run `make demo` first (or pass --pipeline)")
+    pipe = VQGenPipeline.from_pretrained(pipeline)
+    prior, n_codes = pipe.prior, pipe.layout.num_codes
+    for batch, images in ((1, 8), (10, 20), (100, 100)):
+        for guidance in (1.0, 3.0):
+            classes = torch.arange(images) % pipe.layout.num_classes
+            forwards = {}
+
+            def run(
+                decoding, window=16, images=images, classes=classes, guidance=guidance, batch=batch, forwards=forwards
+            ):
+                stats: dict = {}
+                g = torch.Generator().manual_seed(0)
+                sample_codes(prior, images, classes=classes, guidance_scale=guidance, generator=g, batch_size=batch,
+                             decoding=decoding, window=window, stats=stats)  # fmt: skip
+                forwards[(decoding, window)] = stats["forwards"] / (images / batch)  # per batch
+
+            fns = {"sequential": lambda: run("sequential")}
+            fns |= {f"jacobi{w}": (lambda w=w: run("jacobi", w)) for w in (8, 16)}
+            t = timeit(fns, max(3, repeats // 2), warmup=1)
+            best = min((w for w in (8, 16)), key=lambda w: t[f"jacobi{w}"])
+            row(
+                f"jacobi decoding, batch {batch}{', guidance 3' if guidance != 1 else ''}",
+                f"{forwards[('sequential', 16)] / forwards[('jacobi', best)]:.2f}x fewer forwards, "
+                f"{t['sequential'] / t[f'jacobi{best}']:.2f}x less time (window {best})",
+                ">= 2x fewer forwards, >= 1.8x less time (batch 1 and 10)",
+                f"forwards per batch: sequential {forwards[('sequential', 16)]:.0f}, window 8 "
+                f"{forwards[('jacobi', 8)]:.1f}, window 16 {forwards[('jacobi', 16)]:.1f}; ms per batch: "
+                f"sequential {t['sequential'] * 1e3 / (images / batch):.0f}, window 8 "
+                f"{t['jacobi8'] * 1e3 / (images / batch):.0f}, window 16 {t['jacobi16'] * 1e3 / (images / batch):.0f}"
+                f" ({n_codes} codes an image)",
+            )
+    judge = Judge("test")
+    scores = {}
+    for decoding in ("sequential", "jacobi"):
+        samples, asked = sample_pipeline(pipe, 100, seed=0, decoding=decoding)
+        scores[decoding] = judge.score(samples, asked, draws=3)
+    seq, jac = scores["sequential"], scores["jacobi"]
+    row(
+        "sample quality, 1000 jacobi vs 1000 sequential samples (the prior's own settings)",
+        f"FD ratio {jac['frechet_distance_ratio']:.2f} vs {seq['frechet_distance_ratio']:.2f}; recognised "
+        f"{jac['recognised_as_asked']:.1%} vs {seq['recognised_as_asked']:.1%}",
+        "within the metric's noise",
+        f"KID {jac['kid']:.4f} vs {seq['kid']:.4f}; the real reference's FD is "
+        f"{seq['frechet_distance_real_reference']['mean']:.2f} +- {seq['frechet_distance_real_reference']['std']:.2f}",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,extraction,demo")
+    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo")
+    parser.add_argument("--pipeline", default=str(ROOT / "runs" / "demo" / "pipeline"), help="a trained pipeline")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     which = set(args.only.split(","))
@@ -357,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_stage2(args.repeats)
     if "sampling" in which:
         bench_sampling(args.repeats)
+    if "jacobi" in which:
+        bench_jacobi(args.repeats, args.pipeline)
     if "extraction" in which:
         bench_extraction(args.repeats)
     if "demo" in which:

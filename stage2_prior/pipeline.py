@@ -84,6 +84,7 @@ class VQGenPipeline:
         self.layout = layout_of(prior)
         self.codes_meta = codes_meta_of(prior)
         self.vqvae_fingerprint = vqvae_fingerprint or state_fingerprint(vqvae)
+        self.last_stats: dict = {}  # what the last call did: decoding and model forwards
         self.codes_meta.check_vqvae(
             vqvae.config.codebook_size, vqvae.config.grid_size, self.vqvae_fingerprint, "the VQ-VAE"
         )
@@ -229,6 +230,7 @@ class VQGenPipeline:
         batch_size: int = 100,
         prefix_codes: torch.Tensor | None = None,
         compile: bool = False,
+        decoding: str | None = None,
         progress=None,
     ) -> VQGenPipelineOutput:
         """Sample images.
@@ -244,6 +246,8 @@ class VQGenPipeline:
             output_type: "pil" for a list of PIL images, "pt" for a (B, C, H, W) tensor in [0, 1].
             prefix_codes: (B, L) codes kept as given (image completion from the top rows).
             compile: decode with a torch.compile'd step (same images; pays for thousands of images).
+            decoding: "sequential", "jacobi" (speculative Jacobi decoding: the same distribution in fewer
+                forwards), or None to pick by batch size (`sample_codes`).
         """
         explicit_guidance = guidance_scale is not None
         settings = self.sampling_settings(guidance_scale, temperature, top_k, top_p)
@@ -279,6 +283,8 @@ class VQGenPipeline:
             progress=progress,
             prefix_codes=prefix_codes,
             compile=compile,
+            decoding=decoding,
+            stats=self.last_stats,
         )
         images = torch.cat([unit_images(self.vqvae.decode_codes(c)) for c in codes.split(batch_size)])
         if output_type == "pil":

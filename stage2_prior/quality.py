@@ -216,6 +216,7 @@ def sample_pipeline(pipe, per_class: int, seed: int = 0, **settings) -> tuple[to
     """(samples (N, C, H, W) in [-1, 1], classes asked (N,)) with `per_class` images of every class."""
     classes = torch.arange(pipe.layout.num_classes).repeat_interleave(per_class)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    settings.setdefault("decoding", "sequential")
     out = pipe(classes=classes, generator=generator, output_type="pt", **settings)
     return out.images * 2 - 1, classes
 

@@ -296,7 +296,8 @@ def jacobi_decode(
     bonus token. This is speculative sampling, so every code has exactly the sequential distribution.
 
     Rows accept different numbers of tokens: each keeps its own position ids, and the KV-cache slots of
-    rejected drafts stay in the cache but are masked out of attention, so no row waits for another.
+    rejected drafts stay in the cache but are masked out of attention, so no row waits for another. A single
+    image (or guided pair) crops them from the cache instead, which needs no mask.
     """
     m, total = codes.shape
     K, device = layout.codebook_size, prompt.device
@@ -318,15 +319,21 @@ def jacobi_decode(
         q_drafts = q[rows[:, None], pos[:, 1:]]  # (m, W-1, K)
         drafts = draw(q_drafts.reshape(-1, K), generator).view(m, window - 1)
         tokens = torch.cat([codes[rows, count - 1][:, None], drafts], 1)  # (m, W)
-        out = model(
-            input_ids=twice(tokens),
-            position_ids=twice(2 + pos.clamp_max(total - 1)),  # code i sits at position 2 + i
-            attention_mask=torch.cat([valid, twice(fed)], 1).long(),
-            use_cache=True,
-            **{CACHE: cache},
-        )
+        if m == 1:  # one image (guided: one pair): rejected drafts are cropped from the cache, no mask needed
+            n_fed = int(fed.sum())
+            out = model(input_ids=twice(tokens[:, :n_fed]), use_cache=True, **{CACHE: cache})
+            logits = F.pad(out.logits[..., :K], (0, 0, 0, window - n_fed))  # positions past the grid: unused
+        else:
+            out = model(
+                input_ids=twice(tokens),
+                position_ids=twice(2 + pos.clamp_max(total - 1)),  # code i sits at position 2 + i
+                attention_mask=torch.cat([valid, twice(fed)], 1).long(),
+                use_cache=True,
+                **{CACHE: cache},
+            )
+            logits = out.logits[..., :K]
         cache, forwards = getattr(out, CACHE), forwards + 1
-        p = target_probs(out.logits[..., :K], m, guided, scale, **mix)  # (m, W, K): p[:, j] is for pos + 1
+        p = target_probs(logits, m, guided, scale, **mix)  # (m, W, K): p[:, j] is for position pos + 1
         u = torch.rand(m, window - 1, generator=generator, device=device)
         ok = speculative_accept(p[:, :-1], q_drafts, drafts, u) & (pos[:, 1:] < total)
         accepted = torch.minimum(ok.long().cumprod(1).sum(1), (total - count).clamp_min(0))  # (m,)
@@ -343,7 +350,12 @@ def jacobi_decode(
         extra_pos = (count + accepted).clamp_max(total - 1)
         codes[rows[has_extra], extra_pos[has_extra]] = extra[has_extra]
         # Cache slots of this forward that hold committed tokens: the pending token and the accepted drafts.
-        valid = torch.cat([valid, twice(fed & torch.cat([fed[:, :1], keep], 1))], 1)
+        if m == 1:
+            rejected = n_fed - 1 - int(accepted[0])  # fed slots past the pending token and the accepted drafts
+            if rejected > 0:
+                cache.crop(-rejected)
+        else:
+            valid = torch.cat([valid, twice(fed & torch.cat([fed[:, :1], keep], 1))], 1)
         # The next proposals: this forward's distributions for the positions still open.
         open_ = (pos + 1 >= (count + accepted + has_extra.long())[:, None]) & fed
         q[rows[:, None].expand_as(open_)[open_], (pos + 1)[open_]] = p[open_]

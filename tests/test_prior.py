@@ -354,10 +354,14 @@ def test_jacobi_decoding_at_temperature_zero_is_greedy_sequential_decoding(kwarg
     if prefix is not None:
         kwargs["prefix_codes"] = torch.randint(0, 16, (4, prefix), generator=torch.Generator().manual_seed(0))
     seq = sample_codes(model, 4, classes=classes, temperature=0.0, decoding="sequential", **kwargs)
-    stats = {}
-    jac = sample_codes(model, 4, classes=classes, temperature=0.0, decoding="jacobi", window=6, stats=stats, **kwargs)
-    assert torch.equal(jac, seq) and stats["decoding"] == "jacobi"
-    assert stats["forwards"] <= 16 - (prefix or 0)  # never more forwards than one per code
+    for batch_size in (4, 1):  # rows masked in one cache; one image whose rejected drafts are cropped
+        stats = {}
+        jac = sample_codes(
+            model, 4, classes=classes, temperature=0.0, decoding="jacobi", window=6, stats=stats,
+            batch_size=batch_size, **kwargs,
+        )  # fmt: skip
+        assert torch.equal(jac, seq) and stats["decoding"] == "jacobi"
+        assert stats["forwards"] <= (16 - (prefix or 0)) * (4 // batch_size)  # never more than one per code
 
 
 def test_jacobi_samples_have_the_marginals_of_sequential_samples():
@@ -373,12 +377,18 @@ def test_jacobi_samples_have_the_marginals_of_sequential_samples():
         model, n, classes=classes, generator=torch.Generator().manual_seed(2), decoding="jacobi", window=4,
         batch_size=100, **settings,
     )  # fmt: skip
+    one = sample_codes(  # batch 1: the cropped-cache path
+        model, 300, classes=classes[:300], generator=torch.Generator().manual_seed(3), decoding="jacobi", window=4,
+        batch_size=1, **settings,
+    )  # fmt: skip
     for position in range(6):
         a = torch.bincount(seq.view(n, -1)[:, position], minlength=16).double()
-        b = torch.bincount(jac.view(n, -1)[:, position], minlength=16).double()
-        keep = (a + b) > 0
-        chi2 = (((a - b) ** 2) / (a + b))[keep].sum().item()
-        assert chi2 < 45.0, (position, chi2)  # <= 15 degrees of freedom: p < 1e-4 beyond 45
+        for other in (jac, one):
+            b = torch.bincount(other.view(len(other), -1)[:, position], minlength=16).double()
+            ra, rb = (len(other) / n) ** 0.5, (n / len(other)) ** 0.5  # two-sample chi-square, unequal sizes
+            keep = (a + b) > 0
+            chi2 = (((ra * a - rb * b) ** 2) / (a + b))[keep].sum().item()
+            assert chi2 < 45.0, (position, len(other), chi2)  # <= 15 degrees of freedom: p < 1e-4 beyond 45
     # And a pair statistic, so that the joint (not only each marginal) is checked: the last code given the first.
     same = lambda c: (c.view(n, -1)[:, 0] == c.view(n, -1)[:, 5]).double().mean().item()  # noqa: E731
     assert abs(same(seq) - same(jac)) < 4 * (0.25 / n) ** 0.5 * 2**0.5
