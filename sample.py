@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
         choices=["sequential", "jacobi"],
         default=None,
         help="jacobi: speculative Jacobi decoding, the same distribution in fewer forwards (default: jacobi for "
-        "batches of up to 16 images, where it pays, sequential above)",
+        "one image at a time (--batch_size 1), where it pays on a CPU, sequential above)",
     )
     args = parser.parse_args(deprecated_flags(argv, RENAMES))
     if args.batch_size < 1:

@@ -136,16 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["-m", "stage2_prior.export", "--vqvae", s1 / "model", "--prior", s2 / "model", "--output_dir", pipe],
         t,
     )
-    sampling = [
-        "--per_class",
-        "10",
-        "--seed",
-        "0",
-        "--guidance_scale",
-        args.guidance_scale,
-        "--temperature",
-        args.temperature,
-    ]
+    sampling = ["--per_class", args.per_class, "--seed", "0"]  # no sampling flags: the prior's recommended ones
     run_step("sampling", ["-m", "sample", "--pipeline", pipe, *sampling, "--output_dir", out / "samples"], t)
     t0 = time.perf_counter()
     quality = sample_quality(out / "samples")
