@@ -304,6 +304,8 @@ def jacobi_decode(
     """
     m, total = codes.shape
     K, device = layout.codebook_size, prompt.device
+    if start >= total:  # a completion prefix that covers the whole grid: nothing left to sample
+        return 0
     twice = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
     out = model(input_ids=prompt, use_cache=True)
     cache = getattr(out, CACHE)

@@ -24,8 +24,20 @@ def stage1_args(out, image_folder, *extra) -> list[str]:
     ]
 
 
-def run_two_processes(port: int, *module_args: str) -> subprocess.CompletedProcess:
-    """`python -m <module> ...` in 2 CPU processes under torchrun (Accelerate on CPU, one thread each)."""
+def free_port() -> int:
+    """A TCP port nobody listens on now (a fixed port can still be held by an earlier run's socket)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(port: int | None, *module_args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> ...` in 2 CPU processes under torchrun (Accelerate on CPU, one thread each).
+
+    `port` is ignored in favour of a free one; the argument stays so that callers read as before."""
+    port = free_port()
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     return subprocess.run([*cmd, "-m", *module_args], env=env, capture_output=True, text=True, timeout=300)

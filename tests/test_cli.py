@@ -46,7 +46,7 @@ def test_a_missing_config_names_the_configs_to_pick_from(tmp_path):
     # Built-in configs by name, as from an installed wheel.
     from stage1_vqvae.train import Stage1Config
 
-    assert load_config(Stage1Config, "mnist/stage1", []).model.codebook_size == 256
+    assert load_config(Stage1Config, "mnist/stage1", []).model.codebook_size == 512
 
 
 def test_a_flag_in_the_wrong_form_gets_the_dotted_form_as_a_hint(tmp_path):

@@ -392,3 +392,11 @@ def test_jacobi_samples_have_the_marginals_of_sequential_samples():
     # And a pair statistic, so that the joint (not only each marginal) is checked: the last code given the first.
     same = lambda c: (c.view(n, -1)[:, 0] == c.view(n, -1)[:, 5]).double().mean().item()  # noqa: E731
     assert abs(same(seq) - same(jac)) < 4 * (0.25 / n) ** 0.5 * 2**0.5
+
+
+def test_a_prefix_that_covers_the_whole_grid_is_returned_as_it_is():
+    model = tiny_prior()
+    full = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(0))
+    for decoding in ("sequential", "jacobi"):
+        out = sample_codes(model, 2, classes=[0, 1], prefix_codes=full, decoding=decoding, batch_size=1)
+        assert torch.equal(out.view(2, -1), full), decoding
