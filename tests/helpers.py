@@ -33,10 +33,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(port: int | None, *module_args: str) -> subprocess.CompletedProcess:
-    """`python -m <module> ...` in 2 CPU processes under torchrun (Accelerate on CPU, one thread each).
-
-    `port` is ignored in favour of a free one; the argument stays so that callers read as before."""
+def run_two_processes(*module_args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> ...` in 2 CPU processes under torchrun (Accelerate on CPU, one thread each), on a
+    free port."""
     port = free_port()
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]

@@ -140,7 +140,6 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
     data = {"source": str(image_folder), "resolution": 16}
     (tmp_path / "vq" / "data_config.json").write_text(json.dumps(data))
     proc = run_two_processes(
-        29535,
         "stage1_vqvae.extract",
         "--model",
         str(tmp_path / "vq"),

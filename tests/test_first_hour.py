@@ -121,7 +121,7 @@ def test_two_processes_into_a_used_folder_say_so_once_and_stop(tmp_path, image_f
     from stage1_vqvae.train import main
 
     main(stage1_args(tmp_path / "run", image_folder, "train.max_steps=1"))
-    proc = run_two_processes(29537, "stage1_vqvae.train", *stage1_args(tmp_path / "run", image_folder))
+    proc = run_two_processes("stage1_vqvae.train", *stage1_args(tmp_path / "run", image_folder))
     assert proc.returncode != 0  # the launcher's own code; each process exits 2
     assert proc.stderr.count("already holds a run") == 1
 

@@ -94,7 +94,6 @@ def test_two_processes_match_one_process(stage1, tmp_path, image_folder):
     args = ["train.max_steps=3", "train.checkpoint_every=0", "model.class_dropout=0.0"]
     one = train2(tmp_path / "one", codes, *args)
     proc = run_two_processes(
-        29534,
         "stage2_prior.train",
         "--config",
         TINY2,

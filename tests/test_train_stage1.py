@@ -67,7 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, im
     args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=true"]
     args += ["data.validation_fraction=0.125"]  # 3 validation images: 2 ranks pad them to 4
     one = main(stage1_args(tmp_path / "one", image_folder, *args))
-    proc = run_two_processes(29533, "stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
+    proc = run_two_processes("stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -76,7 +76,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, im
     one_summary = json.loads((tmp_path / "one" / "train_summary.json").read_text())
     assert summary["validation"]["psnr"] == pytest.approx(one_summary["validation"]["psnr"], abs=0.05)
     proc = run_two_processes(
-        29536, "stage1_vqvae.evaluate", "--model", str(tmp_path / "two" / "model"), "--split", "validation"
+        "stage1_vqvae.evaluate", "--model", str(tmp_path / "two" / "model"), "--split", "validation"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"num_images": 3') == 1  # scored once over both shards, printed once
