@@ -28,6 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,13 @@ class VQVAEConfig:
     kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
     kmeans_iters: int = 10
     dead_code_window: int = 0  # restart codes unused for this many training forward passes (micro-batches; 0: never)
+    # Options beyond the paper (its VQ above is the default and unchanged):
+    quantizer: Literal["vq", "fsq"] = "vq"  # fsq: finite scalar quantization (Mentzer et al. 2023), no codebook
+    fsq_levels: list[int] | None = None  # fsq: levels per dimension, e.g. [8, 5, 5, 5]; K is their product
+    lookup_dim: int | None = None  # look codes up in this many dimensions (projected down and back up)
+    l2_normalize: bool = False  # cosine-similarity lookup: l2-normalised inputs and codes (ViT-VQGAN)
+    straight_through: Literal["ste", "rotation"] = "ste"  # rotation: the rotation trick (Fifty et al. 2024)
+    codebook_transform: Literal["none", "linear"] = "none"  # linear: SimVQ, a frozen codebook under a learned map
 
     def __post_init__(self):
         if self.codebook_size < 2:
@@ -72,6 +80,32 @@ class VQVAEConfig:
             raise ValueError(f"decay must be in (0, 1) or null, got {self.decay}")
         if self.commitment_weight < 0:
             raise ValueError(f"commitment_weight must be >= 0, got {self.commitment_weight}")
+        if self.lookup_dim is not None and self.lookup_dim < 1:
+            raise ValueError(f"lookup_dim must be positive or null, got {self.lookup_dim}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
+                raise ValueError("quantizer fsq needs fsq_levels, each >= 2, e.g. [8, 5, 5, 5]")
+            codebook_options = dict(
+                lookup_dim=self.lookup_dim is not None,
+                l2_normalize=self.l2_normalize,
+                straight_through=self.straight_through != "ste",
+                codebook_transform=self.codebook_transform != "none",
+                kmeans_init=self.kmeans_init,
+                dead_code_window=self.dead_code_window > 0,
+            )
+            if any(codebook_options.values()):
+                used = [k for k, v in codebook_options.items() if v]
+                raise ValueError(f"quantizer fsq has no codebook, so {used} make no sense with it; drop them")
+            self.codebook_size = math.prod(self.fsq_levels)  # K and D follow the levels
+            self.codebook_dim = len(self.fsq_levels)
+        elif self.fsq_levels is not None:
+            raise ValueError("fsq_levels is set but quantizer is vq; set quantizer: fsq or drop fsq_levels")
+        if self.codebook_transform == "linear" and self.decay is not None:
+            raise ValueError("codebook_transform linear (SimVQ) learns its map by gradient: set decay null (no EMA)")
+        if self.codebook_transform == "linear" and (self.kmeans_init or self.dead_code_window):
+            raise ValueError(
+                "codebook_transform linear keeps its codebook frozen: drop kmeans_init and dead_code_window"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -137,6 +171,21 @@ class _QuantizeLoss(torch.autograd.Function):
         return grad_flat, grad_quantized, None, None
 
 
+def rotation_trick(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): forward value e; the gradient reaches z through sg[lambda R], the
+    rotation taking z's direction onto e's and the rescaling of its norm, instead of being copied unchanged.
+
+    R = I - 2 r r^T + 2 e_hat z_hat^T with r = (z_hat + e_hat) / ||z_hat + e_hat||, lambda = ||e|| / ||z||;
+    applied to (N, d) rows without forming R: R z = z - 2 r (r . z) + 2 e_hat (z_hat . z).
+    """
+    z_norm = z.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    e_norm = e.detach().norm(dim=1, keepdim=True)
+    z_hat, e_hat = z.detach() / z_norm, e.detach() / e_norm.clamp_min(1e-12)
+    r = F.normalize(z_hat + e_hat, dim=1)
+    rotated = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * e_hat * (z_hat * z).sum(1, keepdim=True)
+    return (e_norm / z_norm) * rotated  # (N, d), equal to e
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Lloyd's k-means on (N, D) -> (k, D) centroids; empty clusters keep their previous centroid."""
     n = x.shape[0]
@@ -178,10 +227,22 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_window: int = 0,
+        lookup_dim: int | None = None,
+        l2_normalize: bool = False,
+        straight_through: str = "ste",
+        codebook_transform: str = "none",
     ):
         super().__init__()
         self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
+        self.codebook_dim = codebook_dim  # D of the encoder output
+        self.lookup_dim = lookup_dim or codebook_dim  # the space the codes live in
+        self.l2_normalize = l2_normalize
+        self.straight_through = straight_through
+        self.codebook_transform = codebook_transform
+        # The paper's quantizer takes the fused path below; any option takes the plain autograd path.
+        self.plain = (
+            lookup_dim is None and not l2_normalize and straight_through == "ste" and codebook_transform == "none"
+        )
         self.commitment_weight = commitment_weight
         self.decay = decay
         self.epsilon = epsilon
@@ -189,8 +250,16 @@ class VectorQuantizer(nn.Module):
         self.dead_code_window = dead_code_window
         # Sonnet's init: uniform in +-sqrt(3/K) (unit-variance-ish codes that the encoder can reach).
         bound = math.sqrt(3.0 / codebook_size)
-        embed = torch.empty(codebook_size, codebook_dim).uniform_(-bound, bound)  # (K, D)
-        if decay is None:
+        embed = torch.empty(codebook_size, self.lookup_dim).uniform_(-bound, bound)  # (K, d)
+        if lookup_dim is not None:
+            self.project_in = nn.Linear(codebook_dim, lookup_dim)  # (N, D) -> (N, d)
+            self.project_out = nn.Linear(lookup_dim, codebook_dim)  # (N, d) -> (N, D)
+        if codebook_transform == "linear":
+            # SimVQ: a frozen random codebook C; the codes are C W^T with W learned (identity at first).
+            self.register_buffer("embed", torch.randn(codebook_size, self.lookup_dim) / math.sqrt(self.lookup_dim))
+            self.codebook_map = nn.Linear(self.lookup_dim, self.lookup_dim, bias=False)
+            nn.init.eye_(self.codebook_map.weight)
+        elif decay is None:
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
@@ -213,10 +282,12 @@ class VectorQuantizer(nn.Module):
         choose other codes than the fp32 argmin (~1-6% of them on the demo model).
         """
         with torch.autocast(device_type=flat.device.type, enabled=False):
-            return self._nearest_fp32(flat.detach().float())
+            if self.plain:
+                return self._nearest_fp32(flat.detach().float(), self.embed)
+            return self._nearest_fp32(self.to_lookup(flat.float()).detach(), self.codebook())
 
-    def _nearest_fp32(self, flat: torch.Tensor) -> torch.Tensor:
-        embed = self.embed.detach().float()
+    def _nearest_fp32(self, flat: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        embed = embed.detach().float()
         e_sq = (embed * embed).sum(1)  # (K,)
         n = flat.shape[0]
         # ||e||^2 - 2 x.e in one addmm per row block. On CPU, blocks of ~1M distances bound the memory
@@ -232,8 +303,23 @@ class VectorQuantizer(nn.Module):
         return codes
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) codes -> (B, D, h, w) code vectors."""
-        return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
+        """(B, h, w) codes -> (B, D, h, w) code vectors, as the decoder receives them."""
+        if self.plain:
+            return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
+        vectors = F.embedding(codes, self.codebook())  # (B, h, w, d)
+        if self.lookup_dim != self.codebook_dim:
+            vectors = self.project_out(vectors)  # (B, h, w, D)
+        return vectors.permute(0, 3, 1, 2).contiguous()
+
+    def codebook(self) -> torch.Tensor:
+        """(K, d) the codes in the lookup space: SimVQ's C W^T, l2-normalised for a cosine lookup."""
+        embed = self.codebook_map(self.embed) if self.codebook_transform == "linear" else self.embed
+        return F.normalize(embed, dim=1) if self.l2_normalize else embed
+
+    def to_lookup(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) encoder outputs -> (N, d) in the lookup space (projected down, l2-normalised)."""
+        x = self.project_in(flat) if self.lookup_dim != self.codebook_dim else flat
+        return F.normalize(x, dim=1) if self.l2_normalize else x
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -245,11 +331,12 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z_e = z_e.float()
             flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+            x = flat if self.plain else self.to_lookup(flat)  # (N, d): what the codes are compared with
             if self.training and not self._initted_seen:
                 if not bool(self.initted):
-                    self._kmeans_init(flat.detach())
+                    self._kmeans_init(x.detach())
                 self._initted_seen = True
-            codes = self.nearest(flat.detach())  # (N,)
+            codes = self._nearest_fp32(x.detach(), self.embed if self.plain else self.codebook())  # (N,)
             counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
             if self.training:
                 if _distributed():
@@ -258,19 +345,28 @@ class VectorQuantizer(nn.Module):
                 else:
                     counts_all = counts
                 if self.decay is not None:
-                    self._ema_update(flat.detach(), codes, counts_all)
+                    self._ema_update(x.detach(), codes, counts_all)
                 self.code_age.add_(1).masked_fill_(counts_all > 0, 0)
                 if self.dead_code_window > 0:
-                    self._restart_dead_codes(flat.detach())
+                    self._restart_dead_codes(x.detach())
             else:
                 counts_all = counts
 
-            quantized = F.embedding(codes, self.embed)  # (N, D); carries grad to embed in loss mode
-            # Straight-through z_q and both loss terms (values equal; gradients routed as in the paper).
             # In EMA mode the codebook term has weight 0: the EMA, not a gradient, moves the codes.
             codebook_weight = 1.0 if self.decay is None else 0.0
-            z_q_flat, loss, mse = _QuantizeLoss.apply(flat, quantized, self.commitment_weight, codebook_weight)
-            commitment_loss = codebook_loss = mse
+            if self.plain:
+                quantized = F.embedding(codes, self.embed)  # (N, D); carries grad to embed in loss mode
+                # Straight-through z_q and both loss terms (values equal; gradients routed as in the paper).
+                z_q_flat, loss, mse = _QuantizeLoss.apply(flat, quantized, self.commitment_weight, codebook_weight)
+                commitment_loss = codebook_loss = mse
+            else:
+                e = F.embedding(codes, self.codebook())  # (N, d): grad to embed, or to SimVQ's map
+                commitment_loss = F.mse_loss(x, e.detach())  # ||z - sg[e]||^2
+                codebook_loss = F.mse_loss(x.detach(), e)  # ||sg[z] - e||^2
+                loss = self.commitment_weight * commitment_loss + codebook_weight * codebook_loss
+                z_q_flat = rotation_trick(x, e) if self.straight_through == "rotation" else x + (e - x).detach()
+                if self.lookup_dim != self.codebook_dim:
+                    z_q_flat = self.project_out(z_q_flat)  # (N, D)
             z_q = z_q_flat.view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
 
             probs = counts_all / counts_all.sum().clamp_min(1)
@@ -345,6 +441,75 @@ class VectorQuantizer(nn.Module):
             self.cluster_size.masked_fill_(dead, 1.0)
             self.embed_avg.copy_(torch.where(dead[:, None], candidates, self.embed_avg))
         self.code_age.masked_fill_(dead, 0)
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ (Mentzer et al. 2023): each of D = len(levels) dimensions is bounded and rounded to one of L_i values.
+
+    No codebook, so nothing to collapse: the code of a vector is its digits in the mixed-radix system of the
+    levels, K = prod(L_i). Rounding passes the gradient straight through. Values are scaled to [-1, 1].
+    """
+
+    def __init__(self, levels: list[int], eps: float = 1e-3):
+        super().__init__()
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]]), 0)
+        self.register_buffer("basis", basis, persistent=False)  # (D,) place value of each digit
+        self.codebook_size, self.codebook_dim, self.eps = math.prod(levels), len(levels), eps
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> values in (-L/2, L/2) that round to exactly L integers per dimension."""
+        levels = self.levels.to(z.dtype)
+        half_l = (levels - 1) * (1 - self.eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N,) codes: the rounded digits as one mixed-radix number."""
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return self.codes_of(torch.round(self._bound(flat.detach().float())) / (self.levels // 2))
+
+    def codes_of(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, D) quantized values in [-1, 1] -> (N,) codes (the inverse of `lookup`)."""
+        half = self.levels // 2
+        digits = torch.round(values * half).long() + half  # (N, D) in [0, L)
+        return (digits * self.basis).sum(-1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, D, h, w) values in [-1, 1]."""
+        digits = (codes.long()[..., None] // self.basis) % self.levels  # (B, h, w, D)
+        values = (digits - self.levels // 2).float() / (self.levels // 2).float()
+        return values.permute(0, 3, 1, 2).contiguous()
+
+    def codebook(self) -> torch.Tensor:
+        """(K, D) every code's values (implicit: nothing is learned)."""
+        return self.lookup(torch.arange(self.codebook_size, device=self.levels.device)[None, None])[0, :, 0].t()
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)  # (N, D)
+            bounded = self._bound(flat)
+            rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight through the rounding
+            z_q = (rounded / (self.levels // 2).float()).view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
+            codes = self.nearest(flat)
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            if self.training and _distributed():
+                dist.all_reduce(counts)
+            probs = counts / counts.sum().clamp_min(1)
+            zero = torch.zeros((), device=z_e.device)
+        return QuantizerOutput(
+            z_q=z_q,
+            codes=codes.view(b, h, w),
+            loss=zero,  # no codebook and no commitment term
+            codebook_loss=zero,
+            commitment_loss=zero,
+            counts=counts,
+            perplexity=torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum()),
+            usage=(counts > 0).float().mean(),
+            dead_codes=torch.zeros((), dtype=torch.long, device=z_e.device),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,16 +637,23 @@ class VQVAE(
             config = VQVAEConfig(**config)
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(
-            config.codebook_size,
-            config.codebook_dim,
-            commitment_weight=config.commitment_weight,
-            decay=config.decay,
-            epsilon=config.epsilon,
-            kmeans_init=config.kmeans_init,
-            kmeans_iters=config.kmeans_iters,
-            dead_code_window=config.dead_code_window,
-        )
+        if config.quantizer == "fsq":
+            self.quantizer = FiniteScalarQuantizer(config.fsq_levels)
+        else:
+            self.quantizer = VectorQuantizer(
+                config.codebook_size,
+                config.codebook_dim,
+                commitment_weight=config.commitment_weight,
+                decay=config.decay,
+                epsilon=config.epsilon,
+                kmeans_init=config.kmeans_init,
+                kmeans_iters=config.kmeans_iters,
+                dead_code_window=config.dead_code_window,
+                lookup_dim=config.lookup_dim,
+                l2_normalize=config.l2_normalize,
+                straight_through=config.straight_through,
+                codebook_transform=config.codebook_transform,
+            )
         self.decoder = Decoder(config)
         self.data_config: dict | None = None  # preprocessing of the training images; set by training and loading
 

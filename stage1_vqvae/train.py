@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t0
     # Every rank must hold the same codebook (all-reduced EMA, broadcast restarts): check, do not assume.
-    embed = accelerator.unwrap_model(model).quantizer.embed.detach()
+    embed = accelerator.unwrap_model(model).quantizer.codebook().detach()
     gathered = accelerator.gather(embed.unsqueeze(0))  # (world, K, D)
     rank_diff = (gathered - gathered[:1]).abs().max().item()
     if not val_metrics:
