@@ -117,6 +117,40 @@ def bench_quantizer(repeats: int) -> None:
     )
 
 
+def bench_quantizer_options(repeats: int) -> None:
+    """Each quantizer option's fwd+bwd at the same N, D, K as the paper's VQ (loss-mode codebook, no EMA)."""
+    from stage1_vqvae.model import FiniteScalarQuantizer, VectorQuantizer
+
+    d, k = 64, 512
+    torch.manual_seed(0)
+    z = torch.randn(8, d, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()  # N = 8192
+    quantizers = {
+        "paper VQ": VectorQuantizer(k, d, decay=None),
+        "l2 + lookup_dim 8": VectorQuantizer(k, d, decay=None, lookup_dim=8, l2_normalize=True),
+        "rotation trick": VectorQuantizer(k, d, decay=None, straight_through="rotation"),
+        "SimVQ": VectorQuantizer(k, d, decay=None, codebook_transform="linear"),
+    }
+
+    def step(q, x):
+        out = q.train()(x)
+        (out.loss + out.z_q.sum()).backward()
+
+    fns = {name: (lambda q=q: step(q, z)) for name, q in quantizers.items()}
+    fsq_z = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    fns["FSQ levels [8, 8, 8] (K=512, D=3, no distance GEMM)"] = lambda: step(
+        FiniteScalarQuantizer([8, 8, 8]), fsq_z[:, :3]
+    )
+    t = timeit(fns, repeats)
+    for name, seconds in t.items():
+        if name != "paper VQ":
+            row(
+                f"quantizer option: {name}, fwd+bwd (N=8192, K=512)",
+                f"{seconds / t['paper VQ']:.2f}x the paper VQ's time",
+                "(measured; the paper's path is unchanged)",
+                f"{seconds * 1e3:.2f} ms vs {t['paper VQ'] * 1e3:.2f} ms",
+            )
+
+
 def bench_stage1(repeats: int) -> None:
     from stage1_vqvae.model import VQVAE
     from stage1_vqvae.shared import load_config
@@ -407,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| what | figure | target | detail |\n|---|---|---|---|")
     if "quantizer" in which:
         bench_quantizer(args.repeats)
+        bench_quantizer_options(args.repeats)
     if "stage1" in which:
         bench_stage1(args.repeats)
     if "stage2" in which:

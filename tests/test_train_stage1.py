@@ -100,3 +100,14 @@ def test_resume_is_bit_exact_when_dead_code_restarts_fire_in_the_resumed_window(
     assert restarted
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_same_quantizer_with_a_projected_cosine_lookup(tmp_path, image_folder):
+    # EMA statistics, k-means init and dead-code restarts all happen in the projected, normalised space.
+    args = ["train.max_steps=4", "train.checkpoint_every=0", "model.lookup_dim=4", "model.l2_normalize=true"]
+    args += ["model.kmeans_init=true", "model.dead_code_window=2"]
+    proc = run_two_processes("stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["codebook_max_abs_diff_across_ranks"] == 0.0
