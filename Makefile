@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Optional: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only torch where that index is reachable.
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench ablation install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	# vector-quantize-pytorch is the quantizer baseline of benchmarks/run.py only, not a dependency of vqgen.
 	$(BIN)/pip install -q vector-quantize-pytorch
 	$(BIN)/python -m benchmarks.run
+
+ablation: $(STAMP)
+	# Each quantizer option through the whole pipeline at the demo's budget, 2 seeds (about an hour on 2 cores).
+	$(BIN)/python -m benchmarks.ablation
 
 clean:
 	rm -rf runs
