@@ -27,18 +27,27 @@ import yaml
 
 
 class VqgenError(Exception):
-    """A user error: bad config, bad data, a missing or mismatching file. Printed without a traceback."""
+    """A user error: bad config, bad data, a missing or mismatching file. Printed without a traceback.
+
+    `every_rank=True` marks an error that every process of a launch raises alike (a bad config, a used output
+    folder): only rank 0 prints it. Any other error is printed by the rank that raised it.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def run_cli(main, argv: list[str] | None = None) -> None:
     """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2.
 
-    Under a launcher (accelerate launch, torchrun) every process stops, and only rank 0 prints the line.
+    Under a launcher (accelerate launch, torchrun) every process stops; an error that every rank raises alike
+    is printed by rank 0 alone, any other by the rank that met it.
     """
     try:
         main(argv)
     except VqgenError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or not e.every_rank:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -424,13 +433,17 @@ def parse_train_args(doc: str, cfg_cls: type, argv: list[str] | None):
             warnings.warn(f"{item} is deprecated; use --push_to_hub --hub_model_id {value}", FutureWarning, 2)
             overrides[i : i + 1] = ["train.push_to_hub=true", f"train.hub_model_id={value}"]
     if args.config is None:
-        raise VqgenError(f"pass --config: a YAML file or one of {builtin_configs()} (see --help)")
+        raise VqgenError(f"pass --config: a YAML file or one of {builtin_configs()} (see --help)", every_rank=True)
     flags = [f"train.output_dir={args.output_dir}"] if args.output_dir else []
     if args.push_to_hub:
         flags.append("train.push_to_hub=true")
     if args.hub_model_id:
         flags.append(f"train.hub_model_id={args.hub_model_id}")
-    return args, load_config(cfg_cls, args.config, [*overrides, *flags])
+    try:
+        return args, load_config(cfg_cls, args.config, [*overrides, *flags])
+    except VqgenError as e:
+        e.every_rank = True  # every process parses the same command line
+        raise
 
 
 def build_accelerator(tc: BaseTrainConfig, out: Path, kwargs_handlers=()):
@@ -525,7 +538,8 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
         if not ckpts:
             raise VqgenError(
                 f"--resume_from_checkpoint latest: {ckpt_root} holds no complete checkpoint. "
-                "Drop the flag to start a new run"
+                "Drop the flag to start a new run",
+                every_rank=True,
             )
         return ckpts[-1][1]
     p = Path(resume)
@@ -536,15 +550,17 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to silently reuse a folder that already holds a run. Read-only, so every rank calls it and every
-    rank stops with the same error (a check on the main process alone would leave the others at a barrier)."""
+    rank stops with the same error (a check on the main process alone would leave the others at a barrier).
+    Callers wait for every rank after it, before the main process writes into the folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise VqgenError(f"output_dir {out} is a file, not a folder. Choose another --output_dir")
+        raise VqgenError(f"output_dir {out} is a file, not a folder. Choose another --output_dir", every_rank=True)
     holds_run = out.is_dir() and any((out / n).exists() for n in ("checkpoints", "model", "config.yaml"))
     if holds_run and not resume and not overwrite:
         raise VqgenError(
             f"output_dir {out} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir to replace it, or choose another --output_dir"
+            "--overwrite_output_dir to replace it, or choose another --output_dir",
+            every_rank=True,
         )
 
 

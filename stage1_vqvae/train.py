@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator, per_device = build_accelerator(tc, out, [DistributedDataParallelKwargs(broadcast_buffers=False)])
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
     check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
+    accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
     # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
     with accelerator.main_process_first():

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"))
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
     check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
+    accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
         before = CodesMeta.from_json_dict(json.loads((out / "codes_meta.json").read_text()), "codes_meta.json")

@@ -120,3 +120,20 @@ def test_every_shipped_config_is_valid(name):
     cfg = load_config(Stage1Config if name.endswith("stage1.yaml") else Stage2Config, name, [])
     if name.endswith("stage1.yaml"):
         resolve_model_config(cfg)  # the model's geometry follows the data's
+
+
+def test_under_a_launcher_an_error_of_every_rank_prints_once_and_a_rank_s_own_error_prints(monkeypatch, capsys):
+    from stage1_vqvae.shared import run_cli
+
+    def fails(every_rank):
+        def main(argv):
+            raise VqgenError("the problem and the fix", every_rank=every_rank)
+
+        return main
+
+    for rank, every_rank, printed in (("0", True, True), ("1", True, False), ("1", False, True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            run_cli(fails(every_rank), [])
+        assert e.value.code == 2
+        assert ("error: the problem and the fix" in capsys.readouterr().err) == printed, (rank, every_rank)
