@@ -17,10 +17,8 @@ MSE and PSNR are computed on images scaled to [0, 1]; PSNR is the mean of per-im
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import deprecated_flags, run_cli, write_json
+from stage1_vqvae.shared import deprecated_flags, report_metrics, run_cli
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -222,12 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     loaders = {k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size)) for k, v in splits.items()}
     result = full_evaluation(model, loaders, args.split, accelerator)
     if accelerator.is_main_process:
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.output_dir) / "metrics.json", result)
-        if args.out:
-            write_json(Path(args.out), result)
-        print(json.dumps(result, indent=2))
+        report_metrics(result, args.output_dir, args.out)
     return result
 
 

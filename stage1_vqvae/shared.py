@@ -349,6 +349,17 @@ def save_image_grid(rows: list[torch.Tensor], path: Path, min_side: int = 112) -
     return grid.mul(255).round().byte().permute(1, 2, 0)
 
 
+def report_metrics(result: dict, output_dir: str | None, out_file: str | None = None) -> None:
+    """An evaluation CLI's output: metrics.json in output_dir (and the deprecated --out file), and the JSON
+    printed. Call it on the main process only."""
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(output_dir) / "metrics.json", result)
+    if out_file:
+        write_json(Path(out_file), result)
+    print(json.dumps(result, indent=2))
+
+
 # --------------------------------------------------------------------------------------------------
 # Training: the config both stages extend, the LR schedule, the Accelerator, checkpoints, the NaN guard.
 

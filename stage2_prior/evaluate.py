@@ -15,10 +15,8 @@ bound always scores the data the prior was evaluated on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import warnings
-from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -27,7 +25,7 @@ from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
 from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, deprecated_flags, from_dict, run_cli, write_json
+from stage1_vqvae.shared import VqgenError, deprecated_flags, from_dict, report_metrics, run_cli
 from stage2_prior.data import CodeDataConfig, load_code_splits
 from stage2_prior.model import bits_per_code, code_nll, codes_meta_of, grid_to_input_ids, layout_of, load_prior
 
@@ -123,12 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             uncond_nll = sequences_nll(prior, uncond, args.batch_size)
         result["bits_per_code_unconditional"] = bits_per_code(uncond_nll, layout)
     if PartialState().is_main_process:  # under a launcher every process computes the same: one prints
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.output_dir) / "metrics.json", result)
-        if args.out:
-            write_json(Path(args.out), result)
-        print(json.dumps(result, indent=2))
+        report_metrics(result, args.output_dir, args.out)
     return result
 
 
