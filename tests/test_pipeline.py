@@ -168,6 +168,22 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
         ]
     )
     assert (comp / "completion.png").is_file()
+    half = sample(  # no --keep_rows: half of the code rows are kept
+        ["--pipeline", str(pipe), "--complete", str(out / "00000_classa.png"), "--num_images", "2", "--seed", "3",
+         "--output_dir", str(tmp_path / "o5b")]
+    )  # fmt: skip
+    assert (half / "completion.png").is_file()
+    from types import SimpleNamespace
+
+    from sample import completion_prefix
+
+    loaded = VQGenPipeline.from_pretrained(pipe)
+    own, prefix = completion_prefix(SimpleNamespace(complete=str(out / "00000_classa.png"), keep_rows=None), loaded, 2)
+    assert prefix.shape == (2, 2 * 4) and torch.equal(prefix[0], own.reshape(-1)[:8])  # 2 of the 4 code rows
+    # The per-class grid carries the class names in a left margin: wider than the bare grid of 3 images.
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").width > 3 * 16 + 4 * 2
 
     with pytest.raises(VqgenError, match="already holds files"):
         sample(["--pipeline", str(pipe), "--output_dir", str(out)])

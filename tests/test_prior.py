@@ -400,3 +400,11 @@ def test_a_prefix_that_covers_the_whole_grid_is_returned_as_it_is():
     for decoding in ("sequential", "jacobi"):
         out = sample_codes(model, 2, classes=[0, 1], prefix_codes=full, decoding=decoding, batch_size=1)
         assert torch.equal(out.view(2, -1), full), decoding
+
+
+def test_the_default_decoding_is_jacobi_for_one_image_at_a_time_and_sequential_for_batches():
+    model = tiny_prior()
+    for batch_size, expected in ((1, "jacobi"), (4, "sequential")):
+        stats = {}
+        sample_codes(model, 4, classes=[0, 1, 2, 0], batch_size=batch_size, stats=stats)
+        assert stats["decoding"] == expected, batch_size
