@@ -236,6 +236,7 @@ class VectorQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim  # D of the encoder output
         self.lookup_dim = lookup_dim or codebook_dim  # the space the codes live in
+        self.projected = lookup_dim is not None  # project_in / project_out exist (also when lookup_dim == D)
         self.l2_normalize = l2_normalize
         self.straight_through = straight_through
         self.codebook_transform = codebook_transform
@@ -307,7 +308,7 @@ class VectorQuantizer(nn.Module):
         if self.plain:
             return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
         vectors = F.embedding(codes, self.codebook())  # (B, h, w, d)
-        if self.lookup_dim != self.codebook_dim:
+        if self.projected:
             vectors = self.project_out(vectors)  # (B, h, w, D)
         return vectors.permute(0, 3, 1, 2).contiguous()
 
@@ -318,7 +319,7 @@ class VectorQuantizer(nn.Module):
 
     def to_lookup(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) encoder outputs -> (N, d) in the lookup space (projected down, l2-normalised)."""
-        x = self.project_in(flat) if self.lookup_dim != self.codebook_dim else flat
+        x = self.project_in(flat) if self.projected else flat
         return F.normalize(x, dim=1) if self.l2_normalize else x
 
     # -- forward ------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = F.mse_loss(x.detach(), e)  # ||sg[z] - e||^2
                 loss = self.commitment_weight * commitment_loss + codebook_weight * codebook_loss
                 z_q_flat = rotation_trick(x, e) if self.straight_through == "rotation" else x + (e - x).detach()
-                if self.lookup_dim != self.codebook_dim:
+                if self.projected:
                     z_q_flat = self.project_out(z_q_flat)  # (N, D)
             z_q = z_q_flat.view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
 

@@ -116,11 +116,12 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> float:
     """KID (unbiased MMD^2, cubic polynomial kernel) between two (N, F) feature sets, averaged over subsets."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    torch.manual_seed(seed)  # torchmetrics draws its subsets from the global RNG
     kid = KernelInceptionDistance(feature=_Given(a.shape[1]), subsets=20, subset_size=min(len(a), len(b), 500))
     kid.update(a, real=False)
     kid.update(b, real=True)
-    return float(kid.compute()[0])
+    with torch.random.fork_rng():  # torchmetrics draws its subsets from the global RNG: seed it, then restore
+        torch.manual_seed(seed)
+        return float(kid.compute()[0])
 
 
 def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tuple[float, float]:

@@ -408,3 +408,12 @@ def test_the_default_decoding_is_jacobi_for_one_image_at_a_time_and_sequential_f
         stats = {}
         sample_codes(model, 4, classes=[0, 1, 2, 0], batch_size=batch_size, stats=stats)
         assert stats["decoding"] == expected, batch_size
+
+
+def test_kid_leaves_the_callers_random_state_alone():
+    from stage2_prior.quality import kernel_distance
+
+    a, b = torch.randn(50, 4), torch.randn(50, 4)
+    state = torch.random.get_rng_state()
+    kernel_distance(a, b, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -118,3 +118,12 @@ def test_every_option_trains_saves_loads_and_encodes(options, tmp_path):
     assert torch.allclose(loaded.decode_codes(codes), model(images).reconstruction, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the lookup stays fp32 under autocast
         assert torch.equal(loaded.encode(images), codes)
+
+
+def test_a_lookup_dim_equal_to_d_still_uses_its_projections():
+    """Every parameter must get a gradient (DDP refuses unused ones), also when lookup_dim == codebook_dim."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, decay=None, lookup_dim=4).train()
+    out = vq(torch.randn(2, 4, 3, 3))
+    (out.loss + out.z_q.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vq.parameters())
