@@ -5,6 +5,20 @@ are found by feature type (overridable). Images are decoded by this module (so a
 converted to the configured mode, resized/cropped/padded with torchvision.transforms.v2 and kept as uint8;
 `to_model_input` scales them to [-1, 1] on the training device.
 
+Three ways to hold a split, chosen by `load_splits`:
+- `ImageSplit`: decoded once into memory as uint8, when all requested splits fit `data.cache_max_gb` (MNIST:
+  fast epochs on few cores);
+- `LazyImageSplit`: rows stay in the memory-mapped Arrow table and are decoded in `__getitem__`, i.e. in the
+  DataLoader workers, so memory does not grow with the dataset; resume stays exact (a map-style dataset
+  under the seeded sampler);
+- `StreamingImages` (`data.streaming=true`): a `datasets` streaming source (a Hub id, a folder of parquet,
+  images or WebDataset .tar shards) read shard by shard; every rank reads its own shards, every worker its own
+  part of them, and the position in the stream is checkpointed and restored.
+
+Augmentation (`data.augment`, `data.hflip`, train split only) is drawn from a generator seeded by (seed, epoch,
+row), so it changes every epoch, does not depend on the worker that decodes the row, and a resumed run sees the
+same crops as an uninterrupted one.
+
 Image modes: 16-bit and float images are rescaled to 8 bits; CMYK, palette and alpha images are converted
 (alpha is composited onto black, the background of MNIST-like data); then L or RGB as configured.
 """
@@ -15,6 +29,7 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -51,6 +66,13 @@ class DataConfig:
     test_fraction: float = 0.05  # of train, when test is carved
     max_samples: int | None = None  # cap on every split (quick runs and tests)
     cache_dir: str | None = None  # where the built-in MNIST is converted; default ~/.cache/vqgen
+    cache_max_gb: float = 1.0  # decoded splits held in memory while they fit this (GiB, all splits together)
+    streaming: bool = False  # read the source as a datasets stream (Hub id, parquet/image/.tar folder)
+    shuffle_buffer: int = 10000  # streaming: rows in the shuffle buffer (shards are shuffled too)
+    streaming_holdout: int = 1000  # streaming: rows of validation (and test) carved from train / kept in memory
+    augment: Literal["none", "random_crop", "random_resized_crop"] = "none"  # train split only
+    crop_min_scale: float = 0.5  # random_resized_crop: smallest fraction of the image area kept
+    hflip: bool = False  # train split only: mirror half the images
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -59,6 +81,14 @@ class DataConfig:
             raise ValueError("validation_fraction and test_fraction must be in (0, 1)")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be positive, got {self.max_samples}")
+        if self.cache_max_gb < 0:
+            raise ValueError(f"cache_max_gb must be >= 0 (0 never caches), got {self.cache_max_gb}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.shuffle_buffer < 1 or self.streaming_holdout < 1:
+            raise ValueError("shuffle_buffer and streaming_holdout must be positive")
+        if self.augment != "none" and self.resize_mode == "pad":
+            raise ValueError("augment crops the image; it cannot be combined with resize_mode pad")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +273,24 @@ def to_mode(img: Image.Image, channels: str) -> Image.Image:
 COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
 
 
+def augment_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one row's augmentation in one epoch: a function of (seed, epoch, row) alone, so the
+    draw does not depend on which worker decodes the row or on where a resumed run started."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 998_244_353 + index) % (2**63 - 1))
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def _randint(gen: torch.Generator, high: int) -> int:
+    """Uniform integer in [0, high]."""
+    return int(torch.randint(high + 1, (), generator=gen))
+
+
 class ImageTransform:
-    """PIL image -> uint8 (C, R, R) tensor: mode, then resize + centre crop, pad or stretch."""
+    """PIL image -> uint8 (C, R, R) tensor: mode, then resize + centre crop, pad or stretch; with a generator
+    (the train split, when `augment`/`hflip` are set) a random crop and a random mirror instead."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -258,31 +304,67 @@ class ImageTransform:
             ops = []  # padding is done on the PIL image, below
         self.ops = v2.Compose([v2.PILToTensor(), *ops])
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self.cfg.channels == "L" and img.mode in COLOUR_MODES and not self.warned:
+    def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.channels == "L" and img.mode in COLOUR_MODES and not self.warned:
             logger.warning(
                 "colour (%s) images are converted to grayscale because data.channels=L; set data.channels=RGB "
                 "to keep the colour",
                 img.mode,
             )
             self.warned = True
-        img = to_mode(img, self.cfg.channels)
-        if img.size == (self.cfg.resolution,) * 2:
+        img = to_mode(img, cfg.channels)
+        if gen is not None and cfg.augment != "none":
+            out = _to_tensor(self._random_crop(img, gen))
+        elif img.size == (cfg.resolution,) * 2:
             # Already the right size: skip the transform pipeline, whose per-call overhead dominates small images.
-            arr = np.array(img)  # (R, R) or (R, R, 3) uint8, writable
-            return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
-        if self.cfg.resize_mode == "pad":
+            out = _to_tensor(img)
+        elif cfg.resize_mode == "pad":
             side = max(img.size)
             canvas = Image.new(img.mode, (side, side))
             canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-            img = canvas.resize((self.cfg.resolution,) * 2, Image.BILINEAR)
-        return self.ops(img)  # (C, R, R) uint8
+            out = _to_tensor(canvas.resize((cfg.resolution,) * 2, Image.BILINEAR))
+        else:
+            out = self.ops(img)  # (C, R, R) uint8
+        if gen is not None and cfg.hflip and torch.rand((), generator=gen).item() < 0.5:
+            out = out.flip(-1)
+        return out
+
+    def _random_crop(self, img: Image.Image, gen: torch.Generator) -> Image.Image:
+        r, (w, h) = self.cfg.resolution, img.size
+        if self.cfg.augment == "random_crop":  # shorter side to R, then an R x R window anywhere along the longer
+            scale = r / min(w, h)
+            if scale != 1:
+                img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            x, y = _randint(gen, w - r), _randint(gen, h - r)
+            return img.crop((x, y, x + r, y + r))
+        # random_resized_crop: area fraction uniform in [crop_min_scale, 1], aspect ratio log-uniform in
+        # [3/4, 4/3] (Szegedy et al. 2015, as torchvision draws it), 10 tries, then the centre square.
+        for _ in range(10):
+            target = w * h * _uniform(gen, self.cfg.crop_min_scale, 1.0)
+            ratio = math.exp(_uniform(gen, math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                x, y = _randint(gen, w - cw), _randint(gen, h - ch)
+                break
+        else:
+            cw = ch = min(w, h)
+            x, y = (w - cw) // 2, (h - ch) // 2
+        return img.resize((r, r), Image.BICUBIC, box=(x, y, x + cw, y + ch))  # PIL resizes antialiased
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.array(img)  # (H, W) or (H, W, 3) uint8, writable
+    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (C, H, W)
 
 
 def decode_image(value, where: str) -> Image.Image:
     """A datasets Image value (decode=False: {'bytes', 'path'}) -> PIL image, or one clear error."""
     if value is None:
         raise VqgenError(f"{where}: the image is missing (null); remove the row or fill it")
+    if isinstance(value, Image.Image):  # a source that decodes itself (e.g. WebDataset's .jpg columns)
+        return value
     src = value.get("path") or "bytes"
     try:
         if value.get("bytes") is not None:
@@ -293,6 +375,16 @@ def decode_image(value, where: str) -> Image.Image:
         return img
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise VqgenError(f"{where} ({src}): cannot decode the image ({e}). Remove or replace that file") from None
+
+
+def check_labels(values: list, n_classes: int, split: str) -> torch.Tensor:
+    bad = [v for v in values if v is None or not 0 <= v < n_classes]
+    if bad:
+        raise VqgenError(
+            f"split {split!r}: label {bad[0]} is outside the {n_classes} class names; "
+            "fix the label column or set data.label_column=none"
+        )
+    return torch.tensor(values, dtype=torch.long)
 
 
 def iter_image_batches(
@@ -312,27 +404,49 @@ def iter_image_batches(
         images = torch.stack(
             [transform(decode_image(v, f"split {split!r} row {lo + j}")) for j, v in enumerate(rows[image_col])]
         )  # (B, C, R, R)
-        labels = None
-        if label_col:
-            bad = [v for v in rows[label_col] if v is None or not 0 <= v < n_classes]
-            if bad:
-                raise VqgenError(
-                    f"split {split!r}: label {bad[0]} is outside the {n_classes} class names; "
-                    "fix the label column or set data.label_column=none"
-                )
-            labels = torch.tensor(rows[label_col], dtype=torch.long)
+        labels = check_labels(rows[label_col], n_classes, split) if label_col else None
         yield images, labels
 
 
-class ImageSplit(torch.utils.data.Dataset):
-    """One split as uint8 tensors, decoded once into memory (fast epochs on few cores)."""
+class _Split(torch.utils.data.Dataset):
+    """What every map-style split shares: the epoch (for augmentation), class names, a few images to show."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, split: str = "train", progress: bool = False):
-        from tqdm.auto import tqdm
-
-        self.cfg = cfg
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, split: str, augment: bool, seed: int):
+        self.cfg, self.split, self.seed, self.epoch = cfg, split, seed, 0
+        self.augment = augment and (cfg.augment != "none" or cfg.hflip)
         self.image_column, self.label_column = find_columns(ds, cfg)
         self.class_names = ds.features[self.label_column].names if self.label_column else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called through the prepared DataLoader's set_epoch; workers are started anew each epoch and copy it."""
+        self.epoch = epoch
+
+    def generator(self, i: int) -> torch.Generator | None:
+        return augment_generator(self.seed, self.epoch, i) if self.augment else None
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The first n images, unaugmented: (n, C, R, R) uint8 (reconstruction grids)."""
+        raise NotImplementedError
+
+
+class ImageSplit(_Split):
+    """One split as uint8 tensors, decoded once into memory (fast epochs on few cores). Augmentation: hflip
+    only (a crop needs the full image, so `load_splits` never caches a split it crops)."""
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        split: str = "train",
+        progress: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+    ):
+        from tqdm.auto import tqdm
+
+        super().__init__(ds, cfg, split, augment, seed)
+        if self.augment and cfg.augment != "none":
+            raise ValueError("ImageSplit holds decoded images and cannot crop them anew; use LazyImageSplit")
         images, labels = [], []
         bar = tqdm(total=len(ds), desc=f"decoding {split}", disable=not progress, leave=False)
         for x, y in iter_image_batches(ds, cfg, split, batch_size=1024):
@@ -347,7 +461,51 @@ class ImageSplit(torch.utils.data.Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"images": self.images[i], "labels": self.labels[i]}
+        image = self.images[i]
+        if self.augment and torch.rand((), generator=self.generator(int(i))).item() < 0.5:
+            image = image.flip(-1)
+        return {"images": image, "labels": self.labels[i]}
+
+    def first_images(self, n: int) -> torch.Tensor:
+        return self.images[:n]
+
+
+class LazyImageSplit(_Split):
+    """One split decoded row by row in `__getitem__` (so in the DataLoader workers) from the memory-mapped Arrow
+    table: memory stays flat whatever the dataset's size, and augmentation is drawn anew every epoch."""
+
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, split: str = "train", augment: bool = False, seed=0):
+        super().__init__(ds, cfg, split, augment, seed)
+        self.raw = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.n_classes = len(self.class_names) if self.class_names else 0
+        self.transform = ImageTransform(cfg)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of rows in one Arrow read (the DataLoader's fetcher calls this instead of __getitem__)."""
+        indices = [int(i) for i in indices]
+        rows = self.raw[indices]  # one columnar read
+        images = [
+            self.transform(decode_image(v, f"split {self.split!r} row {i}"), self.generator(i))
+            for i, v in zip(indices, rows[self.image_column])
+        ]
+        if self.label_column:
+            labels = check_labels(rows[self.label_column], self.n_classes, self.split)
+        else:
+            labels = torch.full((len(indices),), -1, dtype=torch.long)
+        return [{"images": x, "labels": y} for x, y in zip(images, labels)]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def first_images(self, n: int) -> torch.Tensor:
+        saved, self.augment = self.augment, False
+        try:
+            return torch.stack([b["images"] for b in self.__getitems__(list(range(min(n, len(self)))))])
+        finally:
+            self.augment = saved
 
 
 def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -360,9 +518,217 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def load_splits(cfg: DataConfig, splits=("train", "validation", "test"), progress: bool = False) -> dict:
+def split_nbytes(n_rows: int, cfg: DataConfig) -> int:
+    """Bytes of n decoded uint8 images at the configured size."""
+    return n_rows * (1 if cfg.channels == "L" else 3) * cfg.resolution**2
+
+
+def load_splits(
+    cfg: DataConfig,
+    splits=("train", "validation", "test"),
+    progress: bool = False,
+    *,
+    augment_train: bool = False,
+    seed: int = 0,
+    in_memory: bool | None = None,
+) -> dict:
+    """{split: dataset of {'images': uint8 (C, R, R), 'labels'}} for `splits`.
+
+    in_memory None (the default) caches the smallest splits first while their decoded bytes fit
+    `data.cache_max_gb` together and decodes the rest on the fly (`LazyImageSplit`); True and False force one
+    way. A train split that is cropped anew each epoch is never cached. `data.streaming` returns
+    `streaming_splits` instead (train as `StreamingImages`).
+    """
+    if cfg.streaming:
+        return streaming_splits(cfg, splits, augment_train=augment_train, seed=seed)
     dd = load_source(cfg)
-    return {s: ImageSplit(dd[s], cfg, s, progress=progress) for s in splits}
+    budget = cfg.cache_max_gb * 2**30
+    used, out = 0, {}
+    for s in sorted(splits, key=lambda s: len(dd[s])):
+        augment = augment_train and s == "train"
+        cache = in_memory
+        if cache is None:
+            crops = augment and cfg.augment != "none"
+            cache = not crops and used + split_nbytes(len(dd[s]), cfg) <= budget
+        if cache:
+            used += split_nbytes(len(dd[s]), cfg)
+            out[s] = ImageSplit(dd[s], cfg, s, progress=progress, augment=augment, seed=seed)
+        else:
+            out[s] = LazyImageSplit(dd[s], cfg, s, augment=augment, seed=seed)
+    if not all(isinstance(v, ImageSplit) for v in out.values()):
+        lazy = {
+            k: f"{split_nbytes(len(dd[k]), cfg) / 2**30:.2f} GiB"
+            for k, v in out.items()
+            if isinstance(v, LazyImageSplit)
+        }
+        logger.info("decoding on the fly (over data.cache_max_gb=%s, or cropped anew): %s", cfg.cache_max_gb, lazy)
+    return {s: out[s] for s in splits}
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming sources
+
+
+def load_stream_source(cfg: DataConfig) -> dict:
+    """{split: datasets.IterableDataset} of a streamed source, with validation/test carved from the start of train
+    (`streaming_holdout` rows each) when the source has none."""
+    if cfg.source == "mnist":
+        streams = {k: v.to_iterable_dataset(num_shards=16) for k, v in build_mnist(cfg).items()}
+    else:
+        path = Path(cfg.source)
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+                saved = datasets.load_from_disk(str(path))
+                saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+                streams = {k: v.to_iterable_dataset(num_shards=min(16, max(1, len(v)))) for k, v in saved.items()}
+            else:
+                streams = dict(datasets.load_dataset(str(path) if path.exists() else cfg.source, streaming=True))
+        except Exception as e:  # datasets raises many types for an unreadable source
+            raise VqgenError(
+                f"data.source {cfg.source}: cannot stream it ({type(e).__name__}: {str(e)[:200]}). Pass a Hub "
+                "dataset id or a folder of images, parquet files or WebDataset .tar shards"
+            ) from None
+    if cfg.train_split not in streams:
+        raise VqgenError(
+            f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(streams)}); "
+            "set data.train_split"
+        )
+    train = streams[cfg.train_split]
+    out, carved = {}, 0
+    for name, key in ((cfg.test_split, "test"), (cfg.validation_split, "validation")):
+        if name in streams:
+            out[key] = streams[name]
+        else:  # the first rows of train, before any shuffling: the same rows on every rank and every run
+            out[key] = train.skip(carved).take(cfg.streaming_holdout)
+            carved += cfg.streaming_holdout
+    out["train"] = train.skip(carved) if carved else train
+    if cfg.max_samples is not None:
+        out = {k: v.take(cfg.max_samples) for k, v in out.items()}
+    return out
+
+
+def _stream_features(stream: datasets.IterableDataset) -> datasets.Features:
+    features = stream.features
+    if features is None:
+        features = stream._resolve_features().features  # sources whose features are only known from a row
+    return features
+
+
+def streaming_splits(cfg: DataConfig, splits, *, augment_train: bool = False, seed: int = 0) -> dict:
+    """train: `StreamingImages`; validation/test: their first `streaming_holdout` rows, decoded into memory."""
+    streams = load_stream_source(cfg)
+    out = {}
+    for s in splits:
+        features = _stream_features(streams[s])
+        probe = datasets.Dataset.from_dict({k: [] for k in features}, features=features)  # columns by type
+        image_col, _ = find_columns(probe, cfg)
+        raw = streams[s].cast_column(image_col, datasets.Image(decode=False))
+        if s == "train":
+            out[s] = StreamingImages(raw, cfg, features, augment=augment_train, seed=seed)
+        else:
+            rows = list(raw.take(cfg.streaming_holdout))
+            if not rows:
+                raise VqgenError(f"data.source {cfg.source}: split {s!r} is empty; add images or choose another split")
+            held = datasets.Dataset.from_list(rows, features=raw.features or features)
+            out[s] = ImageSplit(held.cast_column(image_col, datasets.Image()), cfg, s)
+    return out
+
+
+class StreamingImages(torch.utils.data.IterableDataset):
+    """The train split of a streamed source, as an endless sequence of batches.
+
+    Every rank reads its own shards (`split_dataset_by_node`) and every DataLoader worker its own part of
+    those (datasets shards by worker itself); rows are shuffled through a buffer, and epochs roll over inside
+    each worker, so training runs by steps and no rank waits for another's stream to end. Each batch carries
+    its worker's position after it (the epoch and `IterableDataset.state_dict()`); `StreamPosition` keeps the
+    position of the last batch consumed per worker, and a resumed run continues each worker's stream from
+    there (datasets restores the shard and the row in it; the rows that sat in the shuffle buffer are not
+    replayed, so a resumed stream is not row-for-row the uninterrupted one).
+    """
+
+    def __init__(self, raw, cfg: DataConfig, features, augment: bool = False, seed: int = 0):
+        self.raw, self.cfg, self.seed = raw, cfg, seed
+        probe = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+        self.image_column, self.label_column = find_columns(probe, cfg)
+        self.class_names = features[self.label_column].names if self.label_column else None
+        self.augment = augment and (cfg.augment != "none" or cfg.hflip)
+        self.batch_size = 1
+        self.rank, self.world = 0, 1
+        self.resume: dict | None = None  # {"num_workers", "workers": {worker: {"epoch", "stream"}}}
+
+    def configure(self, batch_size: int, rank: int, world: int) -> StreamingImages:
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        return self
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        state = None
+        if self.resume is not None:
+            if self.resume["num_workers"] != n_workers:
+                raise VqgenError(
+                    f"this run was checkpointed with train.num_workers={self.resume['num_workers']}; a streamed "
+                    f"source resumes only with the same number (got {n_workers})"
+                )
+            state = self.resume["workers"].get(worker)
+        epoch = state["epoch"] if state else 0
+        transform = ImageTransform(self.cfg)
+        n_classes = len(self.class_names) if self.class_names else 0
+        made = 0
+        while True:
+            ds = self.raw.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
+            ds.set_epoch(epoch)
+            # Ranks x workers read disjoint parts (whole shards when there are enough). Sharding here and
+            # reading through .iter() keeps datasets from sharding by worker again, and keeps state_dict and
+            # load_state_dict on the same structure (datasets restores a worker-sharded state into the
+            # unsharded stream and fails).
+            ds = split_dataset_by_node(ds, self.rank * n_workers + worker, self.world * n_workers)
+            if state is not None and state["epoch"] == epoch:
+                ds.load_state_dict(state["stream"])
+            batches = 0
+            for rows in ds.iter(batch_size=self.batch_size, drop_last_batch=True):
+                where = f"streamed split 'train' (rank {self.rank}, worker {worker}, epoch {epoch})"
+                images = []
+                for value in rows[self.image_column]:
+                    gen = None
+                    if self.augment:  # no stable row index in a stream: (rank, worker, rows made) stands in
+                        gen = augment_generator(self.seed, epoch, ((self.rank * 1024 + worker) << 40) + made)
+                    images.append(transform(decode_image(value, where), gen))
+                    made += 1
+                if self.label_column:
+                    labels = check_labels(rows[self.label_column], n_classes, "train")
+                else:
+                    labels = torch.full((len(images),), -1, dtype=torch.long)
+                position = {"worker": worker, "epoch": epoch, "stream": ds.state_dict()}
+                yield {"images": torch.stack(images), "labels": labels, "position": position}
+                batches += 1
+            if batches == 0:
+                raise VqgenError(
+                    f"data.source {self.cfg.source}: rank {self.rank} worker {worker} got less than one batch "
+                    f"({self.batch_size} rows) from the stream; lower train.num_workers or train.batch_size"
+                )
+            epoch += 1  # the last partial batch is dropped, like drop_last on a map-style split
+
+
+class StreamPosition:
+    """The stream position of every worker after the last batch the trainer consumed; checkpointed through
+    `accelerator.register_for_checkpointing`."""
+
+    def __init__(self, dataset: StreamingImages, num_workers: int):
+        self.dataset, self.num_workers = dataset, max(1, num_workers)
+        self.workers: dict[int, dict] = {}
+
+    def update(self, position: dict) -> None:
+        self.workers[int(position["worker"])] = {"epoch": int(position["epoch"]), "stream": position["stream"]}
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "workers": dict(self.workers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.workers = dict(state["workers"])
+        self.dataset.resume = {"num_workers": state["num_workers"], "workers": self.workers}
 
 
 def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:

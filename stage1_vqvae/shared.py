@@ -385,7 +385,7 @@ class BaseTrainConfig:
     eval_max_batches: int | None = 20  # null: the whole validation split
     checkpoint_every: int = 500  # 0 disables checkpoints
     checkpoints_total_limit: int = 2
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int | None = None  # DataLoader workers; null: 0 for data in memory, up to 4 when decoding on the fly
     compile: bool = False  # torch.compile through Accelerate's dynamo plugin
     push_to_hub: bool = False  # upload model/ when training ends (token from `hf auth login`)
     hub_model_id: str | None = None  # the Hub repo for push_to_hub (owner/name)
@@ -496,23 +496,29 @@ def build_accelerator(tc: BaseTrainConfig, out: Path, kwargs_handlers=()):
     return accelerator, per_device
 
 
-def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig):
+def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_workers: int | None = None):
     """The train loader (shuffled, seeded) and the validation loader of both trainers.
 
     Each loader has its own generator: a DataLoader without one draws a base seed from the global RNG every
     time an iterator starts, and a resumed run starts one mid-epoch where the uninterrupted run did not, which
     shifted every later global-RNG draw (dead-code restarts, dropout) and broke bit-exact resume.
     """
-    train_dl = torch.utils.data.DataLoader(
-        train,
-        batch_size=per_device,
-        shuffle=True,
-        drop_last=True,
-        num_workers=tc.num_workers,
-        generator=torch.Generator().manual_seed(tc.seed),
-    )
+    workers = num_workers if num_workers is not None else (tc.num_workers or 0)
+    train_dl = None  # a stream (None here) gets its own loader
+    if train is not None:
+        train_dl = torch.utils.data.DataLoader(
+            train,
+            batch_size=per_device,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(tc.seed),
+        )
     val_dl = torch.utils.data.DataLoader(
-        validation, batch_size=max(per_device, 64), generator=torch.Generator().manual_seed(tc.seed)
+        validation,
+        batch_size=max(per_device, 64),
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(tc.seed),
     )
     return train_dl, val_dl
 

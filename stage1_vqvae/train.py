@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from stage1_vqvae.data import DataConfig, load_splits, to_model_input
+from stage1_vqvae.data import DataConfig, ImageSplit, StreamingImages, StreamPosition, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.hub import hub_id, upload_folder
 from stage1_vqvae.model import VQVAE, VQVAEConfig
@@ -101,16 +102,37 @@ def main(argv: list[str] | None = None) -> Path:
     # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
     with accelerator.main_process_first():
-        splits = load_splits(cfg.data, splits=("train", "validation"), progress=accelerator.is_main_process)
+        splits = load_splits(
+            cfg.data,
+            splits=("train", "validation"),
+            progress=accelerator.is_main_process,
+            augment_train=True,
+            seed=tc.seed,
+        )
     if accelerator.is_main_process:
         prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
         dump_yaml(out / "config.yaml", to_dict(cfg))
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
 
-    train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
-    if len(train_dl) == 0:
-        raise VqgenError(f"the train split has {len(splits['train'])} images, fewer than one batch of {per_device}")
+    train_set = splits["train"]
+    streaming = isinstance(train_set, StreamingImages)
+    # Decoding on the fly wants workers; data already in memory does not (a worker only adds a copy).
+    in_memory = all(isinstance(v, ImageSplit) for v in splits.values())
+    workers = tc.num_workers if tc.num_workers is not None else (0 if in_memory else min(4, os.cpu_count() or 1))
+    train_dl, val_dl = make_loaders(None if streaming else train_set, splits["validation"], per_device, tc, workers)
+    position = None
+    if streaming:
+        # Not prepared: every rank reads its own shards of the stream, which accelerate's batch dispatching
+        # would replace by rank 0 reading for all; the batches move to the device below.
+        train_set.configure(per_device, accelerator.process_index, accelerator.num_processes)
+        train_dl = torch.utils.data.DataLoader(
+            train_set, batch_size=None, num_workers=workers, pin_memory=accelerator.device.type == "cuda"
+        )
+        position = StreamPosition(train_set, workers)
+        accelerator.register_for_checkpointing(position)  # saved and restored with every checkpoint
+    elif len(train_dl) == 0:
+        raise VqgenError(f"the train split has {len(train_set)} images, fewer than one batch of {per_device}")
 
     model = VQVAE(cfg.model)
     if tc.channels_last:
@@ -118,7 +140,10 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.Adam(
         model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
     )
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    if streaming:
+        model, optimizer, val_dl = accelerator.prepare(model, optimizer, val_dl)
+    else:
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
 
     step = 0
     if resume_dir is not None:
@@ -127,10 +152,11 @@ def main(argv: list[str] | None = None) -> Path:
     init_trackers(accelerator, "stage1_vqvae", cfg)
 
     # Data position: optimizer steps * accumulation = micro-batches consumed; the seedable sampler makes
-    # epoch e's order a function of (seed, e), so skipping reproduces the uninterrupted run.
-    per_epoch = len(train_dl)
-    consumed = step * tc.gradient_accumulation_steps
-    epoch, skip = divmod(consumed, per_epoch)
+    # epoch e's order a function of (seed, e), so skipping reproduces the uninterrupted run. A stream
+    # restores its position from the checkpoint instead (StreamPosition) and never ends.
+    epoch, skip = 0, 0
+    if not streaming:
+        epoch, skip = divmod(step * tc.gradient_accumulation_steps, len(train_dl))
 
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
@@ -138,11 +164,17 @@ def main(argv: list[str] | None = None) -> Path:
     val_metrics: dict = {}
     guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     while step < tc.max_steps:
-        train_dl.set_epoch(epoch)
+        if not streaming:
+            train_dl.set_epoch(epoch)
+            # accelerate forwards set_epoch to the dataset only when one process runs: the augmentation's
+            # epoch is set here, before the loader's workers copy the dataset.
+            train_set.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         skip = 0
         for batch in loader:
-            x = to_model_input(batch["images"])
+            if position is not None:
+                position.update(batch["position"])
+            x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
@@ -228,7 +260,7 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         # Straight from the dataset: iterating a prepared loader on one rank only could hang a collective.
-        images = val_dl.dataset.images[:8].to(accelerator.device)
+        images = val_dl.dataset.first_images(8).to(accelerator.device)
         with torch.no_grad():
             x = to_model_input(images)
             recon = unwrapped.decode_codes(unwrapped.encode(x))
