@@ -667,6 +667,9 @@ class StreamingImages(torch.utils.data.IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         state = None
         if self.resume is not None:
+            # The DataLoader takes batches from its workers in turn, starting at worker 0: the worker that
+            # comes after the last batch consumed plays worker 0, so a resumed run takes the same order.
+            worker = (worker + self.resume.get("next_worker", 0)) % n_workers
             if self.resume["num_workers"] != n_workers:
                 raise VqgenError(
                     f"this run was checkpointed with train.num_workers={self.resume['num_workers']}; a streamed "
@@ -685,7 +688,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
             # load_state_dict on the same structure (datasets restores a worker-sharded state into the
             # unsharded stream and fails).
             ds = split_dataset_by_node(ds, self.rank * n_workers + worker, self.world * n_workers)
-            if state is not None and state["epoch"] == epoch:
+            resumed = state is not None and state["epoch"] == epoch
+            if resumed:
                 ds.load_state_dict(state["stream"])
             batches = 0
             for rows in ds.iter(batch_size=self.batch_size, drop_last_batch=True):
@@ -704,7 +708,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 position = {"worker": worker, "epoch": epoch, "stream": ds.state_dict()}
                 yield {"images": torch.stack(images), "labels": labels, "position": position}
                 batches += 1
-            if batches == 0:
+            if batches == 0 and not resumed:  # (a resumed position may sit at the end of an epoch)
                 raise VqgenError(
                     f"data.source {self.cfg.source}: rank {self.rank} worker {worker} got less than one batch "
                     f"({self.batch_size} rows) from the stream; lower train.num_workers or train.batch_size"
@@ -719,16 +723,24 @@ class StreamPosition:
     def __init__(self, dataset: StreamingImages, num_workers: int):
         self.dataset, self.num_workers = dataset, max(1, num_workers)
         self.workers: dict[int, dict] = {}
+        self.next_worker = 0
 
     def update(self, position: dict) -> None:
-        self.workers[int(position["worker"])] = {"epoch": int(position["epoch"]), "stream": position["stream"]}
+        worker = int(position["worker"])
+        self.workers[worker] = {"epoch": int(position["epoch"]), "stream": position["stream"]}
+        self.next_worker = (worker + 1) % self.num_workers
 
     def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "workers": dict(self.workers)}
+        return {"num_workers": self.num_workers, "workers": dict(self.workers), "next_worker": self.next_worker}
 
     def load_state_dict(self, state: dict) -> None:
         self.workers = dict(state["workers"])
-        self.dataset.resume = {"num_workers": state["num_workers"], "workers": self.workers}
+        self.next_worker = int(state.get("next_worker", 0))
+        self.dataset.resume = {
+            "num_workers": state["num_workers"],
+            "workers": self.workers,
+            "next_worker": self.next_worker,
+        }
 
 
 def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:

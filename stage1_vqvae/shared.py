@@ -48,8 +48,18 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         main(argv)
     except VqgenError as e:
         if os.environ.get("RANK", "0") == "0" or not e.every_rank:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_message(e: VqgenError) -> str:
+    """The error's own line. A DataLoader worker's error arrives re-raised in the main process with the worker's
+    traceback folded into the message ("Caught VqgenError in DataLoader worker process 0. Original
+    Traceback ..."); its last line is what the worker raised."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("VqgenError: ", 1)[-1]
+    return text
 
 
 def deprecated_flags(argv: list[str] | None, renames: dict[str, str]) -> list[str]:

@@ -1,0 +1,193 @@
+"""Users' data at real size: decoding on the fly, streamed sources, augmentation drawn from (seed, epoch, row)."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from stage1_vqvae.data import (
+    DataConfig,
+    ImageSplit,
+    LazyImageSplit,
+    StreamingImages,
+    StreamPosition,
+    load_source,
+    load_splits,
+)
+from stage1_vqvae.shared import VqgenError, user_message
+from stage1_vqvae.train import main
+
+from helpers import stage1_args
+
+
+def make_tar_shards(root, n_shards=3, per_shard=12, corrupt=None, size=20):
+    """WebDataset-style shards: {key}.png + {key}.cls in train-XXX.tar; `corrupt` = (shard, row) gets bad bytes."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in range(n_shards):
+        with tarfile.open(root / f"train-{shard:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(buf, format="PNG")
+                png = b"not a png" if corrupt == (shard, i) else buf.getvalue()
+                for ext, data in (("png", png), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"s{shard}_{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_decoding_on_the_fly_gives_the_in_memory_images(image_folder):
+    cfg = DataConfig(source=str(image_folder), resolution=12, channels="RGB", resize_mode="crop")
+    dd = load_source(cfg)
+    for split in ("train", "test"):
+        cached, lazy = ImageSplit(dd[split], cfg, split), LazyImageSplit(dd[split], cfg, split)
+        assert len(lazy) == len(cached)
+        loader = torch.utils.data.DataLoader(lazy, batch_size=5, num_workers=2)
+        images = torch.cat([b["images"] for b in loader])
+        labels = torch.cat([b["labels"] for b in loader])
+        assert images.shape == (len(cached), 3, 12, 12) and images.dtype == torch.uint8
+        assert torch.equal(images, cached.images) and torch.equal(labels, cached.labels)
+        assert torch.equal(lazy.first_images(3), cached.images[:3])
+
+
+def test_the_memory_budget_chooses_in_memory_or_on_the_fly(image_folder):
+    src = str(image_folder)
+    cached = load_splits(DataConfig(source=src), splits=("train", "validation"))
+    assert all(isinstance(v, ImageSplit) for v in cached.values())
+    lazy = load_splits(DataConfig(source=src, cache_max_gb=0), splits=("train", "validation"))
+    assert all(isinstance(v, LazyImageSplit) for v in lazy.values())
+    # A budget that holds the (smaller) validation split but not both: the smallest splits are cached first.
+    n_val = len(cached["validation"])
+    budget = (n_val * 28 * 28 + 1) / 2**30
+    mixed = load_splits(DataConfig(source=src, cache_max_gb=budget), splits=("train", "validation"))
+    assert isinstance(mixed["validation"], ImageSplit) and isinstance(mixed["train"], LazyImageSplit)
+    # Crops drawn anew every epoch need the full image: a cropped train split is never cached.
+    cropped = load_splits(DataConfig(source=src, augment="random_crop"), splits=("train",), augment_train=True)
+    assert isinstance(cropped["train"], LazyImageSplit)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_row_whatever_the_worker(image_folder):
+    cfg = DataConfig(source=str(image_folder), resolution=12, augment="random_resized_crop", hflip=True)
+    ds = load_source(cfg)["train"]
+
+    def epoch_images(split, epoch, workers):
+        split.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(split, batch_size=4, num_workers=workers)
+        return torch.cat([b["images"] for b in loader])
+
+    a = LazyImageSplit(ds, cfg, augment=True, seed=3)
+    b = LazyImageSplit(ds, cfg, augment=True, seed=3)
+    first = epoch_images(a, 0, 0)
+    assert torch.equal(first, epoch_images(b, 0, 2))  # another object, two workers: the same draws
+    assert not torch.equal(first, epoch_images(a, 1, 0))  # a new epoch draws anew
+    assert not torch.equal(first, epoch_images(LazyImageSplit(ds, cfg, augment=True, seed=4), 0, 0))
+    plain = LazyImageSplit(ds, cfg)  # evaluation and extraction never augment
+    assert torch.equal(epoch_images(plain, 0, 0), epoch_images(plain, 5, 0))
+
+
+def test_a_random_crop_is_a_window_of_the_image_resized_to_the_shorter_side(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (24, 40), dtype=np.uint8)  # H=24, W=40
+    folder = tmp_path / "wide" / "x"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = DataConfig(source=str(tmp_path / "wide"), resolution=16, augment="random_crop", max_samples=4)
+    split = LazyImageSplit(load_source(cfg)["train"], cfg, augment=True)
+    resized = np.array(Image.fromarray(pixels).resize((27, 16), Image.BICUBIC))  # shorter side 24 -> 16
+    offsets = set()
+    for epoch in range(6):
+        split.set_epoch(epoch)
+        for i in range(len(split)):
+            crop = split[i]["images"][0].numpy()
+            hits = [x for x in range(27 - 16 + 1) if np.array_equal(resized[:, x : x + 16], crop)]
+            assert len(hits) >= 1
+            offsets.add(hits[0])
+    assert len(offsets) > 3  # the window moves
+
+
+def test_hflip_mirrors_about_half_of_the_images_and_changes_nothing_else(image_folder):
+    cfg = DataConfig(source=str(image_folder), hflip=True)
+    ds = load_source(cfg)["train"]
+    plain = ImageSplit(ds, cfg)
+    flipped = ImageSplit(ds, cfg, augment=True, seed=0)
+    mirrored = 0
+    for epoch in range(4):
+        flipped.set_epoch(epoch)
+        for i in range(len(plain)):
+            x, y = plain[i]["images"], flipped[i]["images"]
+            assert torch.equal(y, x) or torch.equal(y, x.flip(-1))
+            mirrored += not torch.equal(y, x)
+    assert 0.3 < mirrored / (4 * len(plain)) < 0.7
+
+
+def test_resume_is_bit_exact_when_decoding_on_the_fly_with_augmentation_and_workers(tmp_path, image_folder):
+    common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
+    common += ["data.cache_max_gb=0", "data.augment=random_resized_crop", "data.hflip=true", "train.num_workers=2"]
+    full = main(stage1_args(tmp_path / "a", image_folder, *common))
+    main(stage1_args(tmp_path / "b", image_folder, *common))
+    for name in ("checkpoint_6", "checkpoint_7"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = main(stage1_args(tmp_path / "b", image_folder, *common, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers):
+    # shuffle_buffer=1 keeps the rows in shard order, so the resumed stream must continue row for row.
+    cfg = DataConfig(source=str(make_tar_shards(tmp_path / "wds", n_shards=4)), streaming=True, resolution=16)
+    cfg.shuffle_buffer, cfg.streaming_holdout = 1, 4
+    stream = load_splits(cfg, splits=("train",))["train"]
+    assert isinstance(stream, StreamingImages)
+    stream.configure(batch_size=3, rank=0, world=1)
+    position = StreamPosition(stream, workers)
+    it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+    for _ in range(5):
+        position.update(next(it)["position"])
+    expected = [next(it)["images"] for _ in range(6)]  # crosses into the next epoch of 44 rows
+    del it
+    state = json.loads(json.dumps(position.state_dict(), default=int))  # survives a round trip
+    state["workers"] = {int(k): v for k, v in state["workers"].items()}
+    again = load_splits(cfg, splits=("train",))["train"].configure(batch_size=3, rank=0, world=1)
+    StreamPosition(again, workers).load_state_dict(state)
+    it = iter(torch.utils.data.DataLoader(again, batch_size=None, num_workers=workers))
+    for want in expected:
+        assert torch.equal(next(it)["images"], want)
+
+
+def test_streamed_training_resumes_from_its_position_bit_exact_without_a_shuffle_buffer(tmp_path):
+    source = make_tar_shards(tmp_path / "wds")
+    common = [f"data.source={source}", "data.streaming=true", "data.shuffle_buffer=1", "data.streaming_holdout=4"]
+    common += ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
+    full = main(stage1_args(tmp_path / "a", source, *common))
+    main(stage1_args(tmp_path / "b", source, *common))
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint_3" / "custom_checkpoint_0.pkl").is_file()
+    for name in ("checkpoint_6", "checkpoint_7"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = main(stage1_args(tmp_path / "b", source, *common, "--resume_from_checkpoint", "latest"))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):
+    source = make_tar_shards(tmp_path / "wds", n_shards=2, corrupt=(1, 5))
+    cfg = DataConfig(source=str(source), streaming=True, resolution=16, streaming_holdout=2)
+    stream = load_splits(cfg, splits=("train",))["train"].configure(batch_size=4, rank=0, world=1)
+    with pytest.raises(VqgenError) as err:
+        for _ in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2):
+            pass
+    message = user_message(err.value)
+    assert "cannot decode the image" in message and "streamed split 'train'" in message
+    assert "\n" not in message and "Traceback" not in message
