@@ -7,15 +7,20 @@
 
 Output: `data/` (`save_to_disk` layout, so `datasets.load_from_disk("OUT/data")` reads it) with one split per
 source split, `codes: Array2D((h, w), int16)` (int32 when K > 32767) and `label: ClassLabel` when the source has
-labels, in the source's order; and `vqgen_codes.json`, the `CodesMeta` contract stage 2 reads. Rows are
-encoded in batches under no_grad and streamed to Arrow files, so memory does not grow with the dataset.
-Under `accelerate launch`, each rank encodes a contiguous slice and the main process concatenates them in order.
+labels, in the source's order; and `vqgen_codes.json`, the `CodesMeta` contract stage 2 reads.
+
+At scale: images are decoded on the fly in DataLoader workers; codes are written as they are made, in parquet
+shards of `--shard_rows` rows (every process its own shards under `accelerate launch`), with a progress bar in
+images/s and time left. A killed extraction run again with the same command resumes from its complete shards,
+and the result equals an uninterrupted run's row for row. Memory holds one shard at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
-from stage1_vqvae.data import data_config_for, find_columns, iter_image_batches, load_source, to_model_input
+from stage1_vqvae.data import data_config_for, find_columns, load_source, to_model_input
 from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import (
@@ -60,51 +65,85 @@ refuses codes from another VQ-VAE. `datasets.load_dataset` reads the parquet fil
 """
 
 
-def _encode_slice(model, ds, data_cfg, split, start, stop, batch_size, device, dtype, has_label):
-    """Generator of rows for Dataset.from_generator: encodes [start, stop) batch by batch."""
-    for images, labels in iter_image_batches(ds, data_cfg, split, batch_size, start, stop):
-        with torch.inference_mode():
-            codes = model.encode(to_model_input(images.to(device))).cpu().numpy().astype(dtype)  # (B, h, w)
-        for j in range(len(codes)):
-            row = {"codes": codes[j]}
-            if has_label:
-                row["label"] = int(labels[j])
-            yield row
+SHARD_ROWS = 10_000  # rows of one code shard: the unit of work, of resume and of memory
 
 
-def _encode_splits(dd, work, model, data_cfg, features, fingerprint, batch_size, dtype, label_col, accelerator):
-    """Each rank encodes its contiguous slice of every split into work/{split}_{rank}."""
+def _shard_bounds(n: int, shard_rows: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + shard_rows, n)) for lo in range(0, n, shard_rows)]
+
+
+def _shard_path(work: Path, split: str, index: int) -> Path:
+    return work / split / f"shard-{index:06d}.parquet"
+
+
+def _check_shard(path: Path, rows: int, features: datasets.Features) -> None:
+    """A shard left by an earlier run must be whole and of this extraction's schema; otherwise one clear error."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise VqgenError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it and run the same command again "
+            "(only that shard is encoded again)"
+        ) from None
+    if meta.num_rows != rows or sorted(names) != sorted(features):
+        raise VqgenError(
+            f"{path} holds {meta.num_rows} rows of {names}, not the {rows} rows of {list(features)} this extraction "
+            "writes; delete it and run the same command again"
+        )
+
+
+def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows, workers):
+    """Each rank encodes the shards i with i % world == rank that are not on disk yet; a shard is written to a
+    temp file and renamed, so a file that exists is complete."""
+    from tqdm.auto import tqdm
+
+    from stage1_vqvae.data import LazyImageSplit
+
     rank, world = accelerator.process_index, accelerator.num_processes
+    todo = []
     for split, ds in dd.items():
-        n = len(ds)
-        start, stop = n * rank // world, n * (rank + 1) // world
-        try:
-            part = datasets.Dataset.from_generator(
-                _encode_slice,
-                features=features,
-                cache_dir=str(work / f"cache_{rank}"),
-                # The model is hashed through its fingerprint, not pickled by datasets' hasher.
-                fingerprint=f"{fingerprint[:16]}-{split}-{rank}-{world}-{start}-{stop}",
-                gen_kwargs=dict(
-                    model=model,
-                    ds=ds,
-                    data_cfg=data_cfg,
-                    split=split,
-                    start=start,
-                    stop=stop,
-                    batch_size=batch_size,
-                    device=accelerator.device,
-                    dtype=dtype,
-                    has_label=label_col is not None,
-                ),
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            # datasets wraps what the generator raised: surface our one-line error (a bad image, a bad label).
-            cause = e.__cause__ or e.__context__
-            if isinstance(cause, VqgenError):
-                raise cause from None
-            raise
-        part.save_to_disk(str(work / f"{split}_{rank:05d}"))
+        (work / split).mkdir(parents=True, exist_ok=True)
+        for i, (lo, hi) in enumerate(_shard_bounds(len(ds), shard_rows)):
+            path = _shard_path(work, split, i)
+            if i % world != rank:
+                continue
+            if path.is_file():
+                _check_shard(path, hi - lo, features)
+            else:
+                todo.append((split, i, lo, hi))
+    total = sum(hi - lo for *_, lo, hi in todo)
+    # Rank 0 shows its own progress (the ranks run at the same pace): images/s and the time left.
+    bar = tqdm(total=total, desc="extracting", unit="img", disable=not accelerator.is_main_process, smoothing=0.1)
+    splits = {split: LazyImageSplit(ds, data_cfg, split) for split, ds in dd.items()}
+    for split, i, lo, hi in todo:
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(splits[split], range(lo, hi)),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        codes, labels = [], []
+        for batch in loader:
+            with torch.inference_mode():
+                x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
+                codes.append(model.encode(x).cpu().numpy().astype(dtype))  # (B, h, w)
+            labels.append(batch["labels"].numpy())
+            bar.update(len(x))
+        columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
+        if label_col is not None:
+            columns["label"] = np.concatenate(labels)
+        path = _shard_path(work, split, i)
+        tmp = path.with_suffix(f".tmp-{rank}")
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+        os.replace(tmp, path)
+    bar.close()
+
+
+def _complete_shards(work: Path) -> int:
+    return sum(1 for _ in work.glob("*/shard-*.parquet")) if work.is_dir() else 0
 
 
 def extract(
@@ -116,12 +155,28 @@ def extract(
     batch_size: int = 512,
     accelerator: Accelerator | None = None,
     overwrite: bool = False,
+    shard_rows: int = SHARD_ROWS,
+    num_workers: int | None = None,
 ) -> Path:
-    """Encode all splits into `out` (atomically: a temp folder renamed into place when complete)."""
+    """Encode all splits into `out`.
+
+    Codes are written in parquet shards of `shard_rows` rows into `.{out}.work/` as they are made (every rank its
+    own shards; images decoded in `num_workers` DataLoader workers, by default as many as the cores spare, up to
+    4); a killed run started again with the same model and data keeps the complete shards and encodes the rest.
+    When all are done the main process joins them in source order into `out` (a temp folder renamed into place),
+    and the work folder goes. Memory holds one shard's codes at a time, so it is flat in the dataset's size.
+    """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
     if out.exists() and not overwrite:
         raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+    if data_cfg.streaming:
+        raise VqgenError(
+            "extraction reads the source's Arrow/parquet files on the fly (memory does not grow with the dataset) "
+            "and needs their row order to resume; drop data.streaming=true (datasets downloads a Hub source once)"
+        )
+    if shard_rows < 1:
+        raise VqgenError(f"--shard_rows must be positive, got {shard_rows}")
     cfg = model.config
     channels, mode = (1 if data_cfg.channels == "L" else 3), ("L" if cfg.in_channels == 1 else "RGB")
     if (data_cfg.resolution, channels) != (cfg.image_size, cfg.in_channels):
@@ -143,26 +198,51 @@ def extract(
         features["label"] = datasets.ClassLabel(names=class_names)
     features = datasets.Features(features)
     fingerprint = state_fingerprint(model)
+    if num_workers is None:  # decoding is most of the work on a CPU: workers, when there are cores to spare
+        num_workers = min(4, max(0, (os.cpu_count() or 1) // accelerator.num_processes - 1))
 
+    # The work folder resumes only the same extraction: the model, the data and the sharding must match.
     work = out.parent / f".{out.name}.work"
+    manifest = {
+        "vqvae_fingerprint": fingerprint,
+        "data_config": to_dict(data_cfg),
+        "shard_rows": shard_rows,
+        "splits": {k: len(v) for k, v in dd.items()},
+    }
     if accelerator.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        kept = work / "manifest.json"
+        if work.exists() and (overwrite or not kept.is_file() or json.loads(kept.read_text()) != manifest):
+            shutil.rmtree(work)
+        if not work.exists():
+            work.mkdir(parents=True)
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        elif _complete_shards(work):
+            logger.info("resuming the extraction in %s: %d complete shards kept", work, _complete_shards(work))
     accelerator.wait_for_everyone()
     try:
-        _encode_splits(dd, work, model, data_cfg, features, fingerprint, batch_size, dtype, label_col, accelerator)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
+        _encode_shards(
+            dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows, num_workers
+        )
+    except BaseException as e:
+        if not _complete_shards(work):
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: nothing stays behind
+        elif isinstance(e, VqgenError):
+            e.args = (
+                f"{e}. The {_complete_shards(work)} complete shards in {work} are kept: the same command "
+                "resumes from them",
+            )
         raise
-    world = accelerator.num_processes
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
         tmp = atomic_dir(out)
         splits = {}
-        for split in dd:
-            parts = [datasets.load_from_disk(str(work / f"{split}_{r:05d}")) for r in range(world)]
-            splits[split] = datasets.concatenate_datasets(parts) if world > 1 else parts[0]
+        for split, ds in dd.items():
+            files = [str(_shard_path(work, split, i)) for i in range(len(_shard_bounds(len(ds), shard_rows)))]
+            # Arrow written batch by batch from the parquet shards: memory stays flat.
+            splits[split] = datasets.Dataset.from_parquet(
+                files, features=features, cache_dir=str(work / "cache"), split=split
+            )
         merged = datasets.DatasetDict(splits)
         merged.save_to_disk(str(tmp / "data"))
         CodesMeta(
@@ -179,6 +259,7 @@ def extract(
             vqvae_location=model_location,
             codes_fingerprint=codes_fingerprint(merged),
         ).save(tmp)
+        del merged, splits  # release the memory-mapped cache before the work folder goes
         commit_dir(tmp, out)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -229,6 +310,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", required=True, help="VQ-VAE folder or Hub repo id")
     parser.add_argument("--output_dir", required=True, help="output folder (data/ + vqgen_codes.json)")
     parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--shard_rows", type=int, default=SHARD_ROWS, help="rows per code shard (the unit of resume)")
+    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers decoding images")
     parser.add_argument("--overwrite_output_dir", action="store_true")
     parser.add_argument("--push_to_hub", action="store_true", help="also publish as a parquet dataset")
     parser.add_argument("--hub_dataset_id", default=None, help="the Hub dataset repo for --push_to_hub")
@@ -261,6 +344,8 @@ def main(argv: list[str] | None = None) -> Path:
             batch_size=args.batch_size,
             accelerator=accelerator,
             overwrite=args.overwrite_output_dir,
+            shard_rows=args.shard_rows,
+            num_workers=args.num_workers,
         )
     if args.push_to_hub and accelerator.is_main_process:
         print(publish_codes(out, args.hub_dataset_id, private=args.hub_private_repo or None))

@@ -191,3 +191,76 @@ def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):
     message = user_message(err.value)
     assert "cannot decode the image" in message and "streamed split 'train'" in message
     assert "\n" not in message and "Traceback" not in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction in shards
+
+
+def _codes(out):
+    from stage1_vqvae.codes import load_code_dataset
+
+    dd, meta = load_code_dataset(out)
+    return {s: (dd[s]["codes"], dd[s]["label"]) for s in dd}, meta
+
+
+def _interrupt_after(monkeypatch, n_shards):
+    """Make the (n+1)-th shard commit die like a killed process (an exception no handler takes for an error)."""
+    import stage1_vqvae.extract as ex
+
+    real, calls = ex.os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith(".parquet"):
+            calls.append(dst)
+            if len(calls) > n_shards:
+                raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", replace)
+    return calls
+
+
+def test_an_interrupted_extraction_resumes_from_its_shards_and_equals_an_uninterrupted_one(
+    tmp_path, tiny_model, image_folder, monkeypatch
+):
+    from stage1_vqvae.extract import extract
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    whole = extract(tiny_model, cfg, tmp_path / "whole", model_location="x", shard_rows=4, batch_size=3)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            extract(tiny_model, cfg, tmp_path / "codes", model_location="x", shard_rows=4, batch_size=3)
+    work = tmp_path / ".codes.work"
+    assert len(list(work.glob("*/shard-*.parquet"))) == 3 and not (tmp_path / "codes").exists()
+    calls = _interrupt_after(monkeypatch, 10**9)  # count the shards the second run writes
+    out = extract(tiny_model, cfg, tmp_path / "codes", model_location="x", shard_rows=4, batch_size=3)
+    n_shards = sum(-(-n // 4) for n in _codes(whole)[1].splits.values())
+    assert len(calls) == n_shards - 3  # the complete shards were kept, not encoded again
+    (a, meta_a), (b, meta_b) = _codes(whole), _codes(out)
+    assert a == b and meta_a.codes_fingerprint == meta_b.codes_fingerprint
+    assert not work.exists()
+
+
+def test_a_damaged_shard_is_one_clear_error_and_another_model_starts_afresh(
+    tmp_path, tiny_model, tiny_config, image_folder, monkeypatch
+):
+    from stage1_vqvae.extract import extract
+    from stage1_vqvae.model import VQVAE
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            extract(tiny_model, cfg, tmp_path / "codes", model_location="x", shard_rows=4)
+    shard = sorted((tmp_path / ".codes.work").glob("*/shard-*.parquet"))[0]
+    shard.write_bytes(b"truncated")
+    with pytest.raises(VqgenError, match=r"shard-\d+\.parquet is damaged.*delete it and run the same command again"):
+        extract(tiny_model, cfg, tmp_path / "codes", model_location="x", shard_rows=4)
+    # Another model's codes never mix with these shards: the work folder is discarded and all is encoded anew.
+    torch.manual_seed(5)
+    other = VQVAE(tiny_config).eval()
+    out = extract(other, cfg, tmp_path / "codes", model_location="x", shard_rows=4)
+    expected = extract(other, cfg, tmp_path / "expected", model_location="x")
+    assert _codes(out)[0] == _codes(expected)[0]

@@ -147,6 +147,8 @@ def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_mod
         str(tmp_path / "two"),
         "--batch_size",
         "3",
+        "--shard_rows",
+        "4",  # several shards per split, dealt to both ranks in turn
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = extract(tiny_model, DataConfig(**data), tmp_path / "one", model_location="x")
