@@ -115,7 +115,9 @@ def load_code_dataset(name_or_path: str | os.PathLike):
     if (folder / "data" / "dataset_dict.json").is_file():
         dd = datasets.load_from_disk(str(folder / "data"))
     else:
-        files = {p.name.split("-")[0]: str(p) for p in sorted((folder / "data").glob("*.parquet"))}
+        files: dict[str, list[str]] = {}  # push_to_hub writes data/{split}-00000-of-0000N.parquet, N >= 1
+        for p in sorted((folder / "data").glob("*.parquet")):
+            files.setdefault(p.name.split("-")[0], []).append(str(p))
         if not files:
             raise VqgenError(f"{folder} holds no code data (data/dataset_dict.json or data/*.parquet)")
         dd = datasets.load_dataset("parquet", data_files=files)

@@ -17,6 +17,22 @@ class CodeDataConfig:
     codes: str = "runs/mnist/codes"  # extract output folder, or a Hub dataset id
     conditional: bool = True  # condition on the label column when the codes have one
     max_samples: int | None = None  # cap on every split (quick runs and tests)
+    cache_max_gb: float = 1.0  # token ids held in memory while they fit (GiB); larger splits stay memory-mapped
+
+
+def _check_codes(codes: torch.Tensor, classes, cfg: CodeDataConfig, split: str, k: int, hw, num_classes: int) -> None:
+    if tuple(codes.shape[1:]) != tuple(hw):
+        raise VqgenError(
+            f"code dataset {cfg.codes}: split {split!r} holds {tuple(codes.shape[1:])} grids but "
+            f"its metadata says {tuple(hw)}; re-run stage1_vqvae.extract"
+        )
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise VqgenError(
+            f"code dataset {cfg.codes}: split {split!r} holds codes outside [0, {k}); "
+            "it does not match its metadata's K"
+        )
+    if classes is not None and classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        raise VqgenError(f"code dataset {cfg.codes}: split {split!r} has labels outside the {num_classes} class names")
 
 
 class CodeSequences(torch.utils.data.Dataset):
@@ -32,40 +48,70 @@ class CodeSequences(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i]}
 
 
+class MappedCodeSequences(torch.utils.data.Dataset):
+    """One split left in its memory-mapped Arrow table and tokenised batch by batch: memory does not grow with
+    the number of rows (a split over `data.cache_max_gb`). Every batch is checked as it is read."""
+
+    def __init__(self, ds, cfg: CodeDataConfig, split: str, meta: CodesMeta, layout: TokenLayout):
+        self.ds = ds.with_format("numpy")
+        self.cfg, self.split, self.meta, self.layout = cfg, split, meta, layout
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Every row tokenised (the evaluation CLI's whole-split view): (N, 2 + h*w)."""
+        return torch.cat([self._ids(range(lo, min(lo + 65536, len(self)))) for lo in range(0, len(self), 65536)])
+
+    def _ids(self, indices) -> torch.Tensor:
+        rows = self.ds[list(indices)]
+        codes = torch.from_numpy(np.asarray(rows["codes"]).astype(np.int64))  # (B, h, w)
+        classes = None
+        if self.layout.num_classes:
+            classes = torch.from_numpy(np.asarray(rows["label"]).astype(np.int64))
+        k, hw = self.meta.codebook_size, self.meta.grid
+        _check_codes(codes, classes, self.cfg, self.split, k, hw, self.layout.num_classes)
+        return grid_to_input_ids(codes, self.layout, classes)  # (B, 2 + h*w)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [{"input_ids": row} for row in self._ids([int(i) for i in indices])]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+
 def load_code_splits(
     cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test")
-) -> tuple[dict[str, CodeSequences], CodesMeta, TokenLayout]:
-    """({split: CodeSequences}, CodesMeta, TokenLayout) for `splits`; checks the codes against their metadata."""
+) -> tuple[dict[str, CodeSequences | MappedCodeSequences], CodesMeta, TokenLayout]:
+    """({split: sequences}, CodesMeta, TokenLayout) for `splits`; checks the codes against their metadata.
+
+    Splits whose int64 token ids fit `data.cache_max_gb` (all together, smallest first) are tokenised into memory;
+    the others stay memory-mapped (`MappedCodeSequences`).
+    """
     dd, meta = load_code_dataset(cfg.codes)
     layout = TokenLayout.from_meta(meta, cfg.conditional)
     k, (h, w) = meta.codebook_size, meta.grid
-    out = {}
+    out, used = {}, 0
     for split in splits:
         if split not in dd:
             raise VqgenError(f"code dataset {cfg.codes} has no {split!r} split (it has {sorted(dd)})")
+    for split in sorted(splits, key=lambda s: len(dd[s])):
         ds = dd[split]
         if cfg.max_samples is not None:
             ds = ds.select(range(min(cfg.max_samples, len(ds))))
         if len(ds) == 0:
             raise VqgenError(f"code dataset {cfg.codes}: split {split!r} is empty")
+        nbytes = len(ds) * (2 + h * w) * 8
+        if used + nbytes > cfg.cache_max_gb * 2**30:
+            out[split] = MappedCodeSequences(ds, cfg, split, meta, layout)
+            continue
+        used += nbytes
         arr = ds.with_format("numpy")[:]
         codes = torch.from_numpy(np.asarray(arr["codes"]).astype(np.int64))  # (N, h, w)
-        if tuple(codes.shape[1:]) != (h, w):
-            raise VqgenError(
-                f"code dataset {cfg.codes}: split {split!r} holds {tuple(codes.shape[1:])} grids but "
-                f"its metadata says {(h, w)}; re-run stage1_vqvae.extract"
-            )
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise VqgenError(
-                f"code dataset {cfg.codes}: split {split!r} holds codes outside [0, {k}); "
-                "it does not match its metadata's K"
-            )
         classes = None
         if layout.num_classes:
             classes = torch.from_numpy(np.asarray(arr["label"]).astype(np.int64))
-            if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= layout.num_classes):
-                raise VqgenError(
-                    f"code dataset {cfg.codes}: split {split!r} has labels outside the {layout.num_classes} class names"
-                )
+        _check_codes(codes, classes, cfg, split, k, (h, w), layout.num_classes)
         out[split] = CodeSequences(grid_to_input_ids(codes, layout, classes))
-    return out, meta, layout
+    return {s: out[s] for s in splits}, meta, layout

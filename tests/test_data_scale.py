@@ -264,3 +264,26 @@ def test_a_damaged_shard_is_one_clear_error_and_another_model_starts_afresh(
     out = extract(other, cfg, tmp_path / "codes", model_location="x", shard_rows=4)
     expected = extract(other, cfg, tmp_path / "expected", model_location="x")
     assert _codes(out)[0] == _codes(expected)[0]
+
+
+def test_codes_published_in_several_parquet_shards_per_split_load_whole(tmp_path, tiny_model, image_folder):
+    import datasets
+
+    from stage1_vqvae.codes import CODES_METADATA, load_code_dataset
+    from stage1_vqvae.extract import extract
+
+    out = extract(
+        tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="x"
+    )
+    local, _ = load_code_dataset(out)
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    shutil.copy(out / CODES_METADATA, hub.parent / CODES_METADATA)
+    for split, ds in local.items():  # the layout DatasetDict.push_to_hub writes with num_shards=2
+        for i in range(2):
+            ds.shard(2, i, contiguous=True).to_parquet(str(hub / f"{split}-{i:05d}-of-00002.parquet"))
+    loaded, _ = load_code_dataset(hub.parent)
+    assert {s: len(v) for s, v in loaded.items()} == {s: len(v) for s, v in local.items()}
+    for split in local:
+        assert loaded[split]["codes"] == local[split]["codes"], split
+    assert isinstance(loaded["train"], datasets.Dataset)

@@ -296,3 +296,20 @@ def test_the_pipeline_object_samples_saves_loads_and_pushes(stage1, tmp_path, fa
     remote = tmp_path / "remote" / "model" / "me" / "pipe"
     assert "me/pipe" in (remote / "README.md").read_text()
     assert VQGenPipeline.from_pretrained(remote).vqvae_fingerprint == pipe.vqvae_fingerprint
+
+
+def test_training_on_memory_mapped_codes_equals_training_on_codes_in_memory(stage1, tmp_path):
+    from stage2_prior.data import CodeDataConfig, MappedCodeSequences, load_code_splits
+
+    _, _, codes = stage1
+    mapped, _, _ = load_code_splits(CodeDataConfig(codes=str(codes), cache_max_gb=0))
+    in_memory, _, _ = load_code_splits(CodeDataConfig(codes=str(codes)))
+    assert all(isinstance(v, MappedCodeSequences) for v in mapped.values())
+    for split in in_memory:
+        assert torch.equal(mapped[split].input_ids, in_memory[split].input_ids)
+    common = ["train.max_steps=3", "train.checkpoint_every=0", "model.dropout=0.1"]
+    a = train2(tmp_path / "a", codes, *common)
+    b = train2(tmp_path / "b", codes, *common, "data.cache_max_gb=0")
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
