@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from stage1_vqvae.data import DataConfig, ImageSplit, StreamingImages, StreamPosition, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.hub import hub_id, upload_folder
+from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from stage1_vqvae.shared import (
     BaseTrainConfig,
@@ -76,6 +77,7 @@ class TrainConfig(BaseTrainConfig):
 class Stage1Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # perceptual and adversarial terms; all 0: the paper
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -91,6 +93,7 @@ def resolve_model_config(cfg: Stage1Config) -> VQVAEConfig:
 def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage1Config, argv)
     cfg.model = resolve_model_config(cfg)
+    check_discriminator(cfg.loss, cfg.model.image_size)
     tc = cfg.train
     out = Path(tc.output_dir)
 
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> Path:
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
     check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
     accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
+    # The perceptual network's weights are found (or missing: one error) before anything is written.
+    criterion = VQGANLoss(cfg.loss, accelerator.device) if cfg.loss.enabled else None
     # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
     with accelerator.main_process_first():
@@ -140,10 +145,22 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.Adam(
         model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
     )
+    # VQGAN's options: the discriminator is a model of its own with its own optimizer (betas 0.5, 0.9 as in
+    # VQGAN), prepared, checkpointed and restored with the VQ-VAE; the frozen VGG stays outside.
+    disc = disc_opt = None
+    extra = []
+    if cfg.loss.adversarial_weight > 0:
+        disc = PatchDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+        disc_lr = cfg.loss.disc_learning_rate or tc.learning_rate
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=(0.5, 0.9))
+        extra = [disc, disc_opt]
     if streaming:
-        model, optimizer, val_dl = accelerator.prepare(model, optimizer, val_dl)
+        model, optimizer, *extra, val_dl = accelerator.prepare(model, optimizer, *extra, val_dl)
     else:
-        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+        model, optimizer, *extra, train_dl, val_dl = accelerator.prepare(model, optimizer, *extra, train_dl, val_dl)
+    if disc is not None:
+        disc, disc_opt = extra
+    last_layer = accelerator.unwrap_model(model).decoder.net[-1].weight  # where the adaptive weight is measured
 
     step = 0
     if resume_dir is not None:
@@ -177,10 +194,14 @@ def main(argv: list[str] | None = None) -> Path:
             x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
                 with accelerator.autocast():
                     outputs = model(x)
-                accelerator.backward(outputs.loss)
+                    loss, extra_logs = outputs.loss, {}
+                    if criterion is not None:
+                        unwrapped_disc = accelerator.unwrap_model(disc) if disc is not None else None
+                        loss, extra_logs = criterion.generator_loss(outputs, x, step, last_layer, unwrapped_disc)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
@@ -188,12 +209,23 @@ def main(argv: list[str] | None = None) -> Path:
                     group["lr"] = lr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if criterion is not None and criterion.adversarial_on(step):
+                    with accelerator.autocast():
+                        d_loss, d_logs = criterion.discriminator_loss(disc, x, outputs.reconstruction)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients and tc.max_grad_norm:
+                        accelerator.clip_grad_norm_(disc.parameters(), tc.max_grad_norm)
+                    for group in disc_opt.param_groups:
+                        group["lr"] = lr_at(step, disc_lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+                    disc_opt.step()
+                    disc_opt.zero_grad(set_to_none=True)
+                    extra_logs.update(d_logs)
             images_seen += x.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
             bar.update(1)
-            guard.observe(outputs.loss, step)
+            guard.observe(loss, step)
             last = step >= tc.max_steps
             log_now = step % tc.log_every == 0 or last
             eval_now = tc.eval_every and (step % tc.eval_every == 0 or last)
@@ -201,9 +233,9 @@ def main(argv: list[str] | None = None) -> Path:
             if log_now or eval_now or save_now:
                 guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
-                loss = outputs.loss.item()
+                loss_value = loss.item()
                 logs = {
-                    "train/loss": loss,
+                    "train/loss": loss_value,
                     "train/recon_loss": outputs.recon_loss.item(),
                     "train/commitment_loss": outputs.commitment_loss.item(),
                     "train/codebook_loss": outputs.codebook_loss.item(),
@@ -212,9 +244,10 @@ def main(argv: list[str] | None = None) -> Path:
                     "train/dead_codes": int(outputs.dead_codes),
                     "train/lr": lr,
                     "train/images_per_s": images_seen / (time.perf_counter() - t0),
+                    **{k: float(v) for k, v in extra_logs.items()},
                 }
                 accelerator.log(logs, step=step)
-                bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
             if eval_now:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
             if save_now:
