@@ -75,7 +75,9 @@ class VQVAEConfig:
         if self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
+            raise ValueError(
+                f"image_size {self.image_size} (data.resolution) is not divisible by downsample {self.downsample}"
+            )
         if self.decay is not None and not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1) or null, got {self.decay}")
         if self.commitment_weight < 0:

@@ -281,7 +281,10 @@ def load_config(cls: type, path: str | None, overrides: list[str]) -> Any:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise VqgenError(f"config file {p} is not valid YAML: {e}") from None
-    return from_dict(cls, deep_update(data, parse_overrides(overrides, cls)))
+    data = deep_update(data, parse_overrides(overrides, cls))
+    if hasattr(cls, "derived_keys"):  # keys that follow others (stage 1: the model's image geometry)
+        data = cls.derived_keys(data)
+    return from_dict(cls, data)
 
 
 def dump_yaml(path: Path, data: dict) -> None:

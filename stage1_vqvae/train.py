@@ -80,6 +80,20 @@ class Stage1Config:
     loss: LossConfig = field(default_factory=LossConfig)  # perceptual and adversarial terms; all 0: the paper
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @staticmethod
+    def derived_keys(raw: dict) -> dict:
+        """model.image_size and model.in_channels follow data.resolution and data.channels, before the model's
+        checks run (`data.resolution=128 model.downsample=8` must not be checked against the default 28)."""
+        data, model, default = raw.get("data") or {}, raw.get("model") or {}, DataConfig()
+        if not isinstance(data, dict) or not isinstance(model, dict):
+            return raw  # from_dict names the problem
+        model = dict(model)
+        if isinstance(data.get("resolution", default.resolution), int):
+            model["image_size"] = data.get("resolution", default.resolution)
+        if data.get("channels", default.channels) in ("L", "RGB"):
+            model["in_channels"] = 1 if data.get("channels", default.channels) == "L" else 3
+        return {**raw, "model": model}
+
 
 def resolve_model_config(cfg: Stage1Config) -> VQVAEConfig:
     """The image geometry is the data's: model.image_size/in_channels follow data.resolution/channels."""
