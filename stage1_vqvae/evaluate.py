@@ -21,7 +21,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
@@ -55,22 +54,27 @@ def discretized_gaussian_nll(images_uint8: torch.Tensor, mean: torch.Tensor, sig
     return -logp.flatten(1).sum(1)  # (B,)
 
 
-def _gaussian_window(channels: int, device, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_band(n: int, size: int, device, sigma: float = 1.5) -> torch.Tensor:
+    """(n, n - size + 1) float64 matrix whose columns are the shifted normalised 1-D Gaussian window: x @ band
+    filters x's last axis ('valid'). The 2-D window of SSIM is the outer product of two such 1-D windows, so
+    filtering is two matrix products (MKL's dgemm), 15-20x faster than a depthwise float64 conv on CPU."""
     g = torch.exp(-((torch.arange(size, device=device) - size // 2) ** 2) / (2 * sigma**2)).double()
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()  # (C, 1, k, k)
+    band = torch.zeros(n, n - size + 1, dtype=torch.float64, device=device)
+    for j in range(n - size + 1):
+        band[j : j + size, j] = g
+    return band
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM of (B, C, H, W) images in [0, 1] (Wang et al. 2004 constants, valid convolution)."""
-    c = a.shape[1]
+    """Per-image SSIM of (B, C, H, W) images in [0, 1] (Wang et al. 2004 constants, 11x11 Gaussian window of
+    sigma 1.5, valid filtering), in float64."""
     size = min(11, a.shape[-1], a.shape[-2])
-    win = _gaussian_window(c, a.device, size)
+    rows, cols = _gaussian_band(a.shape[-2], size, a.device), _gaussian_band(a.shape[-1], size, a.device)
     a, b = a.double(), b.double()
-    mu_a, mu_b = F.conv2d(a, win, groups=c), F.conv2d(b, win, groups=c)
-    var_a = F.conv2d(a * a, win, groups=c) - mu_a**2
-    var_b = F.conv2d(b * b, win, groups=c) - mu_b**2
-    cov = F.conv2d(a * b, win, groups=c) - mu_a * mu_b
+    stack = torch.stack([a, b, a * a, b * b, a * b])  # (5, B, C, H, W)
+    mu_a, mu_b, aa, bb, ab = rows.T @ (stack @ cols)  # each (B, C, H', W'): window means
+    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)  # (B,)
