@@ -66,7 +66,7 @@ class DataConfig:
     test_fraction: float = 0.05  # of train, when test is carved
     max_samples: int | None = None  # cap on every split (quick runs and tests)
     cache_dir: str | None = None  # where the built-in MNIST is converted; default ~/.cache/vqgen
-    cache_max_gb: float = 1.0  # decoded splits held in memory while they fit this (GiB, all splits together)
+    cache_max_gb: float = 0.25  # decoded splits held in memory while they fit this (GiB, all splits together)
     streaming: bool = False  # read the source as a datasets stream (Hub id, parquet/image/.tar folder)
     shuffle_buffer: int = 10000  # streaming: rows in the shuffle buffer (shards are shuffled too)
     streaming_holdout: int = 1000  # streaming: rows of validation (and test) carved from train / kept in memory

@@ -71,13 +71,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sigma 1.5, valid filtering), in float64."""
     size = min(11, a.shape[-1], a.shape[-2])
     rows, cols = _gaussian_band(a.shape[-2], size, a.device), _gaussian_band(a.shape[-1], size, a.device)
-    a, b = a.double(), b.double()
-    stack = torch.stack([a, b, a * a, b * b, a * b])  # (5, B, C, H, W)
-    mu_a, mu_b, aa, bb, ab = rows.T @ (stack @ cols)  # each (B, C, H', W'): window means
-    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)  # (B,)
+    out = []
+    # A few images at a time: the float64 statistics of 64 RGB images at 128 px would take ~0.75 GB at once.
+    chunk = max(1, 2**22 // a[0].numel())
+    for lo in range(0, a.shape[0], chunk):
+        x, y = a[lo : lo + chunk].double(), b[lo : lo + chunk].double()
+        stack = torch.stack([x, y, x * x, y * y, x * y])  # (5, b, C, H, W)
+        mu_a, mu_b, aa, bb, ab = rows.T @ (stack @ cols)  # each (b, C, H', W'): window means
+        var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
+        s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        out.append(s.flatten(1).mean(1))
+    return torch.cat(out)  # (B,)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
