@@ -409,6 +409,8 @@ class BaseTrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ValueError(f"eval_max_batches must be positive or null (all), got {self.eval_max_batches}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (owner/name)")
 
@@ -529,7 +531,7 @@ def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_wo
         )
     val_dl = torch.utils.data.DataLoader(
         validation,
-        batch_size=max(per_device, 64),
+        batch_size=per_device,  # the training batch: a larger one would set the peak memory of big images
         num_workers=workers,
         generator=torch.Generator().manual_seed(tc.seed),
     )
