@@ -11,10 +11,11 @@
 - throughput: stage-1 images/s on the same MNIST images, in memory vs decoded on the fly vs streamed.
 
 Every command runs in a child process; a sampler thread polls the whole process tree (the trainer and its
-DataLoader workers) every 20 ms. "peak tree RSS" sums the processes' resident sets (pages shared between a
-parent and its forked workers are counted in each, so it is an upper bound); "peak main RSS" is the trainer
-or extractor alone; "anon" counts the heap (buffers, tensors) without the memory-mapped Arrow files, which the
-kernel can drop at will. Prints a markdown table for docs/benchmarks.md.
+DataLoader workers) every 20 ms, from /proc/PID/status. "tree RSS" sums the processes' resident sets (pages
+shared between a parent and its forked workers are counted in each, so it is an upper bound); "main RSS" is the
+trainer or extractor alone; "heap" is RssAnon, the anonymous memory (buffers, tensors) without the pages of
+memory-mapped Arrow files, which the kernel can drop at will and which grow with what has been read.
+Prints a markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -52,24 +53,27 @@ def run_sampled(cmd: list[str], kill_when=None) -> dict:
     killed = False
     stop = threading.Event()
 
+    def status(pid: int) -> tuple[int, int]:
+        """(VmRSS, RssAnon) in bytes: anon is the heap, without the mapped files the kernel may drop."""
+        text = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if line.startswith(("VmRSS", "RssAnon")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+
     def sample() -> None:
         nonlocal killed
         main = psutil.Process(proc.pid)
         while not stop.is_set():
             try:
                 procs = [main, *main.children(recursive=True)]
-                rss, anon = 0, 0
+                rss = anon = 0
                 for p in procs:
                     try:
-                        info = p.memory_full_info() if p is main else p.memory_info()
-                        rss += info.rss
-                        a = getattr(info, "uss", info.rss - getattr(info, "shared", 0))
-                        anon += a
-                        if p is main:
-                            peak["main_rss"] = max(peak["main_rss"], info.rss)
-                            peak["main_anon"] = max(peak["main_anon"], a)
-                    except psutil.Error:
-                        pass
+                        r, a = status(p.pid)
+                    except (OSError, KeyError, ValueError):
+                        continue
+                    rss, anon = rss + r, anon + a
+                    if p is main:
+                        peak["main_rss"], peak["main_anon"] = max(peak["main_rss"], r), max(peak["main_anon"], a)
                 peak["tree_rss"], peak["tree_anon"] = max(peak["tree_rss"], rss), max(peak["tree_anon"], anon)
                 if kill_when is not None and not killed and kill_when():
                     for p in procs:
@@ -115,7 +119,7 @@ def bench_train_rss(steps: int) -> None:
             f"stage-1 training, MNIST at {name}, batch {batch}",
             f"peak main RSS {gib(r['main_rss'])}",
             "<= 1.5 GiB (on the fly)",
-            f"tree (trainer + 2 workers) RSS {gib(r['tree_rss'])}, unique (USS) {gib(r['tree_anon'])}; "
+            f"tree (trainer + 2 workers) RSS {gib(r['tree_rss'])}, heap (RssAnon) {gib(r['tree_anon'])}; "
             f"{steps} steps + validation, {r['seconds']:.0f} s wall incl. start-up",
         )
 
@@ -160,9 +164,10 @@ def bench_extract() -> None:
     growth = r12["main_anon"] / r1["main_anon"] - 1
     row(
         "extraction, 70k vs 620k images",
-        f"peak main heap (USS) {r12['main_anon'] * 1024:.0f} vs {r1['main_anon'] * 1024:.0f} MiB ({growth:+.1%})",
+        f"peak main heap (RssAnon) {r12['main_anon'] * 1024:.0f} vs {r1['main_anon'] * 1024:.0f} MiB ({growth:+.1%})",
         "flat (+-5%)",
         f"peak main RSS {gib(r12['main_rss'])} vs {gib(r1['main_rss'])} (RSS includes the mmapped Arrow pages read); "
+        f"tree heap {gib(r12['tree_anon'])} vs {gib(r1['tree_anon'])}; "
         f"{620_000 / r12['seconds']:.0f} vs {70_000 / r1['seconds']:.0f} img/s incl. start-up",
     )
     # kill -9 once half of the 620k rows' shards (62 of 63 shards of 10k) are complete, then the same command.
