@@ -198,6 +198,28 @@ def config_help(cls: type) -> str:
     return "\n".join(lines)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; YAML 1.2 and every user mean a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def parse_overrides(items: list[str], cls: type | None = None) -> dict:
     """`a.b=1 --c.d=x --e.f g` -> nested dict; values parsed as YAML scalars (so 1e-3, true, null work).
 
@@ -218,7 +240,7 @@ def parse_overrides(items: list[str], cls: type | None = None) -> dict:
             raise VqgenError(f"cannot parse {item!r}: {_override_hint(key, cls)}")
         if "." not in key:
             raise VqgenError(f"{item!r} has no section: {_override_hint(key, cls)}")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
@@ -278,7 +300,7 @@ def load_config(cls: type, path: str | None, overrides: list[str]) -> Any:
     if path is not None:
         p = resolve_config_path(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise VqgenError(f"config file {p} is not valid YAML: {e}") from None
     data = deep_update(data, parse_overrides(overrides, cls))

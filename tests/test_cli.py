@@ -137,3 +137,15 @@ def test_under_a_launcher_an_error_of_every_rank_prints_once_and_a_rank_s_own_er
             run_cli(fails(every_rank), [])
         assert e.value.code == 2
         assert ("error: the problem and the fix" in capsys.readouterr().err) == printed, (rank, every_rank)
+
+
+def test_scientific_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; users and YAML 1.2 mean a number.
+    from stage1_vqvae.shared import load_config
+    from stage1_vqvae.train import Stage1Config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n  weight_decay: 5E-2\n")
+    cfg = load_config(Stage1Config, str(path), ["train.min_lr_ratio=1e-1", "data.source=1e5x"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.weight_decay == 0.05 and cfg.train.min_lr_ratio == 0.1
+    assert cfg.data.source == "1e5x"  # not a number: stays a string
