@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from stage1_vqvae.shared import VqgenError, commit_dir, from_dict, parse_overrides
+from stage1_vqvae.shared import StreamBatches, VqgenError, commit_dir, from_dict, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -634,113 +634,34 @@ def streaming_splits(cfg: DataConfig, splits, *, augment_train: bool = False, se
     return out
 
 
-class StreamingImages(torch.utils.data.IterableDataset):
-    """The train split of a streamed source, as an endless sequence of batches.
-
-    Every rank reads its own shards (`split_dataset_by_node`) and every DataLoader worker its own part of
-    those (datasets shards by worker itself); rows are shuffled through a buffer, and epochs roll over inside
-    each worker, so training runs by steps and no rank waits for another's stream to end. Each batch carries
-    its worker's position after it (the epoch and `IterableDataset.state_dict()`); `StreamPosition` keeps the
-    position of the last batch consumed per worker, and a resumed run continues each worker's stream from
-    there (datasets restores the shard and the row in it; the rows that sat in the shuffle buffer are not
-    replayed, so a resumed stream is not row-for-row the uninterrupted one).
-    """
+class StreamingImages(StreamBatches):
+    """The train split of a streamed image source (see `StreamBatches`): rows decoded and augmented in the
+    DataLoader workers."""
 
     def __init__(self, raw, cfg: DataConfig, features, augment: bool = False, seed: int = 0):
-        self.raw, self.cfg, self.seed = raw, cfg, seed
+        super().__init__(raw, seed, cfg.shuffle_buffer, cfg.source)
+        self.cfg = cfg
         probe = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
         self.image_column, self.label_column = find_columns(probe, cfg)
         self.class_names = features[self.label_column].names if self.label_column else None
         self.augment = augment and (cfg.augment != "none" or cfg.hflip)
-        self.batch_size = 1
-        self.rank, self.world = 0, 1
-        self.resume: dict | None = None  # {"num_workers", "workers": {worker: {"epoch", "stream"}}}
+        self.transform = None
 
-    def configure(self, batch_size: int, rank: int, world: int) -> StreamingImages:
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        return self
-
-    def __iter__(self):
-        from datasets.distributed import split_dataset_by_node
-
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        state = None
-        if self.resume is not None:
-            # The DataLoader takes batches from its workers in turn, starting at worker 0: the worker that
-            # comes after the last batch consumed plays worker 0, so a resumed run takes the same order.
-            worker = (worker + self.resume.get("next_worker", 0)) % n_workers
-            if self.resume["num_workers"] != n_workers:
-                raise VqgenError(
-                    f"this run was checkpointed with train.num_workers={self.resume['num_workers']}; a streamed "
-                    f"source resumes only with the same number (got {n_workers})"
-                )
-            state = self.resume["workers"].get(worker)
-        epoch = state["epoch"] if state else 0
-        transform = ImageTransform(self.cfg)
-        n_classes = len(self.class_names) if self.class_names else 0
-        made = 0
-        while True:
-            ds = self.raw.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
-            ds.set_epoch(epoch)
-            # Ranks x workers read disjoint parts (whole shards when there are enough). Sharding here and
-            # reading through .iter() keeps datasets from sharding by worker again, and keeps state_dict and
-            # load_state_dict on the same structure (datasets restores a worker-sharded state into the
-            # unsharded stream and fails).
-            ds = split_dataset_by_node(ds, self.rank * n_workers + worker, self.world * n_workers)
-            resumed = state is not None and state["epoch"] == epoch
-            if resumed:
-                ds.load_state_dict(state["stream"])
-            batches = 0
-            for rows in ds.iter(batch_size=self.batch_size, drop_last_batch=True):
-                where = f"streamed split 'train' (rank {self.rank}, worker {worker}, epoch {epoch})"
-                images = []
-                for value in rows[self.image_column]:
-                    gen = None
-                    if self.augment:  # no stable row index in a stream: (rank, worker, rows made) stands in
-                        gen = augment_generator(self.seed, epoch, ((self.rank * 1024 + worker) << 40) + made)
-                    images.append(transform(decode_image(value, where), gen))
-                    made += 1
-                if self.label_column:
-                    labels = check_labels(rows[self.label_column], n_classes, "train")
-                else:
-                    labels = torch.full((len(images),), -1, dtype=torch.long)
-                position = {"worker": worker, "epoch": epoch, "stream": ds.state_dict()}
-                yield {"images": torch.stack(images), "labels": labels, "position": position}
-                batches += 1
-            if batches == 0 and not resumed:  # (a resumed position may sit at the end of an epoch)
-                raise VqgenError(
-                    f"data.source {self.cfg.source}: rank {self.rank} worker {worker} got less than one batch "
-                    f"({self.batch_size} rows) from the stream; lower train.num_workers or train.batch_size"
-                )
-            epoch += 1  # the last partial batch is dropped, like drop_last on a map-style split
-
-
-class StreamPosition:
-    """The stream position of every worker after the last batch the trainer consumed; checkpointed through
-    `accelerator.register_for_checkpointing`."""
-
-    def __init__(self, dataset: StreamingImages, num_workers: int):
-        self.dataset, self.num_workers = dataset, max(1, num_workers)
-        self.workers: dict[int, dict] = {}
-        self.next_worker = 0
-
-    def update(self, position: dict) -> None:
-        worker = int(position["worker"])
-        self.workers[worker] = {"epoch": int(position["epoch"]), "stream": position["stream"]}
-        self.next_worker = (worker + 1) % self.num_workers
-
-    def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "workers": dict(self.workers), "next_worker": self.next_worker}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.workers = dict(state["workers"])
-        self.next_worker = int(state.get("next_worker", 0))
-        self.dataset.resume = {
-            "num_workers": state["num_workers"],
-            "workers": self.workers,
-            "next_worker": self.next_worker,
-        }
+    def make_batch(self, rows: dict, worker: int, epoch: int, first_row: int) -> dict:
+        if self.transform is None:  # built in the worker
+            self.transform = ImageTransform(self.cfg)
+        where = f"streamed split 'train' (rank {self.rank}, worker {worker}, epoch {epoch})"
+        images = []
+        for j, value in enumerate(rows[self.image_column]):
+            gen = None
+            if self.augment:  # no stable row index in a stream: (rank, worker, rows made) stands in
+                gen = augment_generator(self.seed, epoch, ((self.rank * 1024 + worker) << 40) + first_row + j)
+            images.append(self.transform(decode_image(value, where), gen))
+        if self.label_column:
+            labels = check_labels(rows[self.label_column], len(self.class_names), "train")
+        else:
+            labels = torch.full((len(images),), -1, dtype=torch.long)
+        return {"images": torch.stack(images), "labels": labels}
 
 
 def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:

@@ -117,29 +117,52 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
     total = sum(hi - lo for *_, lo, hi in todo)
     # Rank 0 shows its own progress (the ranks run at the same pace): images/s and the time left.
     bar = tqdm(total=total, desc="extracting", unit="img", disable=not accelerator.is_main_process, smoothing=0.1)
-    splits = {split: LazyImageSplit(ds, data_cfg, split) for split, ds in dd.items()}
-    for split, i, lo, hi in todo:
+    for split, ds in dd.items():
+        shards = [(i, lo, hi) for s, i, lo, hi in todo if s == split]
+        if not shards:
+            continue
+        # One loader per split (its workers start once); batches never cross a shard's end.
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(splits[split], range(lo, hi)),
-            batch_size=batch_size,
+            LazyImageSplit(ds, data_cfg, split),
+            batch_sampler=_ShardBatches(shards, batch_size),
             num_workers=workers,
             pin_memory=accelerator.device.type == "cuda",
         )
-        codes, labels = [], []
-        for batch in loader:
-            with torch.inference_mode():
-                x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
-                codes.append(model.encode(x).cpu().numpy().astype(dtype))  # (B, h, w)
-            labels.append(batch["labels"].numpy())
-            bar.update(len(x))
-        columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
-        if label_col is not None:
-            columns["label"] = np.concatenate(labels)
-        path = _shard_path(work, split, i)
-        tmp = path.with_suffix(f".tmp-{rank}")
-        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
-        os.replace(tmp, path)
+        batches_left = iter(loader)
+        for i, lo, hi in shards:
+            codes, labels, rows = [], [], 0
+            while rows < hi - lo:
+                batch = next(batches_left)
+                with torch.inference_mode():
+                    x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
+                    codes.append(model.encode(x).cpu().numpy().astype(dtype))  # (B, h, w)
+                labels.append(batch["labels"].numpy())
+                rows += len(x)
+                bar.update(len(x))
+            columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
+            if label_col is not None:
+                columns["label"] = np.concatenate(labels)
+            path = _shard_path(work, split, i)
+            tmp = path.with_suffix(f".tmp-{rank}")
+            datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+            os.replace(tmp, path)
     bar.close()
+
+
+class _ShardBatches:
+    """The batch sampler of extraction: `range`s of rows, shard after shard, none crossing a shard's end (made
+    lazily: a list of every index would grow with the dataset)."""
+
+    def __init__(self, shards: list[tuple[int, int, int]], batch_size: int):
+        self.shards, self.batch_size = shards, batch_size
+
+    def __iter__(self):
+        for _, lo, hi in self.shards:
+            for b in range(lo, hi, self.batch_size):
+                yield range(b, min(b + self.batch_size, hi))
+
+    def __len__(self) -> int:
+        return sum(-(-(hi - lo) // self.batch_size) for _, lo, hi in self.shards)
 
 
 def _complete_shards(work: Path) -> int:

@@ -30,7 +30,7 @@ from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from stage1_vqvae.data import DataConfig, ImageSplit, StreamingImages, StreamPosition, load_splits, to_model_input
+from stage1_vqvae.data import DataConfig, ImageSplit, StreamingImages, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.hub import hub_id, upload_folder
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
@@ -54,6 +54,7 @@ from stage1_vqvae.shared import (
     run_cli,
     save_checkpoint,
     save_image_grid,
+    stream_loader,
     to_dict,
     write_json,
 )
@@ -142,14 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     train_dl, val_dl = make_loaders(None if streaming else train_set, splits["validation"], per_device, tc, workers)
     position = None
     if streaming:
-        # Not prepared: every rank reads its own shards of the stream, which accelerate's batch dispatching
-        # would replace by rank 0 reading for all; the batches move to the device below.
-        train_set.configure(per_device, accelerator.process_index, accelerator.num_processes)
-        train_dl = torch.utils.data.DataLoader(
-            train_set, batch_size=None, num_workers=workers, pin_memory=accelerator.device.type == "cuda"
-        )
-        position = StreamPosition(train_set, workers)
-        accelerator.register_for_checkpointing(position)  # saved and restored with every checkpoint
+        train_dl, position = stream_loader(train_set, accelerator, per_device, workers)
     elif len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(train_set)} images, fewer than one batch of {per_device}")
 

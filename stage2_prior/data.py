@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from stage1_vqvae.codes import CodesMeta, load_code_dataset
-from stage1_vqvae.shared import VqgenError
+from stage1_vqvae.shared import StreamBatches, VqgenError
 from stage2_prior.model import TokenLayout, grid_to_input_ids
 
 
@@ -18,6 +18,13 @@ class CodeDataConfig:
     conditional: bool = True  # condition on the label column when the codes have one
     max_samples: int | None = None  # cap on every split (quick runs and tests)
     cache_max_gb: float = 1.0  # token ids held in memory while they fit (GiB); larger splits stay memory-mapped
+    streaming: bool = False  # stream the codes' parquet files (a Hub id or a local folder); nothing is downloaded
+    shuffle_buffer: int = 10000  # streaming: sequences in the shuffle buffer
+    streaming_eval_rows: int = 5000  # streaming: validation uses the first rows of its split, held in memory
+
+    def __post_init__(self):
+        if self.cache_max_gb < 0 or self.shuffle_buffer < 1 or self.streaming_eval_rows < 1:
+            raise ValueError("cache_max_gb must be >= 0, shuffle_buffer and streaming_eval_rows positive")
 
 
 def _check_codes(codes: torch.Tensor, classes, cfg: CodeDataConfig, split: str, k: int, hw, num_classes: int) -> None:
@@ -87,8 +94,11 @@ def load_code_splits(
     """({split: sequences}, CodesMeta, TokenLayout) for `splits`; checks the codes against their metadata.
 
     Splits whose int64 token ids fit `data.cache_max_gb` (all together, smallest first) are tokenised into memory;
-    the others stay memory-mapped (`MappedCodeSequences`).
+    the others stay memory-mapped (`MappedCodeSequences`). With `data.streaming`, train is a `StreamingCodes`
+    and the other splits their first `data.streaming_eval_rows` rows.
     """
+    if cfg.streaming:
+        return streaming_code_splits(cfg, splits)
     dd, meta = load_code_dataset(cfg.codes)
     layout = TokenLayout.from_meta(meta, cfg.conditional)
     k, (h, w) = meta.codebook_size, meta.grid
@@ -115,3 +125,89 @@ def load_code_splits(
         _check_codes(codes, classes, cfg, split, k, (h, w), layout.num_classes)
         out[split] = CodeSequences(grid_to_input_ids(codes, layout, classes))
     return {s: out[s] for s in splits}, meta, layout
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamed codes
+
+
+def open_code_streams(cfg: CodeDataConfig) -> tuple[dict, CodesMeta]:
+    """({split: datasets.IterableDataset}, CodesMeta) read on the fly: an extraction folder, or a Hub dataset's
+    parquet files over `hf://` (HfFileSystem: only the rows read are fetched, nothing is downloaded first)."""
+    import json
+    from pathlib import Path
+
+    import datasets
+    import fsspec
+
+    from stage1_vqvae.codes import CODES_METADATA
+    from stage1_vqvae.hub import looks_like_repo_id
+
+    path = Path(cfg.codes)
+    if path.exists():
+        meta = CodesMeta.load(path)
+        if (path / "data" / "dataset_dict.json").is_file():
+            saved = datasets.load_from_disk(str(path / "data"))
+            return {k: v.to_iterable_dataset(num_shards=min(16, max(1, len(v)))) for k, v in saved.items()}, meta
+        base = str(path / "data")
+    elif looks_like_repo_id(cfg.codes):
+        base = f"hf://datasets/{cfg.codes}/data"
+        try:
+            with fsspec.open(f"hf://datasets/{cfg.codes}/{CODES_METADATA}", "r") as f:
+                meta = CodesMeta.from_json_dict(json.load(f), f"{cfg.codes}/{CODES_METADATA}")
+        except VqgenError:
+            raise
+        except Exception as e:  # offline, no such repo, no metadata: many types
+            raise VqgenError(
+                f"code dataset {cfg.codes}: cannot read its {CODES_METADATA} from the Hub ({type(e).__name__}); "
+                "check the id and your network, or pass a local folder"
+            ) from None
+    else:
+        raise VqgenError(f"code dataset {cfg.codes}: no such folder, and it is not a Hub dataset id (owner/name)")
+    files = {split: f"{base}/{split}-*.parquet" for split in meta.splits}
+    try:
+        streams = datasets.load_dataset("parquet", data_files=files, streaming=True)
+    except Exception as e:
+        raise VqgenError(
+            f"code dataset {cfg.codes}: cannot stream its parquet files ({type(e).__name__}: {e})"
+        ) from None
+    return dict(streams), meta
+
+
+def _rows_to_ids(rows: dict, cfg: CodeDataConfig, split: str, meta: CodesMeta, layout: TokenLayout) -> torch.Tensor:
+    codes = torch.from_numpy(np.asarray(rows["codes"], dtype=np.int64))  # (B, h, w)
+    classes = None
+    if layout.num_classes:
+        classes = torch.from_numpy(np.asarray(rows["label"], dtype=np.int64))
+    _check_codes(codes, classes, cfg, split, meta.codebook_size, meta.grid, layout.num_classes)
+    return grid_to_input_ids(codes, layout, classes)  # (B, 2 + h*w)
+
+
+class StreamingCodes(StreamBatches):
+    """The train split of streamed codes, tokenised and checked batch by batch (see `StreamBatches`)."""
+
+    def __init__(self, raw, cfg: CodeDataConfig, meta: CodesMeta, layout: TokenLayout, seed: int = 0):
+        super().__init__(raw, seed, cfg.shuffle_buffer, f"code dataset {cfg.codes}")
+        self.cfg, self.meta, self.layout = cfg, meta, layout
+
+    def make_batch(self, rows: dict, worker: int, epoch: int, first_row: int) -> dict:
+        return {"input_ids": _rows_to_ids(rows, self.cfg, "train", self.meta, self.layout)}
+
+
+def streaming_code_splits(cfg: CodeDataConfig, splits, seed: int = 0):
+    streams, meta = open_code_streams(cfg)
+    layout = TokenLayout.from_meta(meta, cfg.conditional)
+    out = {}
+    for split in splits:
+        if split not in streams:
+            raise VqgenError(f"code dataset {cfg.codes} has no {split!r} split (it has {sorted(streams)})")
+        stream = streams[split].take(cfg.max_samples) if cfg.max_samples is not None else streams[split]
+        if split == "train":
+            out[split] = StreamingCodes(stream, cfg, meta, layout, seed)
+            continue
+        rows = list(stream.take(cfg.streaming_eval_rows))
+        if not rows:
+            raise VqgenError(f"code dataset {cfg.codes}: split {split!r} is empty")
+        columns = {k: [r[k] for r in rows] for k in rows[0]}
+        out[split] = CodeSequences(_rows_to_ids(columns, cfg, split, meta, layout))
+    return out, meta, layout

@@ -50,10 +50,11 @@ from stage1_vqvae.shared import (
     run_cli,
     save_checkpoint,
     save_image_grid,
+    stream_loader,
     to_dict,
     write_json,
 )
-from stage2_prior.data import CodeDataConfig, load_code_splits
+from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
 from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
 from stage2_prior.sampling import sample_codes
 
@@ -147,10 +148,19 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
-    train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
-    if len(train_dl) == 0:
-        raise VqgenError(f"the train split has {len(splits['train'])} sequences, fewer than one batch of {per_device}")
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    streaming = isinstance(splits["train"], StreamingCodes)
+    position = None
+    if streaming:
+        _, val_dl = make_loaders(None, splits["validation"], per_device, tc)
+        train_dl, position = stream_loader(splits["train"], accelerator, per_device, tc.num_workers or 0)
+        model, optimizer, val_dl = accelerator.prepare(model, optimizer, val_dl)
+    else:
+        train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
+        if len(train_dl) == 0:
+            raise VqgenError(
+                f"the train split has {len(splits['train'])} sequences, fewer than one batch of {per_device}"
+            )
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
 
     # Before the checkpoint restores the RNG: building the VQ-VAE draws from it, which after the restore would
     # shift every later draw (dropout) away from the uninterrupted run's.
@@ -161,8 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
 
-    per_epoch = len(train_dl)
-    epoch, skip = divmod(step * tc.gradient_accumulation_steps, per_epoch)
+    # A map-style split: the seeded sampler and skipped batches restore the data position; a stream restores
+    # its own position from the checkpoint (StreamPosition) and never ends.
+    epoch, skip = (0, 0) if streaming else divmod(step * tc.gradient_accumulation_steps, len(train_dl))
 
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
@@ -171,14 +182,18 @@ def main(argv: list[str] | None = None) -> Path:
     guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     micro = step * tc.gradient_accumulation_steps
     while step < tc.max_steps:
-        train_dl.set_epoch(epoch)
+        if not streaming:
+            train_dl.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         skip = 0
         for batch in loader:
+            if position is not None:
+                position.update(batch["position"])
             # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
             g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
             micro += 1
-            input_ids = apply_class_dropout(batch["input_ids"], layout, cfg.model.class_dropout, g)
+            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
+            input_ids = apply_class_dropout(input_ids, layout, cfg.model.class_dropout, g)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     outputs = model(input_ids=input_ids, labels=labels_for(input_ids))

@@ -16,11 +16,10 @@ from stage1_vqvae.data import (
     ImageSplit,
     LazyImageSplit,
     StreamingImages,
-    StreamPosition,
     load_source,
     load_splits,
 )
-from stage1_vqvae.shared import VqgenError, user_message
+from stage1_vqvae.shared import StreamPosition, VqgenError, user_message
 from stage1_vqvae.train import main
 
 from helpers import stage1_args

@@ -313,3 +313,67 @@ def test_training_on_memory_mapped_codes_equals_training_on_codes_in_memory(stag
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_a_prior_trained_on_streamed_codes_resumes_bit_exact_without_a_shuffle_buffer(stage1, tmp_path):
+    _, _, codes = stage1
+    common = ["data.streaming=true", "data.shuffle_buffer=1", "train.max_steps=5", "train.checkpoint_every=2"]
+    common += ["train.checkpoints_total_limit=5", "model.dropout=0.1"]
+    full = train2(tmp_path / "a", codes, *common)
+    train2(tmp_path / "b", codes, *common)
+    for name in ("checkpoint_4", "checkpoint_5"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = train2(tmp_path / "b", codes, *common, "--resume_from_checkpoint", "latest")
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # Streamed, the prior saw other batches than from memory (a shuffle buffer of 1 keeps the file order).
+    in_memory = load_file(str(train2(tmp_path / "c", codes, *common[2:]) / "model.safetensors"))
+    assert any(not torch.equal(a[k], in_memory[k]) for k in a)
+
+
+def hub_as_local_files(remote, monkeypatch):
+    """hf:// paths served from the fake Hub's folders (the network boundary datasets' streaming reads through)."""
+    import importlib
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its read-only view)
+
+    class HubFiles(LocalFileSystem):
+        protocol = "hf"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path).removeprefix("hf://")
+            if path.startswith("datasets/"):
+                path = str(remote / "dataset" / path.removeprefix("datasets/"))
+            elif not path.startswith("/"):
+                path = "/" + path  # a local path handed back as hf://tmp/... by unstrip_protocol
+            return super()._strip_protocol(path)
+
+    monkeypatch.setitem(registry._registry, "hf", HubFiles)
+    monkeypatch.setattr(fsspec.AbstractFileSystem, "_cache", {}, raising=False)
+
+
+def test_codes_published_to_the_hub_stream_without_a_download(stage1, tmp_path, fake_hub, monkeypatch):
+    from stage1_vqvae.codes import load_code_dataset
+    from stage1_vqvae.extract import publish_codes
+    from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
+
+    _, _, codes = stage1
+    publish_codes(codes, "me/codes")
+    hub_as_local_files(tmp_path / "remote", monkeypatch)
+    local, _, _ = load_code_splits(CodeDataConfig(codes=str(codes)))
+    cfg = CodeDataConfig(codes="me/codes", streaming=True, shuffle_buffer=1, streaming_eval_rows=3)
+    streamed, meta, _ = load_code_splits(cfg, splits=("train", "validation"))
+    assert meta == load_code_dataset(codes)[1]
+    assert torch.equal(streamed["validation"].input_ids, local["validation"].input_ids[:3])
+    train = streamed["train"]
+    assert isinstance(train, StreamingCodes)
+    first = next(iter(train.configure(batch_size=4, rank=0, world=1)))["input_ids"]
+    assert torch.equal(first, local["train"].input_ids[:4])  # one shard, no buffer: the file's order
+    with pytest.raises(VqgenError, match="cannot read its vqgen_codes.json from the Hub"):
+        load_code_splits(CodeDataConfig(codes="me/nothing", streaming=True))
