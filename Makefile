@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Optional: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only torch where that index is reachable.
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench ablation install clean
+.PHONY: demo test lint bench bench-data bench-photos ablation install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,15 @@ bench: $(STAMP)
 	# vector-quantize-pytorch is the quantizer baseline of benchmarks/run.py only, not a dependency of vqgen.
 	$(BIN)/pip install -q vector-quantize-pytorch
 	$(BIN)/python -m benchmarks.run
+
+bench-data: $(STAMP)
+	# Memory of training and extraction at 128/256 px and 620k images, kill -9 resume, throughput by data path.
+	$(BIN)/python -m benchmarks.data_scale
+
+bench-photos: $(STAMP)
+	# Real photographs offline: the image files inside the scikit-image and scikit-learn wheels (dev-only).
+	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
+	$(BIN)/python -m benchmarks.photos
 
 ablation: $(STAMP)
 	# Each quantizer option through the whole pipeline at the demo's budget, 2 seeds (about an hour on 2 cores).
