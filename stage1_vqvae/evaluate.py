@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from stage1_vqvae.data import data_config_for, load_splits, to_model_input
+from stage1_vqvae.data import LazyImageSplit, data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import deprecated_flags, report_metrics, run_cli
+from stage1_vqvae.shared import VqgenError, deprecated_flags, report_metrics, run_cli
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, help="VQ-VAE folder or Hub repo id")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers decoding images")
     parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # deprecated: a file path
     args, rest = parser.parse_known_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
@@ -224,9 +226,21 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator()  # under accelerate launch / torchrun every process scores its shard
     model = VQVAE.from_pretrained(args.model).to(accelerator.device, memory_format=torch.channels_last)
     data_cfg = data_config_for(model.data_config, rest)
+    if data_cfg.streaming:
+        raise VqgenError(
+            "evaluation scores every image of the split, which a stream cannot promise; drop data.streaming=true "
+            "(the split is then read from the downloaded Arrow files, decoded on the fly)"
+        )
     with accelerator.main_process_first():
         splits = load_splits(data_cfg, splits=sorted({"validation", args.split}))
-    loaders = {k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size)) for k, v in splits.items()}
+    workers = args.num_workers
+    if workers is None:  # splits decoded on the fly want workers; splits in memory do not
+        lazy = any(isinstance(v, LazyImageSplit) for v in splits.values())
+        workers = min(4, max(0, (os.cpu_count() or 1) // accelerator.num_processes - 1)) if lazy else 0
+    loaders = {
+        k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size, num_workers=workers))
+        for k, v in splits.items()
+    }
     result = full_evaluation(model, loaders, args.split, accelerator)
     if accelerator.is_main_process:
         report_metrics(result, args.output_dir, args.out)

@@ -286,3 +286,19 @@ def test_codes_published_in_several_parquet_shards_per_split_load_whole(tmp_path
     for split in local:
         assert loaded[split]["codes"] == local[split]["codes"], split
     assert isinstance(loaded["train"], datasets.Dataset)
+
+
+def test_evaluation_decodes_on_the_fly_in_workers_and_refuses_a_stream(tmp_path, tiny_model, image_folder):
+    import json as _json
+
+    from stage1_vqvae.evaluate import main as evaluate
+
+    tiny_model.save_pretrained(tmp_path / "vq")
+    (tmp_path / "vq" / "data_config.json").write_text(_json.dumps({"source": str(image_folder), "resolution": 16}))
+    in_memory = evaluate(["--model", str(tmp_path / "vq"), "--split", "test"])
+    on_the_fly = evaluate(
+        ["--model", str(tmp_path / "vq"), "--split", "test", "data.cache_max_gb=0", "--num_workers", "2"]
+    )
+    assert on_the_fly == in_memory  # the same images, whichever way they are read
+    with pytest.raises(VqgenError, match="evaluation scores every image of the split.*drop data.streaming=true"):
+        evaluate(["--model", str(tmp_path / "vq"), "data.streaming=true"])
