@@ -1,6 +1,6 @@
 """`make bench-data`: memory and throughput of stage 1 and extraction at real sizes (issue: users' own data).
 
-    python -m benchmarks.data_scale [--only train_rss,extract,throughput] [--steps 200]
+    python -m benchmarks.data_scale [--only train_rss,extract,throughput,configs] [--steps 200]
 
 - train_rss: peak memory of stage-1 training on MNIST resized to 128x128 and 256x256 RGB, decoding on the fly
   (the default once the decoded splits exceed data.cache_max_gb) against decoding everything into memory first
@@ -9,6 +9,7 @@
   halfway through the 620k extraction, the same command again, and a row-for-row comparison with the
   uninterrupted result.
 - throughput: stage-1 images/s on the same MNIST images, in memory vs decoded on the fly vs streamed.
+- configs: seconds per step and memory of configs/celeba64 and configs/ffhq256 on this CPU at batch 8.
 
 Every command runs in a child process; a sampler thread polls the whole process tree (the trainer and its
 DataLoader workers) every 20 ms, from /proc/PID/status. "tree RSS" sums the processes' resident sets (pages
@@ -226,11 +227,36 @@ def bench_throughput(steps: int) -> None:
         )
 
 
+def bench_configs(steps: int) -> None:
+    """The face configs' step on this CPU at batch 8, on MNIST resized to their resolution (their Hub datasets
+    are out of reach offline), with the discriminator on from step 0 and the perceptual term off (no VGG16
+    weights here): seconds per step and peak memory, to scale from."""
+    for name in ("celeba64", "ffhq256"):
+        out = WORK / f"cfg_{name}"
+        cmd = [sys.executable, "-m", "stage1_vqvae.train", "--config", f"{name}/stage1", "--output_dir", str(out),
+               "--overwrite_output_dir", "data.source=mnist", "train.report_to=none", "train.eval_every=0",
+               "train.checkpoint_every=0", "train.batch_size=8", f"train.max_steps={steps}", "train.num_workers=1",
+               "loss.perceptual_weight=0", "loss.disc_start=0", "train.eval_max_batches=1"]  # fmt: skip
+        r = run_sampled(cmd)
+        summary = json.loads((out / "train_summary.json").read_text())
+        from safetensors.torch import load_file
+
+        params = sum(t.numel() for t in load_file(str(out / "model" / "model.safetensors")).values())
+        row(
+            f"configs/{name}: a step at batch 8 (CPU)",
+            f"{8 / summary['images_per_s']:.2f} s/step, {summary['images_per_s']:.1f} img/s",
+            "documented",
+            f"peak main RSS {gib(r['main_rss'])}, heap {gib(r['main_anon'])}; VQ-VAE {params / 1e6:.1f}M parameters; "
+            f"discriminator on, perceptual off; {steps} steps",
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="train_rss,extract,throughput")
+    parser.add_argument("--only", default="train_rss,extract,throughput,configs")
     parser.add_argument("--steps", type=int, default=200, help="training steps per throughput run")
     parser.add_argument("--rss_steps", type=int, default=20, help="training steps per memory run")
+    parser.add_argument("--config_steps", type=int, default=6, help="training steps per face-config run")
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     print("| benchmark | figure | target | detail |\n|---|---|---|---|", flush=True)
@@ -241,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_extract()
     if "throughput" in only:
         bench_throughput(args.steps)
+    if "configs" in only:
+        bench_configs(args.config_steps)
 
 
 if __name__ == "__main__":

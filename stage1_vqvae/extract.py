@@ -40,6 +40,7 @@ from stage1_vqvae.shared import (
     commit_dir,
     deprecated_flags,
     deprecated_push_to_hub,
+    release_freed_memory,
     run_cli,
     to_dict,
 )
@@ -139,6 +140,7 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
                 labels.append(batch["labels"].numpy())
                 rows += len(x)
                 bar.update(len(x))
+                release_freed_memory()  # else glibc's heap creeps up with the number of batches
             columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
             if label_col is not None:
                 columns["label"] = np.concatenate(labels)

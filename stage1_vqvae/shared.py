@@ -351,6 +351,20 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def release_freed_memory() -> None:
+    """Return to the OS the memory glibc's malloc keeps after it is freed. Under PyTorch's CPU kernels its arenas
+    fragment, and a long loop's heap creeps up with the number of batches (extraction: +30% from 70k to 620k
+    images) although nothing is held; calling this once per batch keeps it flat (it takes well under a millisecond
+    there). A no-op off glibc."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
