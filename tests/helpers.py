@@ -61,3 +61,27 @@ def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"),
         codes_fingerprint="c" * 64,
     )
     return CodesMeta(**{**fields, **kw})
+
+
+def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, check=None) -> None:
+    """Run `train(args)` into out_a and out_b; make out_b look like a run that died after its earliest kept
+    checkpoint (later checkpoints and the final model deleted); resume it; assert both final models are equal
+    bit for bit. `args(out)` gives the command line for an output folder; `check(out_b)` runs before the resume."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    full = Path(train(args(out_a)))
+    train(args(out_b))
+    if check is not None:
+        check(Path(out_b))
+    for name in later_checkpoints:
+        shutil.rmtree(Path(out_b) / "checkpoints" / name)
+    shutil.rmtree(Path(out_b) / "model")
+    resumed = Path(train([*args(out_b), "--resume_from_checkpoint", "latest"]))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from stage1_vqvae.data import (
     DataConfig,
@@ -22,7 +21,7 @@ from stage1_vqvae.data import (
 from stage1_vqvae.shared import StreamPosition, VqgenError, user_message
 from stage1_vqvae.train import main
 
-from helpers import stage1_args
+from helpers import resumed_equals_uninterrupted, stage1_args
 
 
 def make_tar_shards(root, n_shards=3, per_shard=12, corrupt=None, size=20):
@@ -130,15 +129,13 @@ def test_hflip_mirrors_about_half_of_the_images_and_changes_nothing_else(image_f
 def test_resume_is_bit_exact_when_decoding_on_the_fly_with_augmentation_and_workers(tmp_path, image_folder):
     common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
     common += ["data.cache_max_gb=0", "data.augment=random_resized_crop", "data.hflip=true", "train.num_workers=2"]
-    full = main(stage1_args(tmp_path / "a", image_folder, *common))
-    main(stage1_args(tmp_path / "b", image_folder, *common))
-    for name in ("checkpoint_6", "checkpoint_7"):
-        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
-    shutil.rmtree(tmp_path / "b" / "model")
-    resumed = main(stage1_args(tmp_path / "b", image_folder, *common, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    resumed_equals_uninterrupted(
+        main,
+        tmp_path / "a",
+        tmp_path / "b",
+        lambda out: stage1_args(out, image_folder, *common),
+        ["checkpoint_6", "checkpoint_7"],
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -168,16 +165,18 @@ def test_streamed_training_resumes_from_its_position_bit_exact_without_a_shuffle
     source = make_tar_shards(tmp_path / "wds")
     common = [f"data.source={source}", "data.streaming=true", "data.shuffle_buffer=1", "data.streaming_holdout=4"]
     common += ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
-    full = main(stage1_args(tmp_path / "a", source, *common))
-    main(stage1_args(tmp_path / "b", source, *common))
-    assert (tmp_path / "b" / "checkpoints" / "checkpoint_3" / "custom_checkpoint_0.pkl").is_file()
-    for name in ("checkpoint_6", "checkpoint_7"):
-        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
-    shutil.rmtree(tmp_path / "b" / "model")
-    resumed = main(stage1_args(tmp_path / "b", source, *common, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+
+    def position_saved(out):
+        assert (out / "checkpoints" / "checkpoint_3" / "custom_checkpoint_0.pkl").is_file()
+
+    resumed_equals_uninterrupted(
+        main,
+        tmp_path / "a",
+        tmp_path / "b",
+        lambda out: stage1_args(out, source, *common),
+        ["checkpoint_6", "checkpoint_7"],
+        position_saved,
+    )
 
 
 def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):

@@ -14,7 +14,7 @@ from stage1_vqvae.data import DataConfig
 from stage1_vqvae.extract import extract
 from stage1_vqvae.shared import VqgenError
 
-from helpers import ROOT, TINY1, TINY2, run_two_processes
+from helpers import ROOT, TINY1, TINY2, resumed_equals_uninterrupted, run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -319,15 +319,14 @@ def test_a_prior_trained_on_streamed_codes_resumes_bit_exact_without_a_shuffle_b
     _, _, codes = stage1
     common = ["data.streaming=true", "data.shuffle_buffer=1", "train.max_steps=5", "train.checkpoint_every=2"]
     common += ["train.checkpoints_total_limit=5", "model.dropout=0.1"]
-    full = train2(tmp_path / "a", codes, *common)
-    train2(tmp_path / "b", codes, *common)
-    for name in ("checkpoint_4", "checkpoint_5"):
-        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
-    shutil.rmtree(tmp_path / "b" / "model")
-    resumed = train2(tmp_path / "b", codes, *common, "--resume_from_checkpoint", "latest")
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    resumed_equals_uninterrupted(
+        lambda argv: train2(argv[0], codes, *argv[1:]),
+        tmp_path / "a",
+        tmp_path / "b",
+        lambda out: [out, *common],
+        ["checkpoint_4", "checkpoint_5"],
+    )
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     # Streamed, the prior saw other batches than from memory (a shuffle buffer of 1 keeps the file order).
     in_memory = load_file(str(train2(tmp_path / "c", codes, *common[2:]) / "model.safetensors"))
     assert any(not torch.equal(a[k], in_memory[k]) for k in a)
