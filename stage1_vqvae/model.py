@@ -528,7 +528,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(res_channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        return x + self.conv2(F.relu(self.conv1(F.relu(x)), inplace=True))  # x itself is needed for the skip
 
 
 class Encoder(nn.Module):
@@ -537,12 +537,14 @@ class Encoder(nn.Module):
         n_down = int(math.log2(cfg.downsample))
         layers: list[nn.Module] = []
         ch = cfg.in_channels
+        # In-place ReLUs: a conv keeps its input for backward, not its output, so overwriting the output saves
+        # a copy of the largest activations (the full-resolution ones of big images) at no change in the numbers.
         for _ in range(n_down):
-            layers += [nn.Conv2d(ch, cfg.hidden_channels, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(ch, cfg.hidden_channels, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
             ch = cfg.hidden_channels
         layers.append(nn.Conv2d(ch, cfg.hidden_channels, 3, padding=1))
         layers += [ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(cfg.hidden_channels, cfg.codebook_dim, 1)]
+        layers += [nn.ReLU(inplace=True), nn.Conv2d(cfg.hidden_channels, cfg.codebook_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,13 +557,13 @@ class Decoder(nn.Module):
         n_up = int(math.log2(cfg.downsample))
         layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_dim, cfg.hidden_channels, 3, padding=1)]
         layers += [ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)]
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))  # in place, as in the encoder
         for i in range(n_up):
             last = i == n_up - 1
             out = cfg.in_channels if last else cfg.hidden_channels
             layers.append(nn.ConvTranspose2d(cfg.hidden_channels, out, 4, stride=2, padding=1))
             if not last:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))
         if n_up == 0:
             layers.append(nn.Conv2d(cfg.hidden_channels, cfg.in_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
