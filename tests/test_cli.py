@@ -149,3 +149,15 @@ def test_scientific_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp
     cfg = load_config(Stage1Config, str(path), ["train.min_lr_ratio=1e-1", "data.source=1e5x"])
     assert cfg.train.learning_rate == 1e-4 and cfg.train.weight_decay == 0.05 and cfg.train.min_lr_ratio == 0.1
     assert cfg.data.source == "1e5x"  # not a number: stays a string
+
+
+def test_the_model_geometry_follows_the_data_before_the_model_checks_it(tmp_path):
+    # data.resolution=128 with model.downsample=8 was checked against the default image size 28 and refused.
+    from stage1_vqvae.train import Stage1Config
+
+    cfg = load_config(Stage1Config, "mnist/stage1", ["data.resolution=128", "data.channels=RGB", "model.downsample=8"])
+    assert (cfg.model.image_size, cfg.model.in_channels, cfg.model.grid_size) == (128, 3, 16)
+    with pytest.raises(VqgenError, match=r"image_size 30 \(data.resolution\) is not divisible by downsample 4"):
+        load_config(Stage1Config, "mnist/stage1", ["data.resolution=30"])
+    with pytest.raises(VqgenError, match="eval_max_batches must be positive or null"):
+        load_config(Stage1Config, "mnist/stage1", ["train.eval_max_batches=0"])
