@@ -387,27 +387,6 @@ def check_labels(values: list, n_classes: int, split: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-def iter_image_batches(
-    ds: datasets.Dataset, cfg: DataConfig, split: str, batch_size: int = 512, start: int = 0, stop: int | None = None
-):
-    """Decode rows [start, stop) of a split in batches -> (uint8 (B, C, R, R), labels (B,) or None).
-
-    Only one batch is decoded at a time, so memory does not grow with the split.
-    """
-    image_col, label_col = find_columns(ds, cfg)
-    n_classes = len(ds.features[label_col].names) if label_col else 0
-    stop = len(ds) if stop is None else stop
-    raw = ds.cast_column(image_col, datasets.Image(decode=False))
-    transform = ImageTransform(cfg)
-    for lo in range(start, stop, batch_size):
-        rows = raw[lo : min(lo + batch_size, stop)]
-        images = torch.stack(
-            [transform(decode_image(v, f"split {split!r} row {lo + j}")) for j, v in enumerate(rows[image_col])]
-        )  # (B, C, R, R)
-        labels = check_labels(rows[label_col], n_classes, split) if label_col else None
-        yield images, labels
-
-
 class _Split(torch.utils.data.Dataset):
     """What every map-style split shares: the epoch (for augmentation), class names, a few images to show."""
 
@@ -447,11 +426,14 @@ class ImageSplit(_Split):
         super().__init__(ds, cfg, split, augment, seed)
         if self.augment and cfg.augment != "none":
             raise ValueError("ImageSplit holds decoded images and cannot crop them anew; use LazyImageSplit")
+        # Decoded the one way every split is (LazyImageSplit's), a chunk at a time.
+        rows = LazyImageSplit(ds, cfg, split)
         images, labels = [], []
         bar = tqdm(total=len(ds), desc=f"decoding {split}", disable=not progress, leave=False)
-        for x, y in iter_image_batches(ds, cfg, split, batch_size=1024):
+        for lo in range(0, len(ds), 1024):
+            x, y = rows.decode_rows(range(lo, min(lo + 1024, len(ds))))
             images.append(x)
-            labels.append(y if y is not None else torch.full((len(x),), -1, dtype=torch.long))
+            labels.append(y)
             bar.update(len(x))
         bar.close()
         self.images = torch.cat(images)  # (N, C, R, R) uint8
@@ -483,18 +465,25 @@ class LazyImageSplit(_Split):
     def __len__(self) -> int:
         return len(self.raw)
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A batch of rows in one Arrow read (the DataLoader's fetcher calls this instead of __getitem__)."""
+    def decode_rows(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows in one Arrow read -> (uint8 (B, C, R, R) images, (B,) labels, -1 when unlabelled)."""
         indices = [int(i) for i in indices]
         rows = self.raw[indices]  # one columnar read
-        images = [
-            self.transform(decode_image(v, f"split {self.split!r} row {i}"), self.generator(i))
-            for i, v in zip(indices, rows[self.image_column])
-        ]
+        images = torch.stack(
+            [
+                self.transform(decode_image(v, f"split {self.split!r} row {i}"), self.generator(i))
+                for i, v in zip(indices, rows[self.image_column])
+            ]
+        )  # (B, C, R, R)
         if self.label_column:
             labels = check_labels(rows[self.label_column], self.n_classes, self.split)
         else:
             labels = torch.full((len(indices),), -1, dtype=torch.long)
+        return images, labels
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of rows in one Arrow read (the DataLoader's fetcher calls this instead of __getitem__)."""
+        images, labels = self.decode_rows(indices)
         return [{"images": x, "labels": y} for x, y in zip(images, labels)]
 
     def __getitem__(self, i: int) -> dict:
@@ -503,9 +492,14 @@ class LazyImageSplit(_Split):
     def first_images(self, n: int) -> torch.Tensor:
         saved, self.augment = self.augment, False
         try:
-            return torch.stack([b["images"] for b in self.__getitems__(list(range(min(n, len(self)))))])
+            return self.decode_rows(range(min(n, len(self))))[0]
         finally:
             self.augment = saved
+
+    @staticmethod
+    def default_workers(num_processes: int) -> int:
+        """DataLoader workers for decoding on the fly: the cores each process has beyond its own, 1 to 4."""
+        return min(4, max(1, (os.cpu_count() or 1) // num_processes - 1))
 
 
 def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import warnings
 
 import torch
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     workers = args.num_workers
     if workers is None:  # splits decoded on the fly want workers; splits in memory do not
         lazy = any(isinstance(v, LazyImageSplit) for v in splits.values())
-        workers = min(4, max(0, (os.cpu_count() or 1) // accelerator.num_processes - 1)) if lazy else 0
+        workers = LazyImageSplit.default_workers(accelerator.num_processes) if lazy else 0
     loaders = {
         k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size, num_workers=workers))
         for k, v in splits.items()

@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
-from stage1_vqvae.data import data_config_for, find_columns, load_source, to_model_input
+from stage1_vqvae.data import LazyImageSplit, data_config_for, find_columns, load_source, to_model_input
 from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.shared import (
@@ -100,8 +100,6 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
     """Each rank encodes the shards i with i % world == rank that are not on disk yet; a shard is written to a
     temp file and renamed, so a file that exists is complete."""
     from tqdm.auto import tqdm
-
-    from stage1_vqvae.data import LazyImageSplit
 
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = []
@@ -224,7 +222,7 @@ def extract(
     features = datasets.Features(features)
     fingerprint = state_fingerprint(model)
     if num_workers is None:  # decoding is most of the work on a CPU: workers, when there are cores to spare
-        num_workers = min(4, max(0, (os.cpu_count() or 1) // accelerator.num_processes - 1))
+        num_workers = LazyImageSplit.default_workers(accelerator.num_processes)
 
     # The work folder resumes only the same extraction: the model, the data and the sharding must match.
     work = out.parent / f".{out.name}.work"

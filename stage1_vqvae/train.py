@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from stage1_vqvae.data import DataConfig, ImageSplit, StreamingImages, load_splits, to_model_input
+from stage1_vqvae.data import DataConfig, ImageSplit, LazyImageSplit, StreamingImages, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.hub import hub_id, upload_folder
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
@@ -139,7 +138,9 @@ def main(argv: list[str] | None = None) -> Path:
     streaming = isinstance(train_set, StreamingImages)
     # Decoding on the fly wants workers; data already in memory does not (a worker only adds a copy).
     in_memory = all(isinstance(v, ImageSplit) for v in splits.values())
-    workers = tc.num_workers if tc.num_workers is not None else (0 if in_memory else min(4, os.cpu_count() or 1))
+    workers = tc.num_workers
+    if workers is None:
+        workers = 0 if in_memory else LazyImageSplit.default_workers(accelerator.num_processes)
     train_dl, val_dl = make_loaders(None if streaming else train_set, splits["validation"], per_device, tc, workers)
     position = None
     if streaming:
