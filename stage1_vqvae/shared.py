@@ -199,7 +199,19 @@ def config_help(cls: type) -> str:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; YAML 1.2 and every user mean a float."""
+    """PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string and `no`/`off`/`yes`/`on` as booleans
+    (so `train.mixed_precision=no` became False); YAML 1.2 and every user mean a float and a word."""
+
+
+# YAML 1.2's booleans: true and false only. The class's resolver table is rebuilt, not edited in place, so
+# yaml.SafeLoader itself keeps its own.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -363,6 +375,20 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def steady_rate(t_end: float, t_warm: float | None, items: int) -> float | None:
+    """Items per second after the warm-up (the first log interval); None when the run logged only at its end."""
+    if t_warm is None or t_end <= t_warm or items <= 0:
+        return None
+    return items / (t_end - t_warm)
+
+
+def peak_accelerator_memory_gib(device: torch.device) -> float | None:
+    """The peak of the CUDA caching allocator on this process's device, in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def write_json(path: Path, obj: Any) -> None:

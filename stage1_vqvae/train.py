@@ -48,11 +48,13 @@ from stage1_vqvae.shared import (
     lr_at,
     make_loaders,
     parse_train_args,
+    peak_accelerator_memory_gib,
     prepare_output_dir,
     resolve_resume,
     run_cli,
     save_checkpoint,
     save_image_grid,
+    steady_rate,
     stream_loader,
     to_dict,
     write_json,
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
     t0, images_seen = time.perf_counter(), 0
+    # The first log interval holds the warm-up (cuDNN autotuning, worker start-up, allocator growth): the
+    # steady rate is measured after it.
+    t_warm, images_warm = None, 0
     val_metrics: dict = {}
     guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     while step < tc.max_steps:
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> Path:
             if log_now or eval_now or save_now:
                 guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
+                if t_warm is None:
+                    t_warm, images_warm = time.perf_counter(), images_seen
                 loss_value = loss.item()
                 logs = {
                     "train/loss": loss_value,
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "num_processes": accelerator.num_processes,
                 "wall_time_s": wall,
                 "images_per_s": images_seen / wall if wall > 0 else None,
+                "images_per_s_after_first_log": steady_rate(t0 + wall, t_warm, images_seen - images_warm),
+                "peak_accelerator_memory_gib": peak_accelerator_memory_gib(accelerator.device),
                 "codebook_max_abs_diff_across_ranks": rank_diff,
                 "validation": val_metrics,
             },

@@ -45,11 +45,13 @@ from stage1_vqvae.shared import (
     lr_at,
     make_loaders,
     parse_train_args,
+    peak_accelerator_memory_gib,
     prepare_output_dir,
     resolve_resume,
     run_cli,
     save_checkpoint,
     save_image_grid,
+    steady_rate,
     stream_loader,
     to_dict,
     write_json,
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
     last_ckpt = resume_dir
     t0, tokens_seen = time.perf_counter(), 0
+    t_warm, tokens_warm = None, 0  # the steady rate is measured after the first log interval (warm-up)
     val: dict = {}
     guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     micro = step * tc.gradient_accumulation_steps
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> Path:
             if log_now or eval_now or save_now:
                 guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
+                if t_warm is None:
+                    t_warm, tokens_warm = time.perf_counter(), tokens_seen
                 loss = outputs.loss.item()
                 accelerator.log(
                     {
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "num_processes": accelerator.num_processes,
                 "wall_time_s": wall,
                 "tokens_per_s": tokens_seen / wall,
+                "tokens_per_s_after_first_log": steady_rate(t0 + wall, t_warm, tokens_seen - tokens_warm),
+                "peak_accelerator_memory_gib": peak_accelerator_memory_gib(accelerator.device),
                 "validation": val,
             },
         )

@@ -151,6 +151,21 @@ def test_scientific_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp
     assert cfg.data.source == "1e5x"  # not a number: stays a string
 
 
+def test_no_and_off_are_words_and_only_true_false_are_booleans(tmp_path):
+    # PyYAML (YAML 1.1) reads no/off/yes/on as booleans: train.mixed_precision=no was refused as False.
+    from stage1_vqvae.shared import load_config
+    from stage1_vqvae.train import Stage1Config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  hflip: True\n")
+    cfg = load_config(Stage1Config, str(path), [])
+    assert cfg.train.mixed_precision == "no" and cfg.data.hflip is True
+    cfg = load_config(Stage1Config, str(path), ["train.mixed_precision=no", "data.hflip=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.hflip is False
+    with pytest.raises(VqgenError, match="data.hflip"):
+        load_config(Stage1Config, str(path), ["data.hflip=yes"])  # a word, not a boolean: one clear error
+
+
 def test_the_model_geometry_follows_the_data_before_the_model_checks_it(tmp_path):
     # data.resolution=128 with model.downsample=8 was checked against the default image size 28 and refused.
     from stage1_vqvae.train import Stage1Config
