@@ -222,7 +222,10 @@ def sample_pipeline(pipe, per_class: int, seed: int = 0, **settings) -> tuple[to
     return out.images * 2 - 1, classes
 
 
-SWEEP = {"guidance_scale": [1.0, 1.5, 2.0, 3.0], "temperature": [0.85, 1.0], "top_p": [None, 0.95]}
+# Every setting explicit: a value left None would fall back to the prior's own recommendation (its
+# generation_config), so a "no top-p" row of a prior that recommends top-p 0.95 silently drew with 0.95.
+# top_p 1.0 is "off", and top-k is off (k = K) throughout.
+SWEEP = {"guidance_scale": [1.0, 1.5, 2.0, 3.0], "temperature": [0.85, 1.0], "top_p": [1.0, 0.95]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -283,7 +286,7 @@ def sweep(judge: Judge, pipe, per_class: int, seed: int) -> dict:
     rows = []
     for values in itertools.product(*SWEEP.values()):
         settings = dict(zip(SWEEP, values))
-        samples, asked = sample_pipeline(pipe, per_class, seed, **settings)
+        samples, asked = sample_pipeline(pipe, per_class, seed, top_k=pipe.layout.codebook_size, **settings)
         r = judge.score(samples, asked, draws=3)
         rows.append({**settings, **{k: r[k] for k in ("recognised_as_asked", "frechet_distance_ratio", "kid")}})
         rows[-1].update(precision=r["precision"], recall=r["recall"], fd_reference=r["frechet_distance_real_reference"])
@@ -292,10 +295,13 @@ def sweep(judge: Judge, pipe, per_class: int, seed: int) -> dict:
 
 
 def sweep_table(rows: list[dict]) -> str:
+    def off(top_p):
+        return "-" if (top_p or 1.0) >= 1 else top_p
+
     head = "| guidance | temperature | top_p | recognised | FD / real | KID | precision | recall |\n"
     head += "|---|---|---|---|---|---|---|---|\n"
     return head + "".join(
-        f"| {r['guidance_scale']} | {r['temperature']} | {r['top_p'] or '-'} | {r['recognised_as_asked']:.1%} | "
+        f"| {r['guidance_scale']} | {r['temperature']} | {off(r['top_p'])} | {r['recognised_as_asked']:.1%} | "
         f"{r['frechet_distance_ratio']:.2f} | {r['kid']:.4f} | {r['precision']:.2f} | {r['recall']:.2f} |\n"
         for r in rows
     )

@@ -417,3 +417,42 @@ def test_kid_leaves_the_callers_random_state_alone():
     state = torch.random.get_rng_state()
     kernel_distance(a, b, seed=7)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_the_validation_sweep_samples_each_row_with_exactly_its_settings(monkeypatch):
+    # A row left None fell back to the prior's recommendation: "no top-p" drew with the recommended top-p 0.95.
+    from stage2_prior import quality
+    from stage2_prior.model import SamplingConfig
+    from stage2_prior.pipeline import VQGenPipeline
+
+    seen = []
+
+    class FakePipe:
+        layout = LAYOUT
+
+        def sampling_settings(self, **given):
+            return VQGenPipeline.sampling_settings(self, **given)
+
+    fake = FakePipe()
+    fake.prior = build_prior(
+        PriorConfig(n_layer=1, n_head=1, n_embd=8, dropout=0.0), LAYOUT, codes_meta(), "c",
+        SamplingConfig(guidance_scale=3.0, temperature=0.5, top_k=2, top_p=0.5),
+    )  # fmt: skip
+
+    def fake_sample(pipe, per_class, seed, **settings):
+        seen.append(pipe.sampling_settings(**settings))
+        return torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
+
+    class FakeJudge:
+        split = "validation"
+
+        def score(self, samples, asked, draws):
+            return dict(recognised_as_asked=1.0, frechet_distance_ratio=1.0, kid=0.0, precision=1.0, recall=1.0,
+                        frechet_distance_real_reference={})  # fmt: skip
+
+    monkeypatch.setattr(quality, "sample_pipeline", fake_sample)
+    rows = quality.sweep(FakeJudge(), fake, 1, 0)["rows"]
+    assert len(rows) == len(seen) == 16
+    for row, used in zip(rows, seen, strict=True):
+        assert {k: used[k] for k in quality.SWEEP} == {k: row[k] for k in quality.SWEEP}
+        assert used["top_k"] == LAYOUT.codebook_size  # off, not the prior's 2
