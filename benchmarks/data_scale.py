@@ -109,10 +109,13 @@ def gib(x: float) -> str:
 
 def bench_train_rss(steps: int) -> None:
     common = ["data.channels=RGB", f"train.max_steps={steps}", "train.eval_max_batches=2"]
+    accum = ["train.gradient_accumulation_steps=2"]
     for name, batch, extra in (
         ("128 on the fly", 32, ["data.resolution=128", "model.downsample=8"]),
         ("256 on the fly", 32, ["data.resolution=256", "model.downsample=16"]),
+        ("256 on the fly, 2 micro-batches of 16", 32, ["data.resolution=256", "model.downsample=16", *accum]),
         ("256 on the fly", 16, ["data.resolution=256", "model.downsample=16"]),
+        ("128 on the fly, the demo's f=4 (32x32 codes)", 128, ["data.resolution=128"]),
         ("128 in memory (the old path)", 32, ["data.resolution=128", "model.downsample=8", "data.cache_max_gb=100"]),
     ):
         r = run_sampled(stage1(WORK / "rss", *common, f"train.batch_size={batch}", *extra))

@@ -50,6 +50,7 @@ from stage1_vqvae.shared import (
     parse_train_args,
     peak_accelerator_memory_gib,
     prepare_output_dir,
+    release_freed_memory,
     resolve_resume,
     run_cli,
     save_checkpoint,
@@ -61,6 +62,7 @@ from stage1_vqvae.shared import (
 )
 
 logger = logging.getLogger("stage1_vqvae.train")
+TRIM_INTERVAL_S = 2.0  # decoding on the fly: hand freed heap back to the OS at most this often
 
 
 @dataclass
@@ -192,6 +194,11 @@ def main(argv: list[str] | None = None) -> Path:
     # The first log interval holds the warm-up (cuDNN autotuning, worker start-up, allocator growth): the
     # steady rate is measured after it.
     t_warm, images_warm = None, 0
+    # Decoding on the fly, glibc's heap creeps up with the number of batches (fragmentation: +0.04 GiB from
+    # 20 to 40 batches at 256 px); handing the freed memory back now and then keeps the peak flat. At most
+    # every TRIM_INTERVAL_S: each trim makes the next steps fault their pages in again (-22% img/s on the
+    # demo when done every step). Not in memory, where the data is what sets the memory.
+    trim_on, last_trim = not in_memory, time.perf_counter()
     val_metrics: dict = {}
     guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     while step < tc.max_steps:
@@ -235,6 +242,9 @@ def main(argv: list[str] | None = None) -> Path:
                     disc_opt.zero_grad(set_to_none=True)
                     extra_logs.update(d_logs)
             images_seen += x.shape[0] * accelerator.num_processes
+            if trim_on and time.perf_counter() - last_trim >= TRIM_INTERVAL_S:
+                release_freed_memory()
+                last_trim = time.perf_counter()
             if not accelerator.sync_gradients:
                 continue
             step += 1
