@@ -367,7 +367,8 @@ def release_freed_memory() -> None:
     """Return to the OS the memory glibc's malloc keeps after it is freed. Under PyTorch's CPU kernels its arenas
     fragment, and a long loop's heap creeps up with the number of batches (extraction: +30% from 70k to 620k
     images) although nothing is held; calling this once per batch keeps it flat (it takes well under a millisecond
-    there). A no-op off glibc."""
+    there). Its cost is the pages the next allocations fault in again: stage-1 training calls it at most every
+    few seconds (once a step cost the demo 22% of its speed). A no-op off glibc."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -745,7 +746,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def __init__(self, raw, seed: int, shuffle_buffer: int, source: str):
         self.raw, self.seed, self.shuffle_buffer, self.source = raw, seed, shuffle_buffer, source
         self.batch_size, self.rank, self.world = 1, 0, 1
-        self.resume: dict | None = None  # {"num_workers", "workers": {worker: {"epoch", "stream"}}, "next_worker"}
+        # {"num_workers", "workers": {worker: {"epoch", "rows", "stream"}}, "next_worker"}
+        self.resume: dict | None = None
 
     def configure(self, batch_size: int, rank: int, world: int):
         self.batch_size, self.rank, self.world = batch_size, rank, world
@@ -772,7 +774,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
             worker = (worker + self.resume.get("next_worker", 0)) % n_workers
             state = self.resume["workers"].get(worker)
         epoch = state["epoch"] if state else 0
-        made = 0
+        # Rows this worker has made: a streamed row's augmentation is drawn from it, so resume restores it too.
+        made = state.get("rows", 0) if state else 0
         while True:
             ds = self.raw.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(epoch)
@@ -787,7 +790,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
             for rows in ds.iter(batch_size=self.batch_size, drop_last_batch=True):
                 batch = self.make_batch(rows, worker, epoch, made)
                 made += self.batch_size
-                yield {**batch, "position": {"worker": worker, "epoch": epoch, "stream": ds.state_dict()}}
+                position = {"worker": worker, "epoch": epoch, "rows": made, "stream": ds.state_dict()}
+                yield {**batch, "position": position}
                 batches += 1
             if batches == 0 and not resumed:  # (a resumed position may sit at the end of an epoch)
                 raise VqgenError(
@@ -808,7 +812,11 @@ class StreamPosition:
 
     def update(self, position: dict) -> None:
         worker = int(position["worker"])
-        self.workers[worker] = {"epoch": int(position["epoch"]), "stream": position["stream"]}
+        self.workers[worker] = {
+            "epoch": int(position["epoch"]),
+            "rows": int(position["rows"]),
+            "stream": position["stream"],
+        }
         self.next_worker = (worker + 1) % self.num_workers
 
     def state_dict(self) -> dict:

@@ -139,11 +139,15 @@ def test_resume_is_bit_exact_when_decoding_on_the_fly_with_augmentation_and_work
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers):
-    # shuffle_buffer=1 keeps the rows in shard order, so the resumed stream must continue row for row.
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers, augment):
+    # shuffle_buffer=1 keeps the rows in shard order, so the resumed stream must continue row for row; with
+    # augmentation the crops and flips too (their draws count the rows the worker made, which resume restores).
     cfg = DataConfig(source=str(make_tar_shards(tmp_path / "wds", n_shards=4)), streaming=True, resolution=16)
     cfg.shuffle_buffer, cfg.streaming_holdout = 1, 4
-    stream = load_splits(cfg, splits=("train",))["train"]
+    if augment:
+        cfg.augment, cfg.hflip = "random_resized_crop", True
+    stream = load_splits(cfg, splits=("train",), augment_train=augment)["train"]
     assert isinstance(stream, StreamingImages)
     stream.configure(batch_size=3, rank=0, world=1)
     position = StreamPosition(stream, workers)
@@ -154,7 +158,7 @@ def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers):
     del it
     state = json.loads(json.dumps(position.state_dict(), default=int))  # survives a round trip
     state["workers"] = {int(k): v for k, v in state["workers"].items()}
-    again = load_splits(cfg, splits=("train",))["train"].configure(batch_size=3, rank=0, world=1)
+    again = load_splits(cfg, splits=("train",), augment_train=augment)["train"].configure(batch_size=3, rank=0, world=1)
     StreamPosition(again, workers).load_state_dict(state)
     it = iter(torch.utils.data.DataLoader(again, batch_size=None, num_workers=workers))
     for want in expected:
