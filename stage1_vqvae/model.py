@@ -465,7 +465,10 @@ class FiniteScalarQuantizer(nn.Module):
         levels = self.levels.to(z.dtype)
         half_l = (levels - 1) * (1 - self.eps) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
-        shift = torch.atanh(offset / half_l)
+        # The shift puts z = 0 on a level. Two levels cannot hold 0 inside the range (offset / half_l > 1,
+        # atanh would be NaN): there z = 0 sits on the boundary between them, a symmetric sign split.
+        ratio = offset / half_l
+        shift = torch.where(ratio < 1, torch.atanh(ratio.clamp_max(0.999)), torch.zeros_like(ratio))
         return torch.tanh(z + shift) * half_l - offset
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Quantizer options beyond the paper, each against a reference: the rotation trick's value and gradient, FSQ's
 levels and round trip, the cosine lookup, SimVQ's gradient routing; refusals; save, load and encode."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,18 +28,20 @@ def test_the_rotation_trick_has_value_e_and_the_gradient_of_its_explicit_rotatio
         assert torch.allclose(z.grad[i], (ei.norm() / zi.norm()) * rotation.t() @ upstream[i])
 
 
-def test_fsq_levels_are_exact_and_codes_round_trip_to_values():
-    levels = [8, 5, 5, 3]
+@pytest.mark.parametrize("levels", [[8, 5, 5, 3], [2, 8, 5, 2]])  # two levels: a sign split, no NaN
+def test_fsq_levels_are_exact_and_codes_round_trip_to_values(levels):
     fsq = FiniteScalarQuantizer(levels)
-    assert fsq.codebook_size == 600 and fsq.codebook_dim == 4
+    k = math.prod(levels)
+    assert fsq.codebook_size == k and fsq.codebook_dim == 4
     z = torch.randn(1, 4, 50, 50, generator=torch.Generator().manual_seed(0)) * 3
     out = fsq(z)
     for dim, level in enumerate(levels):  # every dimension takes exactly its L values, scaled to [-1, 1]
         half = level // 2
         assert sorted(out.z_q[:, dim].unique().tolist()) == [(i - half) / half for i in range(level)]
     assert torch.equal(fsq.lookup(out.codes), out.z_q)  # codes -> values
-    assert torch.equal(fsq.codes_of(fsq.codebook()), torch.arange(600))  # values -> codes, all K of them
-    assert fsq.codebook().unique(dim=0).shape == (600, 4)
+    assert torch.equal(fsq.codes_of(fsq.codebook()), torch.arange(k))  # values -> codes, all K of them
+    assert fsq.codebook().unique(dim=0).shape == (k, 4)
+    assert torch.isfinite(out.z_q).all() and out.codes.min() >= 0 and out.codes.max() < k
     z.requires_grad_(True)
     fsq(z).z_q.sum().backward()
     assert z.grad.abs().sum() > 0  # straight through the rounding
