@@ -29,8 +29,12 @@ OPTIONS = {
     "fsq": ["model.quantizer=fsq", "model.fsq_levels=[8,8,4,2]", "model.decay=null", "model.kmeans_init=false"],
     "l2_lookup8": ["model.lookup_dim=8", "model.l2_normalize=true"],
     "rotation": ["model.straight_through=rotation"],
-    "simvq_lookup8": ["model.codebook_transform=linear", "model.lookup_dim=8", "model.decay=null",
-                      "model.kmeans_init=false"],  # fmt: skip
+    "simvq_lookup8": [
+        "model.codebook_transform=linear",
+        "model.lookup_dim=8",
+        "model.decay=null",
+        "model.kmeans_init=false",
+    ],
 }
 NO_RESTARTS = {"fsq", "simvq_lookup8"}  # no codebook to restart (FSQ) or a frozen one (SimVQ)
 
