@@ -151,7 +151,7 @@ def sample_codes(
     prefix_codes: torch.Tensor | None = None,
     compile: bool = False,
     decoding: str | None = None,
-    window: int = 16,
+    window: int = 8,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Sample (n, h, w) code grids with the KV cache; never returns a special token.
@@ -173,7 +173,8 @@ def sample_codes(
             tokens verified per forward, the same distribution in fewer forwards). None: jacobi for batches of
             at most JACOBI_MAX_BATCH images (one), where a forward costs about the same whatever it carries,
             else sequential (docs/benchmarks.md).
-        window: tokens fed per jacobi forward (the pending token and window - 1 drafts).
+        window: tokens fed per jacobi forward (the pending token and window - 1 drafts). 8 was the fastest of
+            4, 8 and 16 at batch 1 on this CPU, in two runs (docs/benchmarks.md).
         stats: a dict that receives "forwards" (model calls) and "decoding".
     """
     layout = layout_of(model)
@@ -253,9 +254,9 @@ def sample_codes(
 # --------------------------------------------------------------------------------------------------
 # Speculative Jacobi decoding (Teng et al., ICLR 2025)
 
-# Where jacobi decoding is the default: one image at a time. On this CPU it took 2.2x fewer forwards and 1.3x
-# less time than the sequential loop at batch 1, but was slower from batch 10 on, where a forward's cost grows
-# with the tokens it carries and the KV cache carries masked slots (docs/benchmarks.md).
+# Where jacobi decoding is the default: one image at a time. On this CPU it took 1.9-2.0x fewer forwards and
+# 1.0-1.1x less time than the sequential loop at batch 1 (2026-11-26), but was slower from batch 10 on, where a
+# forward's cost grows with the tokens it carries and the KV cache carries masked slots (docs/benchmarks.md).
 JACOBI_MAX_BATCH = 1
 
 
