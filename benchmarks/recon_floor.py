@@ -27,13 +27,18 @@ from stage1_vqvae.model import VQVAE
 from stage2_prior.quality import Judge, class_balanced_draw
 
 
+def reconstruct(model, x: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+    """(N, C, H, W) images in [-1, 1] -> their reconstructions, clamped to [-1, 1], in chunks."""
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + chunk]).reconstruction for i in range(0, len(x), chunk)]).clamp(-1, 1)
+
+
 def floor(model_path: str, split: str = "test", against: str = "validation", per_class: int = 100) -> dict:
     model = VQVAE.from_pretrained(model_path).eval()
     images = load_splits(DataConfig(source="mnist"), splits=(split,))[split]
     rows = class_balanced_draw(images.labels, per_class, torch.Generator().manual_seed(0))
     x, asked = to_model_input(images.images[rows]), images.labels[rows]
-    with torch.no_grad():
-        recon = torch.cat([model(x[i : i + 250]).reconstruction for i in range(0, len(x), 250)]).clamp(-1, 1)
+    recon = reconstruct(model, x)
     judge = Judge(against)
     out = {"model": model_path, "images": split, "scored_against": against}
     for name, imgs in (("real", x), ("reconstructions", recon)):
@@ -47,8 +52,7 @@ def fit_calibration(model, images: torch.Tensor, bins: int = 64) -> torch.Tensor
     """(C, bins) mean real value of the pixels whose decoded value falls in each bin ([-1, 1], bin centres);
     empty bins keep their centre (the identity)."""
     x = to_model_input(images)
-    with torch.no_grad():
-        recon = torch.cat([model(x[i : i + 500]).reconstruction for i in range(0, len(x), 500)]).clamp(-1, 1)
+    recon = reconstruct(model, x)
     curves = []
     for c in range(x.shape[1]):
         b = ((recon[:, c] + 1) / 2 * (bins - 1)).round().long().flatten()
@@ -77,8 +81,7 @@ def calibration_effect(model_path: str, pipeline: str | None) -> dict:
     curves = fit_calibration(model, splits["validation"].images[:5000])
     test = splits["test"]
     x = to_model_input(test.images)
-    with torch.no_grad():
-        recon = torch.cat([model(x[i : i + 500]).reconstruction for i in range(0, len(x), 500)]).clamp(-1, 1)
+    recon = reconstruct(model, x)
     psnr = lambda r: float((10 * torch.log10(4 / ((r - x) ** 2).flatten(1).mean(1))).mean())  # noqa: E731
     out = {"curve_at": {f"{v:.2f}": float(curves[0][round((v + 1) / 2 * 63)]) for v in (-0.87, -0.49, 0.52, 0.9)}}
     out["test_psnr"] = {"raw": psnr(recon), "calibrated": psnr(calibrate(recon, curves))}

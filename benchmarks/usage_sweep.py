@@ -39,14 +39,15 @@ def one(name: str, seed: int, work: Path, threads: int, extra: list[str]) -> dic
     out = work / f"{name}-seed{seed}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    log = open(work / f"{name}-seed{seed}.log", "w")
-    for cmd in (
+    commands = (
         ["-m", "stage1_vqvae.train", "--config", "mnist/stage1", "--output_dir", str(out / "s1"),
          "--overwrite_output_dir", f"train.seed={seed}", "train.report_to=none", "train.checkpoint_every=0",
          *overrides, *extra],
         ["-m", "stage1_vqvae.evaluate", "--model", str(out / "s1" / "model"), "--output_dir", str(out / "e1")],
-    ):  # fmt: skip
-        subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    )  # fmt: skip
+    with open(work / f"{name}-seed{seed}.log", "w") as log:  # each run's output, kept apart from the others'
+        for cmd in commands:
+            subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     e1 = json.loads((out / "e1" / "metrics.json").read_text())
     return {"variant": name, "seed": seed, "psnr": e1["psnr"], "usage": e1["usage"], "perplexity": e1["perplexity"],
             "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
