@@ -100,6 +100,8 @@ def test_combinations_that_make_no_sense_are_refused(bad, match):
         {"lookup_dim": 4, "l2_normalize": True},
         {"straight_through": "rotation", "decay": None},
         {"codebook_transform": "linear", "decay": None},
+        {"codebook_transform": "linear", "decay": None, "lookup_dim": 4},  # the ablation's SimVQ
+        {"quantizer": "fsq", "fsq_levels": [4, 2, 2], "decay": None},  # a level of 2, as the ablation's FSQ
     ],
 )
 def test_every_option_trains_saves_loads_and_encodes(options, tmp_path):
