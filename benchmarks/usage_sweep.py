@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
             (work / "results.json").write_text(json.dumps(results, indent=2))
             print(f"| {r['variant']} | {r['seed']} | {r['psnr']:.2f} | {r['usage']:.1%} | {r['perplexity']:.0f} | "
                   f"{r['wall_s']} |", flush=True)  # fmt: skip
-    (work / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -467,7 +467,8 @@ class FiniteScalarQuantizer(nn.Module):
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
         # The shift puts z = 0 on a level. Two levels cannot hold 0 inside the range (offset / half_l > 1,
         # atanh would be NaN): there z = 0 sits on the boundary between them, a symmetric sign split.
-        ratio = offset / half_l
+        ratio = offset / half_l  # 0 (odd L), 1/3 or less (even L >= 4), ~1.001 (L = 2)
+        # where() evaluates both branches: the clamp keeps the unused one finite (no ratio lies in (0.999, 1)).
         shift = torch.where(ratio < 1, torch.atanh(ratio.clamp_max(0.999)), torch.zeros_like(ratio))
         return torch.tanh(z + shift) * half_l - offset
 
