@@ -60,16 +60,16 @@ class DataConfig:
     channels: Literal["L", "RGB"] = "L"
     resize_mode: Literal["crop", "pad", "stretch"] = "crop"  # crop: centre crop; pad: letterbox onto black
     train_split: str = "train"
-    validation_split: str = "validation"  # carved from train (seeded) when the source has none
-    test_split: str = "test"  # carved from train (seeded) when the source has none
-    validation_fraction: float = 0.05  # of train, when validation is carved
-    test_fraction: float = 0.05  # of train, when test is carved
+    validation_split: str = "validation"  # carved from train when the source has none (see holdout_place)
+    test_split: str = "test"  # carved from train when the source has none (see holdout_place)
+    validation_fraction: float = 0.05  # of train, when validation is carved (each image by a hash of its bytes)
+    test_fraction: float = 0.05  # of train, when test is carved (each image by a hash of its bytes)
     max_samples: int | None = None  # cap on every split (quick runs and tests)
     cache_dir: str | None = None  # where the built-in MNIST is converted; default ~/.cache/vqgen
     cache_max_gb: float = 0.25  # decoded splits held in memory while they fit this (GiB, all splits together)
     streaming: bool = False  # read the source as a datasets stream (Hub id, parquet/image/.tar folder)
     shuffle_buffer: int = 10000  # streaming: rows in the shuffle buffer (shards are shuffled too)
-    streaming_holdout: int = 1000  # streaming: rows of validation (and test) carved from train / kept in memory
+    streaming_holdout: int = 1000  # streaming: rows of the validation split held in memory to validate on
     augment: Literal["none", "random_crop", "random_resized_crop"] = "none"  # train split only
     crop_min_scale: float = 0.5  # random_resized_crop: smallest fraction of the image area kept
     hflip: bool = False  # train split only: mirror half the images
@@ -79,6 +79,8 @@ class DataConfig:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if not 0 < self.validation_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ValueError("validation_fraction and test_fraction must be in (0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must leave some of train to train on (< 1)")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be positive, got {self.max_samples}")
         if self.cache_max_gb < 0:
@@ -208,21 +210,21 @@ def load_source(cfg: DataConfig) -> datasets.DatasetDict:
         raise VqgenError(
             f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(splits)}); set data.train_split"
         )
-    # Missing held-out splits are carved from train, seeded, test first: the decoder's sigma is fitted on
-    # validation and must never be fitted on the split that is scored.
-    for name, fraction, seed in (
-        (cfg.test_split, cfg.test_fraction, 1),
-        (cfg.validation_split, cfg.validation_fraction, 0),
-    ):
-        if name not in splits:
-            if len(splits[cfg.train_split]) < 3:
-                raise VqgenError(f"data.source {cfg.source}: too few train images to carve a {name!r} split from")
-            parts = splits[cfg.train_split].train_test_split(test_size=fraction, seed=seed)
-            splits[cfg.train_split], splits[name] = parts["train"], parts["test"]
-    out = {"train": splits[cfg.train_split], "validation": splits[cfg.validation_split], "test": splits[cfg.test_split]}
+    # Missing held-out splits are carved from train by a hash of each image (`holdout_place`): the same rows
+    # map-style and streamed, so a model trained on a stream is scored on the rows its stream held out.
+    bands = holdout_bands(cfg, splits)
+    carved = {}
+    if bands:
+        image_col, _ = find_columns(splits[cfg.train_split], cfg)
+        carved = carve_map_style(splits[cfg.train_split], bands, cfg, image_col)
+    out = {
+        "train": carved.get("train", splits[cfg.train_split]),
+        "validation": carved.get("validation", splits.get(cfg.validation_split)),
+        "test": carved.get("test", splits.get(cfg.test_split)),
+    }
     for name, ds in out.items():
         if len(ds) == 0:
-            raise VqgenError(f"data.source {cfg.source}: split {name!r} is empty; add images or choose another split")
+            raise _empty_split(cfg, name, name in bands)
         if cfg.max_samples is not None and len(ds) > cfg.max_samples:
             out[name] = ds.select(range(cfg.max_samples))
     return datasets.DatasetDict(out)
@@ -242,6 +244,88 @@ def find_columns(ds: datasets.Dataset, cfg: DataConfig) -> tuple[str, str | None
     if label_col is not None and not isinstance(feats[label_col], datasets.ClassLabel):
         raise VqgenError(f"data.label_column {label_col!r} is not a ClassLabel column; use 'none' or another column")
     return image_col, label_col
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out rows: one carve for every mode
+
+
+def holdout_bands(cfg: DataConfig, present) -> dict[str, tuple[float, float]]:
+    """{split key: [lo, hi)} of the held-out splits the source lacks (`present`: its split names). Fixed bands
+    of the unit interval, test first, so a row's split never depends on which other split is carved."""
+    bands = {"test": (0.0, cfg.test_fraction)}
+    bands["validation"] = (cfg.test_fraction, cfg.test_fraction + cfg.validation_fraction)
+    names = {"test": cfg.test_split, "validation": cfg.validation_split}
+    return {key: band for key, band in bands.items() if names[key] not in present}
+
+
+def holdout_place(value, where: str) -> float:
+    """A row's place in [0, 1) for the held-out carve: a hash of its encoded image alone.
+
+    Content, not position, decides, so the carve is the same read map-style or streamed, on any number of ranks
+    and workers, in any shard layout and order, and an image stored twice is held out (or trained on) twice.
+    """
+    if value is None:
+        raise VqgenError(f"{where}: the image is missing (null); remove the row or fill it")
+    if isinstance(value, Image.Image):  # a source that decodes itself
+        data = f"{value.mode}|{value.size}|".encode() + value.tobytes()
+    elif value.get("bytes") is not None:
+        data = value["bytes"]
+    else:
+        from datasets.utils.file_utils import xopen  # local paths and remote URLs alike
+
+        try:
+            with xopen(value["path"], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise VqgenError(f"{where} ({value['path']}): cannot read the image file ({e})") from None
+    digest = hashlib.blake2b(data, digest_size=8, person=b"vqgen-holdout").digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+class InBands:
+    """Batched `filter` predicate over an image column (picklable, for DataLoader workers): rows whose place
+    lies in one of `bands`, or (keep_outside) in none of them."""
+
+    def __init__(self, bands, keep_outside: bool, where: str):
+        self.bands, self.keep_outside, self.where = list(bands), keep_outside, where
+
+    def __call__(self, values: list) -> list[bool]:
+        out = []
+        for value in values:
+            place = holdout_place(value, self.where)
+            inside = any(lo <= place < hi for lo, hi in self.bands)
+            out.append(inside != self.keep_outside)
+        return out
+
+
+def carve_map_style(train: datasets.Dataset, bands: dict, cfg: DataConfig, image_col: str) -> dict:
+    """{"train": rest, key: held out} of a map-style train split, by `holdout_place`."""
+    raw = train.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
+    where = f"data.source {cfg.source} split {cfg.train_split!r}"
+    places = np.fromiter(
+        (holdout_place(v, where) for batch in raw.iter(batch_size=1024) for v in batch[image_col]),
+        dtype=np.float64,
+        count=len(raw),
+    )  # (N,)
+    out, held = {}, np.zeros(len(places), dtype=bool)
+    for key, (lo, hi) in bands.items():
+        inside = (places >= lo) & (places < hi)
+        held |= inside
+        out[key] = train.select(np.flatnonzero(inside))
+    out["train"] = train.select(np.flatnonzero(~held))
+    return out
+
+
+def _empty_split(cfg: DataConfig, key: str, carved: bool) -> VqgenError:
+    if not carved:
+        return VqgenError(f"data.source {cfg.source}: split {key!r} is empty; add images or choose another split")
+    fraction = cfg.test_fraction if key == "test" else cfg.validation_fraction
+    return VqgenError(
+        f"data.source {cfg.source}: no image fell into the carved {key!r} split (each train image goes there by a "
+        f"hash of its bytes, with probability data.{key}_fraction={fraction}); raise data.{key}_fraction, add "
+        "images, or give the source its own split"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,9 +647,11 @@ def load_splits(
 # Streaming sources
 
 
-def load_stream_source(cfg: DataConfig) -> dict:
-    """{split: datasets.IterableDataset} of a streamed source, with validation/test carved from the start of train
-    (`streaming_holdout` rows each) when the source has none."""
+def load_stream_source(cfg: DataConfig) -> tuple[dict, str, set]:
+    """({split: datasets.IterableDataset}, image column, carved split keys) of a streamed source, the image column
+    left encoded (decode=False). Validation/test splits the source lacks are carved from train by
+    `holdout_place`, row by row: a filter commutes with how datasets shards a stream over ranks and workers (a
+    skip of the first rows does not: it is divided among the readers), and it is the map-style carve."""
     if cfg.source == "mnist":
         streams = {k: v.to_iterable_dataset(num_shards=16) for k, v in build_mnist(cfg).items()}
     else:
@@ -587,43 +673,43 @@ def load_stream_source(cfg: DataConfig) -> dict:
             f"data.source {cfg.source} has no split {cfg.train_split!r} (it has {sorted(streams)}); "
             "set data.train_split"
         )
+    # Sources whose features are only known from a row get them resolved here (cast_column needs them).
+    streams = {k: v if v.features is not None else v._resolve_features() for k, v in streams.items()}
+    probe = datasets.Dataset.from_dict(
+        {k: [] for k in streams[cfg.train_split].features}, features=streams[cfg.train_split].features
+    )
+    image_col, _ = find_columns(probe, cfg)
+    streams = {k: v.cast_column(image_col, datasets.Image(decode=False)) for k, v in streams.items()}
     train = streams[cfg.train_split]
-    out, carved = {}, 0
-    for name, key in ((cfg.test_split, "test"), (cfg.validation_split, "validation")):
-        if name in streams:
-            out[key] = streams[name]
-        else:  # the first rows of train, before any shuffling: the same rows on every rank and every run
-            out[key] = train.skip(carved).take(cfg.streaming_holdout)
-            carved += cfg.streaming_holdout
-    out["train"] = train.skip(carved) if carved else train
+    bands = holdout_bands(cfg, streams)
+    where = f"data.source {cfg.source} split {cfg.train_split!r}"
+    out = {"train": train}
+    for key in ("test", "validation"):
+        if key in bands:
+            out[key] = train.filter(InBands([bands[key]], False, where), input_columns=[image_col], batched=True)
+        else:
+            out[key] = streams[cfg.test_split if key == "test" else cfg.validation_split]
+    if bands:
+        out["train"] = train.filter(InBands(bands.values(), True, where), input_columns=[image_col], batched=True)
     if cfg.max_samples is not None:
         out = {k: v.take(cfg.max_samples) for k, v in out.items()}
-    return out
-
-
-def _stream_features(stream: datasets.IterableDataset) -> datasets.Features:
-    features = stream.features
-    if features is None:
-        features = stream._resolve_features().features  # sources whose features are only known from a row
-    return features
+    return out, image_col, set(bands)
 
 
 def streaming_splits(cfg: DataConfig, splits, *, augment_train: bool = False, seed: int = 0) -> dict:
     """train: `StreamingImages`; validation/test: their first `streaming_holdout` rows, decoded into memory."""
-    streams = load_stream_source(cfg)
+    streams, image_col, carved = load_stream_source(cfg)
     out = {}
     for s in splits:
-        features = _stream_features(streams[s])
-        probe = datasets.Dataset.from_dict({k: [] for k in features}, features=features)  # columns by type
-        image_col, _ = find_columns(probe, cfg)
-        raw = streams[s].cast_column(image_col, datasets.Image(decode=False))
+        raw = streams[s]
+        features = raw.features
         if s == "train":
             out[s] = StreamingImages(raw, cfg, features, augment=augment_train, seed=seed)
         else:
             rows = list(raw.take(cfg.streaming_holdout))
             if not rows:
-                raise VqgenError(f"data.source {cfg.source}: split {s!r} is empty; add images or choose another split")
-            held = datasets.Dataset.from_list(rows, features=raw.features or features)
+                raise _empty_split(cfg, s, s in carved)
+            held = datasets.Dataset.from_list(rows, features=features)
             out[s] = ImageSplit(held.cast_column(image_col, datasets.Image()), cfg, s)
     return out
 
@@ -659,9 +745,17 @@ class StreamingImages(StreamBatches):
 
 
 def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:
-    """A model's saved data config with `data.key=value` overrides (evaluation and extraction on other images)."""
+    """A model's saved data config with `data.key=value` overrides, for evaluation and extraction (on the model's
+    images or others). Both read every row of a split, so a source the model streamed is read map-style: the
+    held-out carve is the same in both modes (`holdout_place`), so the rows scored are those the stream held out."""
     over = parse_overrides(overrides)
     unknown = sorted(set(over) - {"data"})
     if unknown:
         raise VqgenError(f"only data.* keys may be overridden here, got {unknown} (e.g. data.source=FOLDER)")
-    return from_dict(DataConfig, {**(saved or {}), **over.get("data", {})}, "data")
+    cfg = from_dict(DataConfig, {**(saved or {}), **over.get("data", {})}, "data")
+    if cfg.streaming:
+        logger.info(
+            "data.source %s is read map-style here (every row of each split); the carve is the stream's", cfg.source
+        )
+        cfg.streaming = False
+    return cfg

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import LazyImageSplit, data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, deprecated_flags, report_metrics, run_cli
+from stage1_vqvae.shared import deprecated_flags, report_metrics, run_cli
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -225,11 +225,6 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator()  # under accelerate launch / torchrun every process scores its shard
     model = VQVAE.from_pretrained(args.model).to(accelerator.device, memory_format=torch.channels_last)
     data_cfg = data_config_for(model.data_config, rest)
-    if data_cfg.streaming:
-        raise VqgenError(
-            "evaluation scores every image of the split, which a stream cannot promise; drop data.streaming=true "
-            "(the split is then read from the downloaded Arrow files, decoded on the fly)"
-        )
     with accelerator.main_process_first():
         splits = load_splits(data_cfg, splits=sorted({"validation", args.split}))
     workers = args.num_workers

@@ -193,11 +193,6 @@ def extract(
     out = Path(out)
     if out.exists() and not overwrite:
         raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
-    if data_cfg.streaming:
-        raise VqgenError(
-            "extraction reads the source's Arrow/parquet files on the fly (memory does not grow with the dataset) "
-            "and needs their row order to resume; drop data.streaming=true (datasets downloads a Hub source once)"
-        )
     if shard_rows < 1:
         raise VqgenError(f"--shard_rows must be positive, got {shard_rows}")
     cfg = model.config

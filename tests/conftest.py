@@ -31,11 +31,13 @@ def make_digit_like(rng: np.random.Generator, cls: int, size: int = 16) -> np.nd
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
-    """imagefolder layout: {train,test}/{a,b}/*.png, 16x16 grayscale, 24 train + 8 test images."""
+    """imagefolder layout: {train,test,validation}/{a,b}/*.png, 16x16 grayscale, 24 train, 8 test and 3
+    validation images (an odd count, which 2 ranks pad). Carving is tested on sources made for it: a hash carve
+    of 24 images gives a handful of rows, or none."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 4)):
-        for cls, name in enumerate(("a", "b")):
+    for split, counts in (("train", (12, 12)), ("test", (4, 4)), ("validation", (2, 1))):
+        for cls, (name, n) in enumerate(zip(("a", "b"), counts)):
             d = root / split / name
             d.mkdir(parents=True)
             for i in range(n):

@@ -2,6 +2,7 @@
 
 import gzip
 import pickle
+import shutil
 
 import datasets
 import numpy as np
@@ -13,6 +14,7 @@ from stage1_vqvae.data import (
     DataConfig,
     ImageSplit,
     find_columns,
+    holdout_place,
     load_mnist_pickle,
     load_source,
     mnist_pickle_path,
@@ -48,15 +50,12 @@ def test_mnist_pickle_is_not_unpickled_when_its_hash_differs(tmp_path):
     assert not marker.exists()
 
 
-def test_imagefolder_source_gets_labels_and_a_seeded_validation_split(image_folder):
+def test_imagefolder_source_gets_labels_and_its_own_splits(image_folder):
     cfg = DataConfig(source=str(image_folder), resolution=16)
     dd = load_source(cfg)
-    assert set(dd) == {"train", "validation", "test"}
-    assert len(dd["train"]) + len(dd["validation"]) == 24 and len(dd["test"]) == 8
+    assert {k: len(v) for k, v in dd.items()} == {"train": 24, "validation": 3, "test": 8}
     assert find_columns(dd["train"], cfg)[1] == "label"
     assert dd["train"].features["label"].names == ["a", "b"]
-    again = load_source(cfg)
-    assert dd["validation"]["label"] == again["validation"]["label"]  # the carve-out is seeded
 
 
 def test_parquet_and_save_to_disk_folders_load(image_folder, tmp_path):
@@ -64,6 +63,7 @@ def test_parquet_and_save_to_disk_folders_load(image_folder, tmp_path):
     (tmp_path / "pq").mkdir()
     dd["train"].to_parquet(str(tmp_path / "pq" / "train-00000.parquet"))
     dd["test"].to_parquet(str(tmp_path / "pq" / "test-00000.parquet"))
+    dd["validation"].to_parquet(str(tmp_path / "pq" / "validation-00000.parquet"))
     dd.save_to_disk(str(tmp_path / "disk"))
     for src in (tmp_path / "pq", tmp_path / "disk"):
         loaded = load_source(DataConfig(source=str(src), resolution=16))
@@ -80,10 +80,10 @@ def test_an_unknown_hub_id_with_the_hub_unreachable_is_one_clear_error():
 def test_a_corrupt_image_is_named_with_the_fix(tmp_path):
     d = tmp_path / "imgs" / "train" / "a"
     d.mkdir(parents=True)
-    for i in range(3):  # train, validation and test each get one image or more
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / f"good{i}.png")
+    for i in range(12):  # distinct images: the carve puts copies of one image in one split
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(d / f"good{i}.png")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=8, validation_fraction=0.5)
+    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=8, validation_fraction=0.3, test_fraction=0.3)
     with pytest.raises(VqgenError, match=r"broken\.png.*Remove or replace"):
         dd = load_source(cfg)
         for s in dd.values():
@@ -149,18 +149,44 @@ def test_scaling_round_trips_all_256_levels():
     assert torch.equal(to_uint8(x), levels)
 
 
-def test_a_source_without_a_test_split_gets_a_seeded_test_split_apart_from_validation(tmp_path):
+def test_missing_splits_are_carved_by_a_hash_of_each_image_test_apart_from_validation(tmp_path):
     d = tmp_path / "imgs" / "train" / "a"
     d.mkdir(parents=True)
-    for i in range(40):
+    for i in range(60):
         Image.fromarray(np.full((4, 4), i, np.uint8)).save(d / f"{i:03d}.png")
-    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=4, validation_fraction=0.1, test_fraction=0.1)
-    first, again = load_source(cfg), load_source(cfg)
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(d / "copy_of_007.png")  # the same bytes as 007.png
+    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=4, validation_fraction=0.2, test_fraction=0.2)
+    first = load_source(cfg)
     pixel = {s: sorted(int(np.array(im)[0, 0]) for im in first[s]["image"]) for s in first}
-    assert len(pixel["test"]) == 4 and len(pixel["validation"]) == 4 and len(pixel["train"]) == 32
-    # Test is scored, validation fits the decoder's sigma: they must not share an image, nor with train.
+    # The reference: each file's place from its own bytes, in the fixed bands (test [0, .2), validation [.2, .4)).
+    expected = {"train": [], "validation": [], "test": []}
+    for f in sorted(d.iterdir()):
+        place = holdout_place({"bytes": f.read_bytes(), "path": None}, "test")
+        split = "test" if place < 0.2 else "validation" if place < 0.4 else "train"
+        expected[split].append(int(np.array(Image.open(f))[0, 0]))
+    assert pixel == {s: sorted(v) for s, v in expected.items()}
+    assert all(len(v) >= 5 for v in pixel.values())  # 12 expected in each held-out split
+    # Test is scored, validation fits the decoder's sigma: they must not share an image, nor with train; a copy
+    # goes where its original goes.
     assert not set(pixel["test"]) & set(pixel["validation"]) and not set(pixel["test"]) & set(pixel["train"])
-    assert pixel == {s: sorted(int(np.array(im)[0, 0]) for im in again[s]["image"]) for s in again}  # seeded
+    assert not set(pixel["validation"]) & set(pixel["train"])
+    assert any(pixel[s].count(7) == 2 for s in pixel)
+    # A row's split does not depend on the row order, or on whether the source brings its own validation split.
+    shutil.copytree(tmp_path / "imgs" / "train", tmp_path / "with_val" / "train")
+    Image.fromarray(np.full((4, 4), 200, np.uint8)).save(tmp_path / "with_val" / "a.png")
+    (tmp_path / "with_val" / "validation" / "a").mkdir(parents=True)
+    shutil.move(tmp_path / "with_val" / "a.png", tmp_path / "with_val" / "validation" / "a" / "x.png")
+    own_val = load_source(DataConfig(source=str(tmp_path / "with_val"), resolution=4, test_fraction=0.2))
+    assert sorted(int(np.array(im)[0, 0]) for im in own_val["test"]["image"]) == pixel["test"]
+
+
+def test_a_carve_that_comes_out_empty_says_which_fraction_to_raise(tmp_path):
+    d = tmp_path / "imgs" / "train" / "a"
+    d.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(d / f"{i}.png")
+    with pytest.raises(VqgenError, match=r"no image fell into the carved .* raise data\.\w+_fraction"):
+        load_source(DataConfig(source=str(tmp_path / "imgs"), resolution=4, validation_fraction=1e-6))
 
 
 def test_float_images_in_0_1_are_scaled_not_black():

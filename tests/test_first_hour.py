@@ -95,10 +95,11 @@ def test_a_failed_code_push_is_retried_without_extracting_again(tmp_path, image_
 
 
 def test_bad_extraction_inputs_are_one_clear_error_and_leave_nothing(tmp_path, tiny_model, image_folder):
-    junk = tmp_path / "junk" / "train" / "a"
-    junk.mkdir(parents=True)
-    for i in range(4):
-        (junk / f"{i}.png").write_bytes(b"not an image at all")
+    for split in ("train", "validation", "test"):
+        junk = tmp_path / "junk" / split / "a"
+        junk.mkdir(parents=True)
+        for i in range(2):
+            (junk / f"{i}.png").write_bytes(b"not an image at all")
     with pytest.raises(VqgenError, match=r"cannot decode the image.*Remove or replace"):
         extract(
             tiny_model, DataConfig(source=str(tmp_path / "junk"), resolution=16), tmp_path / "c1", model_location="x"

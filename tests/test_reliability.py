@@ -141,11 +141,12 @@ def test_images_smaller_than_the_downsampling_are_resized_up(tmp_path):
 
     from stage1_vqvae.data import DataConfig, ImageSplit, load_source
 
-    d = tmp_path / "imgs" / "train" / "x"
-    d.mkdir(parents=True)
-    for i in range(4):
-        Image.fromarray(np.full((2, 3), 50 * i, np.uint8)).save(d / f"{i}.png")
-    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=16, validation_fraction=0.25)
+    for split in ("train", "validation", "test"):
+        d = tmp_path / "imgs" / split / "x"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((2, 3), 50 * i, np.uint8)).save(d / f"{i}.png")
+    cfg = DataConfig(source=str(tmp_path / "imgs"), resolution=16)
     split = ImageSplit(load_source(cfg)["train"], cfg)
     assert split.images.shape[1:] == (1, 16, 16)
 
