@@ -132,6 +132,31 @@ def test_the_generator_terms_leave_the_discriminator_untouched_and_switch_on_at_
     assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
 
 
+def test_the_discriminator_learns_the_sign_of_the_fakes_it_is_judged_on_in_the_generators_step():
+    # The generator's step scores its fakes alone (train-mode BatchNorm): the discriminator's own step must see
+    # fakes in the same kind of batch, or what it learned does not hold there. Sharp blocks are real, blurred
+    # blocks are fake; trained on one concatenated batch, D scored fakes alone positive (+0.4 to +1.1, 3 seeds).
+    def blocks(g, n):
+        x = (torch.rand(n, 1, 4, 4, generator=g) > 0.5).float()
+        return F.interpolate(x, scale_factor=4) * 2 - 1  # (n, 1, 16, 16) in [-1, 1]
+
+    def blur(x):
+        return F.avg_pool2d(x, 5, 1, 2)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    disc = PatchDiscriminator(1, 8, 2)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    for _ in range(60):
+        loss, logs = VQGANLoss.discriminator_loss(disc, blocks(g, 16), blur(blocks(g, 16)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logs["train/logits_real"] > 0 > logs["train/logits_fake"]
+    with torch.no_grad():  # still in train mode, as in the generator's step
+        assert disc(blur(blocks(g, 16))).mean() < -0.5 and disc(blocks(g, 16)).mean() > 0.5
+
+
 def test_a_resumed_adversarial_perceptual_run_equals_the_uninterrupted_one(tmp_path, image_folder, tiny_vgg):
     vgg, _ = tiny_vgg
     common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
