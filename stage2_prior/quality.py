@@ -147,6 +147,20 @@ def class_balanced_draw(labels: torch.Tensor, per_class: int, generator: torch.G
     return torch.cat(picks)
 
 
+def draw_like(labels: torch.Tensor, asked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Indices of random rows with the class counts of `asked` (N,): a real set laid out like the samples,
+    whatever classes they were asked for (100 threes get 100 real threes)."""
+    picks = []
+    for c, n in enumerate(torch.bincount(asked).tolist()):
+        if n == 0:
+            continue
+        rows = (labels == c).nonzero().flatten()
+        if len(rows) < n:
+            raise VqgenError(f"{n} samples of class {c} asked, but the real images hold only {len(rows)} of it")
+        picks.append(rows[torch.randperm(len(rows), generator=generator)[:n]])
+    return torch.cat(picks)
+
+
 class Judge:
     """The classifier plus the real images it compares samples with: `train` (the reference draws) and the
     scored split (`test`, or `validation` for choosing settings)."""
@@ -163,35 +177,46 @@ class Judge:
         self.classifier = cached_classifier(self.train_images, self.train_labels, cache_dir)
         split_x = to_model_input(splits[split].images)
         self.split_features = features(self.classifier, split_x)
-        self.classifier_accuracy = float((predict(self.classifier, split_x) == splits[split].labels).float().mean())
+        self.split_labels = splits[split].labels
+        self.classifier_accuracy = float((predict(self.classifier, split_x) == self.split_labels).float().mean())
 
     def score(self, samples: torch.Tensor, asked: torch.Tensor, draws: int = 5) -> dict:
-        """Every figure for (N, 1, 28, 28) samples in [-1, 1] asked for classes `asked` (N,)."""
+        """Every figure for (N, 1, 28, 28) samples in [-1, 1] asked for classes `asked` (N,).
+
+        Frechet distance and KID compare with the whole scored split. Precision and recall compare with a set of
+        the same size and class counts drawn at random from it (seeded; a block of the file would follow its
+        order, which is not random). Each figure has its real reference: `draws` sets of real training images
+        with the samples' class counts, scored the same way."""
         n = len(samples)
-        per_class = int(torch.bincount(asked).max())
         feats = features(self.classifier, samples)
         fd, kid = frechet_distance(feats, self.split_features), kernel_distance(feats, self.split_features)
-        precision, recall = precision_recall(feats, self.split_features[:n])
-        ref_fd, ref_kid = [], []
+        scored = self.split_features[draw_like(self.split_labels, asked, torch.Generator().manual_seed(1))]
+        precision, recall = precision_recall(feats, scored)
+        ref = {"fd": [], "kid": [], "precision": [], "recall": []}
         g = torch.Generator().manual_seed(0)
-        for _ in range(draws):  # the same number of real images, balanced like the samples
-            real = features(
-                self.classifier, self.train_images[class_balanced_draw(self.train_labels, per_class, g)][:n]
-            )
-            ref_fd.append(frechet_distance(real, self.split_features))
-            ref_kid.append(kernel_distance(real, self.split_features))
-        fd_ref, kid_ref = np.mean(ref_fd), np.mean(ref_kid)
+        for _ in range(draws):  # the same number of real images, with the samples' class counts
+            real = features(self.classifier, self.train_images[draw_like(self.train_labels, asked, g)])
+            ref["fd"].append(frechet_distance(real, self.split_features))
+            ref["kid"].append(kernel_distance(real, self.split_features))
+            for key, value in zip(("precision", "recall"), precision_recall(real, scored)):
+                ref[key].append(value)
+
+        def reference(key: str) -> dict:
+            return {"mean": float(np.mean(ref[key])), "std": float(np.std(ref[key])), "draws": draws}
+
         return {
             "num_samples": n,
             "scored_against": self.split,
             "recognised_as_asked": float((predict(self.classifier, samples) == asked).float().mean()),
             "frechet_distance": fd,
-            "frechet_distance_real_reference": {"mean": float(fd_ref), "std": float(np.std(ref_fd)), "draws": draws},
-            "frechet_distance_ratio": fd / fd_ref,
+            "frechet_distance_real_reference": reference("fd"),
+            "frechet_distance_ratio": fd / float(np.mean(ref["fd"])),
             "kid": kid,
-            "kid_real_reference": {"mean": float(kid_ref), "std": float(np.std(ref_kid)), "draws": draws},
+            "kid_real_reference": reference("kid"),
             "precision": precision,
+            "precision_real_reference": reference("precision"),
             "recall": recall,
+            "recall_real_reference": reference("recall"),
             "classifier_accuracy": self.classifier_accuracy,
             "feature": "128-d penultimate layer of the project's small MNIST classifier",
         }
