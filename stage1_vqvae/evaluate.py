@@ -118,9 +118,10 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         x = to_model_input(u8)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
-        with autocast:
-            z_e = unwrapped.encoder(x)  # (B, D, h, w); the nearest-code search itself always runs in fp32
+        # In fp32 whatever the launch's mixed precision, as `fit_sigma` decodes: a sigma fitted on one kind of
+        # reconstruction is not scored on another (bf16 outputs differ where a small sigma resolves them).
+        with torch.autocast(device.type, enabled=False):
+            z_e = unwrapped.encoder(x)  # (B, D, h, w)
             b, _, h, w = z_e.shape
             codes = unwrapped.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim)).view(b, h, w)
             recon = unwrapped.decode_codes(codes).float()  # (B, C, H, W)
@@ -166,7 +167,8 @@ def fit_sigma(model, loader, accelerator=None, max_images: int = 1000) -> float:
     pairs, n = [], 0
     for batch in loader:
         u8 = batch["images"].to(device)
-        recon = unwrapped.decode_codes(unwrapped.encode(to_model_input(u8))).float()
+        with torch.autocast(device.type, enabled=False):  # fp32, as `evaluate_model` scores
+            recon = unwrapped.decode_codes(unwrapped.encode(to_model_input(u8))).float()
         if accelerator is not None:  # every rank scores all images (each once), so no reduction follows
             u8, recon = accelerator.gather_for_metrics((u8, recon))
         pairs.append((u8[: max_images - n], recon[: max_images - n]))

@@ -134,6 +134,27 @@ def test_full_evaluation_reports_every_metric(tiny_model, image_folder):
     assert r["bits_per_dim_prior_term"] == pytest.approx(16 * math.log2(16) / 256)
 
 
+def test_evaluation_under_a_bf16_launch_scores_the_fp32_reconstructions_it_fits_sigma_on(tiny_model, image_folder):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    src = load_source(cfg)
+    results = []
+    try:
+        for precision in ("no", "bf16"):
+            AcceleratorState._reset_state(True)
+            accelerator = Accelerator(cpu=True, mixed_precision=precision)
+            loaders = {
+                s: accelerator.prepare(torch.utils.data.DataLoader(ImageSplit(src[s], cfg), batch_size=4))
+                for s in ("validation", "test")
+            }
+            results.append(full_evaluation(tiny_model, loaders, "test", accelerator))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert results[1] == results[0]  # psnr, ssim, sigma, nll and bits/dim alike: nothing decoded in bf16
+
+
 @pytest.mark.slow
 def test_two_process_extraction_gives_one_dataset_in_the_original_order(tiny_model, image_folder, tmp_path):
     tiny_model.save_pretrained(tmp_path / "vq")
