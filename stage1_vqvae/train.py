@@ -173,6 +173,13 @@ def main(argv: list[str] | None = None) -> Path:
         model, optimizer, *extra, train_dl, val_dl = accelerator.prepare(model, optimizer, *extra, train_dl, val_dl)
     if disc is not None:
         disc, disc_opt = extra
+        if accelerator.scaler is not None:
+            # fp16: the discriminator's own GradScaler. An AcceleratedOptimizer updates its scaler after every
+            # step, so two optimizers on the launch's one would update it twice an iteration (PyTorch's recipe
+            # updates once, after all have stepped); two losses over disjoint parameters may each have their own.
+            d_scaler = torch.amp.GradScaler(accelerator.device.type)
+            disc_opt.scaler = d_scaler
+            accelerator.register_for_checkpointing(d_scaler)  # before load_checkpoint, which restores it
     last_layer = accelerator.unwrap_model(model).decoder.net[-1].weight  # where the adaptive weight is measured
 
     step = 0
@@ -233,9 +240,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if criterion is not None and criterion.adversarial_on(step):
                     with accelerator.autocast():
                         d_loss, d_logs = criterion.discriminator_loss(disc, x, outputs.reconstruction)
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and tc.max_grad_norm:
-                        accelerator.clip_grad_norm_(disc.parameters(), tc.max_grad_norm)
+                    discriminator_backward(accelerator, d_loss, disc, disc_opt, tc.max_grad_norm)
                     for group in disc_opt.param_groups:
                         group["lr"] = lr_at(step, disc_lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
                     disc_opt.step()
@@ -313,6 +318,21 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
     return out / "model"
+
+
+def discriminator_backward(accelerator, d_loss, disc, disc_opt, max_grad_norm: float | None) -> None:
+    """The discriminator's backward (and clipping at sync); under fp16 through its own GradScaler (`disc_opt.scaler`),
+    not `accelerator.backward` and `clip_grad_norm_`, which scale and unscale with the launch's scaler."""
+    d_scaler = disc_opt.scaler
+    if d_scaler is None or d_scaler is accelerator.scaler:
+        accelerator.backward(d_loss)
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(disc.parameters(), max_grad_norm)
+        return
+    d_scaler.scale(d_loss / accelerator.gradient_accumulation_steps).backward()
+    if accelerator.sync_gradients and max_grad_norm:
+        d_scaler.unscale_(disc_opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm)
 
 
 def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int | None) -> dict:

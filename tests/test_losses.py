@@ -190,3 +190,32 @@ def test_a_resumed_adversarial_perceptual_run_equals_the_uninterrupted_one(tmp_p
 def test_a_discriminator_too_deep_for_the_images_is_one_clear_error(tmp_path, image_folder):
     with pytest.raises(VqgenError, match=r"disc_layers=3 shrinks 16x16 images to nothing; set loss.disc_layers=2"):
         main(stage1_args(tmp_path / "run", image_folder, "loss.adversarial_weight=0.5"))
+
+
+def test_under_fp16_each_grad_scaler_is_updated_once_per_step_with_the_discriminator_on(tmp_path, image_folder,
+                                                                                       monkeypatch):  # fmt: skip
+    # fp16's GradScaler exists on CUDA only under Accelerate: the launch's scaler is made a CPU one here, which
+    # runs the same scale / unscale / step / update calls. Each scaler updates once per optimizer step (PyTorch's
+    # recipe); one scaler shared by both optimizers was updated twice per step.
+    import stage1_vqvae.train as train
+
+    real_build = train.build_accelerator
+
+    def build_with_a_scaler(*args, **kwargs):
+        accelerator, per_device = real_build(*args, **kwargs)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        return accelerator, per_device
+
+    updates: dict[int, int] = {}
+    real_update = torch.amp.GradScaler.update
+
+    def counted_update(self, *args, **kwargs):
+        updates[id(self)] = updates.get(id(self), 0) + 1
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(train, "build_accelerator", build_with_a_scaler)
+    monkeypatch.setattr(torch.amp.GradScaler, "update", counted_update)
+    args = ["train.max_steps=4", "train.checkpoint_every=0", "train.max_grad_norm=1.0"]
+    args += ["loss.adversarial_weight=0.5", "loss.disc_start=0", "loss.disc_layers=2", "loss.disc_channels=8"]
+    main(stage1_args(tmp_path / "run", image_folder, *args))
+    assert sorted(updates.values()) == [4, 4]  # the VQ-VAE's scaler and the discriminator's, once per step each
