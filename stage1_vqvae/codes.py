@@ -90,17 +90,27 @@ class CodesMeta:
             )
 
 
-def codes_fingerprint(dd) -> str:
-    """sha256 over every split's name, codes and labels, row by row in order (chunks keep memory flat)."""
+def codes_fingerprint(dd, lengths: dict | None = None) -> str:
+    """sha256 over every split's name, codes and labels, row by row in order (chunks keep memory flat).
+
+    `dd` holds map-style splits, or streamed ones (`datasets.IterableDataset`) with their row counts in `lengths`.
+    """
+    import numpy as np
+
     h = hashlib.sha256()
     for split in sorted(dd):
-        ds = dd[split].with_format("numpy")
-        h.update(f"{split}|{len(ds)}|".encode())
-        for lo in range(0, len(ds), 16384):
-            rows = ds[lo : lo + 16384]
-            h.update(rows["codes"].astype("<i4").tobytes())  # (n, h, w) whatever the stored int width
+        ds = dd[split]
+        n = lengths[split] if lengths is not None else len(ds)
+        h.update(f"{split}|{n}|".encode())
+        if lengths is None:
+            ds = ds.with_format("numpy")
+            chunks = (ds[lo : lo + 16384] for lo in range(0, n, 16384))
+        else:
+            chunks = ds.iter(batch_size=16384)
+        for rows in chunks:
+            h.update(np.asarray(rows["codes"]).astype("<i4").tobytes())  # (n, h, w) whatever the stored int width
             if "label" in rows:
-                h.update(rows["label"].astype("<i8").tobytes())
+                h.update(np.asarray(rows["label"]).astype("<i8").tobytes())
     return h.hexdigest()
 
 
@@ -121,4 +131,18 @@ def load_code_dataset(name_or_path: str | os.PathLike):
         if not files:
             raise VqgenError(f"{folder} holds no code data (data/dataset_dict.json or data/*.parquet)")
         dd = datasets.load_dataset("parquet", data_files=files)
+    check_codes_fingerprint(dd, meta, str(name_or_path))
     return dd, meta
+
+
+def check_codes_fingerprint(dd, meta: CodesMeta, where: str, streamed: bool = False) -> None:
+    """Raise unless the codes are the ones extraction wrote (`meta.codes_fingerprint`): an edited, swapped or
+    truncated file would pass every other check while the prior learns other codes than it says. `streamed`:
+    `dd` holds streams, read through once here."""
+    found = codes_fingerprint(dd, meta.splits if streamed else None)
+    if found != meta.codes_fingerprint:
+        raise VqgenError(
+            f"code dataset {where}: its codes hash to {found[:16]}… but its {CODES_METADATA} records "
+            f"{meta.codes_fingerprint[:16]}… (codes_fingerprint): the data was changed after extraction. Restore "
+            "the files or re-run stage1_vqvae.extract"
+        )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stage1_vqvae.codes import CodesMeta, load_code_dataset
+from stage1_vqvae.codes import CodesMeta, check_codes_fingerprint, load_code_dataset
 from stage1_vqvae.shared import StreamBatches, VqgenError
 from stage2_prior.model import TokenLayout, grid_to_input_ids
 
@@ -89,16 +89,16 @@ class MappedCodeSequences(torch.utils.data.Dataset):
 
 
 def load_code_splits(
-    cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test")
+    cfg: CodeDataConfig, splits: tuple[str, ...] = ("train", "validation", "test"), seed: int = 0
 ) -> tuple[dict[str, CodeSequences | MappedCodeSequences], CodesMeta, TokenLayout]:
     """({split: sequences}, CodesMeta, TokenLayout) for `splits`; checks the codes against their metadata.
 
     Splits whose int64 token ids fit `data.cache_max_gb` (all together, smallest first) are tokenised into memory;
     the others stay memory-mapped (`MappedCodeSequences`). With `data.streaming`, train is a `StreamingCodes`
-    and the other splits their first `data.streaming_eval_rows` rows.
+    and the other splits their first `data.streaming_eval_rows` rows; `seed` (the run's `train.seed`) shuffles it.
     """
     if cfg.streaming:
-        return streaming_code_splits(cfg, splits)
+        return streaming_code_splits(cfg, splits, seed)
     dd, meta = load_code_dataset(cfg.codes)
     layout = TokenLayout.from_meta(meta, cfg.conditional)
     k, (h, w) = meta.codebook_size, meta.grid
@@ -148,6 +148,7 @@ def open_code_streams(cfg: CodeDataConfig) -> tuple[dict, CodesMeta]:
         meta = CodesMeta.load(path)
         if (path / "data" / "dataset_dict.json").is_file():
             saved = datasets.load_from_disk(str(path / "data"))
+            check_codes_fingerprint(saved, meta, cfg.codes)
             return {k: v.to_iterable_dataset(num_shards=min(16, max(1, len(v)))) for k, v in saved.items()}, meta
         base = str(path / "data")
     elif looks_like_repo_id(cfg.codes):
@@ -171,6 +172,8 @@ def open_code_streams(cfg: CodeDataConfig) -> tuple[dict, CodesMeta]:
         raise VqgenError(
             f"code dataset {cfg.codes}: cannot stream its parquet files ({type(e).__name__}: {e})"
         ) from None
+    if path.exists():  # read through once (local files); a Hub stream would be downloaded whole to check
+        check_codes_fingerprint(streams, meta, cfg.codes, streamed=True)
     return dict(streams), meta
 
 
@@ -194,7 +197,7 @@ class StreamingCodes(StreamBatches):
         return {"input_ids": _rows_to_ids(rows, self.cfg, "train", self.meta, self.layout)}
 
 
-def streaming_code_splits(cfg: CodeDataConfig, splits, seed: int = 0):
+def streaming_code_splits(cfg: CodeDataConfig, splits, seed: int):
     streams, meta = open_code_streams(cfg)
     layout = TokenLayout.from_meta(meta, cfg.conditional)
     out = {}

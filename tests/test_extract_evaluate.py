@@ -76,6 +76,39 @@ def test_codes_fingerprint_covers_the_codes_not_just_the_metadata():
     assert base != codes_fingerprint(dd([[[5, 6], [7, 8]], [[1, 2], [3, 4]]], [1, 0]))  # the order differs
 
 
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_a_code_changed_after_extraction_is_one_error_naming_both_fingerprints(tiny_model, image_folder, tmp_path,
+                                                                               layout):  # fmt: skip
+    import shutil
+
+    from stage2_prior.data import CodeDataConfig, load_code_splits
+
+    cfg = DataConfig(source=str(image_folder), resolution=16)
+    out = extract(tiny_model, cfg, tmp_path / "codes", model_location="x")
+    dd, meta = load_code_dataset(out)
+    codes = dd["test"].with_format("numpy")[:]["codes"].copy()  # (8, 4, 4)
+    codes[5, 2, 1] = (codes[5, 2, 1] + 1) % 16  # one code of one grid
+    test = datasets.Dataset.from_dict({"codes": codes.tolist(), "label": dd["test"]["label"]}, dd["test"].features)
+    edited = datasets.DatasetDict({**dd, "test": test})
+    found = codes_fingerprint(edited)
+    if layout == "save_to_disk":
+        edited.save_to_disk(str(tmp_path / "edited"))
+    else:  # the published layout, read from a local folder
+        for split, ds in edited.items():
+            ds.to_parquet(str(tmp_path / "edited" / f"{split}-00000-of-00001.parquet"))
+    shutil.rmtree(out / "data")
+    shutil.move(tmp_path / "edited", out / "data")
+    for load in (
+        lambda: load_code_dataset(out),
+        lambda: load_code_splits(CodeDataConfig(codes=str(out))),
+        lambda: load_code_splits(CodeDataConfig(codes=str(out), streaming=True)),
+    ):
+        with pytest.raises(VqgenError) as err:
+            load()
+        message = str(err.value)
+        assert found[:16] in message and meta.codes_fingerprint[:16] in message and "re-run" in message
+
+
 def test_discretized_gaussian_equals_a_high_precision_reference_in_the_tails():
     """Against mpmath at 50 digits, for sigma from 0.5 to 50 levels and means far outside the bins."""
     import mpmath
