@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     accelerator, per_device = build_accelerator(tc, out, ())
 
-    splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"))
+    splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"), seed=cfg.train.seed)
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
     check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
     accelerator.wait_for_everyone()  # every rank has checked before the main process writes there

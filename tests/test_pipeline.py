@@ -332,6 +332,32 @@ def test_a_prior_trained_on_streamed_codes_resumes_bit_exact_without_a_shuffle_b
     assert any(not torch.equal(a[k], in_memory[k]) for k in a)
 
 
+def test_the_streamed_codes_are_shuffled_by_the_runs_seed(stage1, tmp_path, monkeypatch):
+    import stage2_prior.train as train
+    from stage2_prior.data import CodeDataConfig, load_code_splits
+
+    _, _, codes = stage1
+    cfg = CodeDataConfig(codes=str(codes), streaming=True, shuffle_buffer=64)
+
+    def first_batches(seed):
+        stream = load_code_splits(cfg, splits=("train",), seed=seed)[0]["train"].configure(4, 0, 1)
+        it = iter(stream)
+        return torch.cat([next(it)["input_ids"] for _ in range(3)])
+
+    assert torch.equal(first_batches(3), first_batches(3)) and not torch.equal(first_batches(3), first_batches(4))
+    seeds = []
+    real = train.load_code_splits
+
+    def spy(*args, **kwargs):
+        splits, meta, layout = real(*args, **kwargs)
+        seeds.append(splits["train"].seed)
+        return splits, meta, layout
+
+    monkeypatch.setattr(train, "load_code_splits", spy)
+    train2(tmp_path / "run", codes, "data.streaming=true", "train.seed=7", "train.max_steps=1")
+    assert seeds == [7]  # the trainer's stream follows train.seed (it was 0 whatever the seed)
+
+
 def hub_as_local_files(remote, monkeypatch):
     """hf:// paths served from the fake Hub's folders (the network boundary datasets' streaming reads through)."""
     import importlib
