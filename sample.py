@@ -9,7 +9,9 @@
 
 Writes into --output_dir (atomically): grid.png (one row per class when conditional), one PNG per image named
 {index:05d}_class{c}.png (or {index:05d}.png), and samples.json with every setting, the seed and both models'
-fingerprints. The same seed gives the same images.
+fingerprints. The same seed gives the same images for the same decoding (and jacobi window), batch size and device:
+the default decoding follows --batch_size (jacobi at 1), and another decoding or batch size draws other images
+from the same distribution.
 """
 
 from __future__ import annotations
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> Path:
             "sampling": pipe.sampling_settings(args.guidance_scale, args.temperature, args.top_k, args.top_p),
             "sampling_from_generation_config": [k for k in SETTINGS if getattr(args, k) is None],
             "decoding": pipe.last_stats.get("decoding"),
+            "jacobi_window": pipe.last_stats.get("window"),
+            # What a seed reproduces: other decodings, windows or batch sizes draw other images (same distribution).
+            "same_images_with": "the same seed, decoding, jacobi_window, batch_size and device",
             "model_forwards": pipe.last_stats.get("forwards"),
             "seed": args.seed,
             "num_images": n,

@@ -175,7 +175,7 @@ def sample_codes(
             else sequential (docs/benchmarks.md).
         window: tokens fed per jacobi forward (the pending token and window - 1 drafts). 8 was the fastest of
             4, 8 and 16 at batch 1 on this CPU, in two runs (docs/benchmarks.md).
-        stats: a dict that receives "forwards" (model calls) and "decoding".
+        stats: a dict that receives "forwards" (model calls), "decoding" and "window" (jacobi's, else None).
     """
     layout = layout_of(model)
     device = next(model.parameters()).device
@@ -247,7 +247,7 @@ def sample_codes(
             out.append(codes.view(m, layout.height, layout.width))  # (m, h, w)
     model.train(was_training)
     if stats is not None:
-        stats.update(forwards=forwards, decoding=decoding)
+        stats.update(forwards=forwards, decoding=decoding, window=window if decoding == "jacobi" else None)
     return torch.cat(out)
 
 

@@ -147,6 +147,13 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
     for n in names:
         if n.endswith(".png"):
             assert (out / n).read_bytes() == (again / n).read_bytes(), n  # same seed, same images
+    # ... for the same decoding, window and batch size, which samples.json records with the rule.
+    assert info["decoding"] == "sequential" and info["jacobi_window"] is None  # --batch_size 100
+    assert "decoding, jacobi_window, batch_size and device" in info["same_images_with"]
+    one = sample(["--pipeline", str(pipe), "--per_class", "3", "--seed", "5", "--batch_size", "1",
+                  "--output_dir", str(tmp_path / "o1b")])  # fmt: skip
+    one_info = json.loads((one / "samples.json").read_text())
+    assert one_info["decoding"] == "jacobi" and one_info["jacobi_window"] == 8
     guided = sample(
         ["--pipeline", str(pipe), "--classes", "b,a,1", "--guidance_scale", "3", "--output_dir", str(tmp_path / "o3")]
     )
