@@ -80,16 +80,20 @@ Built-in MNIST, 2-stage pipeline, CPU. Made by `make demo` (`python -m stage2_pr
 | {s2[bits_per_code]:.4f} | {s2[uniform_bits_per_code]:.1f} | {two:.4f} | {s1[bits_per_dim]:.4f} |
 
 ## Samples: {q[num_samples]} class-conditional, with the pipeline's own settings (no flags: {sampling})
-| recognised as asked | Frechet distance | real reference (same size) | ratio | KID | real KID | precision | recall |
-|---|---|---|---|---|---|---|---|
+| recognised as asked | Frechet distance | real reference (same size) | ratio | KID | real KID |
+|---|---|---|---|---|---|
 | {q[recognised_as_asked]:.1%} | {q[frechet_distance]:.2f} | {fd_ref[mean]:.2f} +- {fd_ref[std]:.2f} \
-| {q[frechet_distance_ratio]:.2f} | {q[kid]:.4f} | {kid_ref[mean]:.4f} +- {kid_ref[std]:.4f} \
-| {q[precision]:.2f} | {q[recall]:.2f} |
+| {q[frechet_distance_ratio]:.2f} | {q[kid]:.4f} | {kid_ref[mean]:.4f} +- {kid_ref[std]:.4f} |
+
+| precision | real precision | recall | real recall |
+|---|---|---|---|
+| {q[precision]:.2f} | {p_ref[mean]:.2f} +- {p_ref[std]:.2f} | {q[recall]:.2f} | {r_ref[mean]:.2f} +- {r_ref[std]:.2f} |
 
 All against the test split, in the feature space of the project's MNIST classifier (test accuracy
-{q[classifier_accuracy]:.2%}). The real reference is {q[num_samples]} training images drawn class-balanced
-like the samples, {fd_ref[draws]} draws (mean +- sd): a Frechet distance is biased upwards at small sample
-sizes, so only the ratio to it means something.
+{q[classifier_accuracy]:.2%}). The real reference is {q[num_samples]} training images drawn with the samples'
+class counts, {fd_ref[draws]} draws (mean +- sd): a Frechet distance is biased upwards at small sample sizes,
+so only the ratio to it means something. Precision and recall compare with a random subset of the test split
+of the same size and class counts.
 
 ## Wall time per stage (s)
 {times}
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
             q=quality,
             fd_ref=quality["frechet_distance_real_reference"],
             kid_ref=quality["kid_real_reference"],
+            p_ref=quality["precision_real_reference"],
+            r_ref=quality["recall_real_reference"],
             sampling=json.loads((out / "samples" / "samples.json").read_text())["sampling"],
             times=times,
         )
