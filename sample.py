@@ -28,16 +28,10 @@ from tqdm.auto import tqdm
 
 from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, deprecated_flags, run_cli, safe_name, write_json
+from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, run_cli, safe_name, write_json
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
 from stage2_prior.sampling import SETTINGS
-
-# Old spellings, accepted with a warning for one release.
-RENAMES = {
-    f"--{old}": f"--{old.replace('-', '_')}"
-    for old in ("num-images", "per-class", "top-k", "top-p", "guidance-scale", "batch-size", "keep-rows")
-} | {"--out": "--output_dir", "--overwrite": "--overwrite_output_dir"}
 
 
 def load_pipeline(args, device: torch.device) -> VQGenPipeline:
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
         help="jacobi: speculative Jacobi decoding, the same distribution in fewer forwards (default: jacobi for "
         "one image at a time (--batch_size 1), where it pays on a CPU, sequential above)",
     )
-    args = parser.parse_args(deprecated_flags(argv, RENAMES))
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise VqgenError("--batch_size must be positive")
     device = torch.device(args.device) if args.device else None

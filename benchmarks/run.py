@@ -157,10 +157,10 @@ def bench_quantizer_options(repeats: int) -> None:
 def bench_stage1(repeats: int) -> None:
     from stage1_vqvae.model import VQVAE
     from stage1_vqvae.shared import load_config
-    from stage1_vqvae.train import Stage1Config, resolve_model_config
+    from stage1_vqvae.train import Stage1Config
 
     cfg = load_config(Stage1Config, ROOT / "configs" / "mnist" / "stage1.yaml", [])
-    model = VQVAE(resolve_model_config(cfg)).to(memory_format=torch.channels_last).train()
+    model = VQVAE(cfg.model).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     b = cfg.train.batch_size
     x = (torch.rand(b, 1, 28, 28) * 2 - 1).contiguous(memory_format=torch.channels_last)

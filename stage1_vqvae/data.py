@@ -591,11 +591,6 @@ def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, C, H, W) -> uint8, rounding to the nearest of the 256 levels."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def split_nbytes(n_rows: int, cfg: DataConfig) -> int:
     """Bytes of n decoded uint8 images at the configured size."""
     return n_rows * (1 if cfg.channels == "L" else 3) * cfg.resolution**2

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import LazyImageSplit, data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import deprecated_flags, report_metrics, run_cli
+from stage1_vqvae.shared import report_metrics, run_cli
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -220,10 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers decoding images")
     parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # deprecated: a file path
-    args, rest = parser.parse_known_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
-    if args.out:
-        warnings.warn("--out is deprecated and will be removed; use --output_dir FOLDER", FutureWarning, 2)
+    args, rest = parser.parse_known_args(argv)
     accelerator = Accelerator()  # under accelerate launch / torchrun every process scores its shard
     model = VQVAE.from_pretrained(args.model).to(accelerator.device, memory_format=torch.channels_last)
     data_cfg = data_config_for(model.data_config, rest)
@@ -239,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result = full_evaluation(model, loaders, args.split, accelerator)
     if accelerator.is_main_process:
-        report_metrics(result, args.output_dir, args.out)
+        report_metrics(result, args.output_dir)
     return result
 
 

@@ -38,8 +38,6 @@ from stage1_vqvae.shared import (
     VqgenError,
     atomic_dir,
     commit_dir,
-    deprecated_flags,
-    deprecated_push_to_hub,
     release_freed_memory,
     run_cli,
     to_dict,
@@ -334,9 +332,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--push_to_hub", action="store_true", help="also publish as a parquet dataset")
     parser.add_argument("--hub_dataset_id", default=None, help="the Hub dataset repo for --push_to_hub")
     parser.add_argument("--hub_private_repo", action="store_true")
-    renames = {"--out": "--output_dir", "--overwrite": "--overwrite_output_dir", "--private": "--hub_private_repo"}
-    argv = deprecated_flags(argv, {**renames, "--batch-size": "--batch_size"})
-    argv = deprecated_push_to_hub(argv, "--hub_dataset_id")
     args, rest = parser.parse_known_args(argv)
     if args.batch_size < 1:
         raise VqgenError("--batch_size must be positive")

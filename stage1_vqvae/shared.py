@@ -16,7 +16,6 @@ import shutil
 import sys
 import types
 import typing
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -60,41 +59,6 @@ def user_message(e: VqgenError) -> str:
     if "\nOriginal Traceback" in text:
         text = text.rstrip().splitlines()[-1].split("VqgenError: ", 1)[-1]
     return text
-
-
-def deprecated_flags(argv: list[str] | None, renames: dict[str, str]) -> list[str]:
-    """Rewrite old flag spellings (`--batch-size`) to the current ones (`--batch_size`) with a warning.
-
-    The old spellings are accepted for one release (vqgen 0.2) and then removed.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if flag in renames:
-            warnings.warn(f"{flag} is deprecated and will be removed; use {renames[flag]}", FutureWarning, 2)
-            arg = renames[flag] + eq + value
-        out.append(arg)
-    return out
-
-
-def deprecated_push_to_hub(argv: list[str], id_flag: str) -> list[str]:
-    """The old `--push_to_hub REPO_ID` (a string) -> `--push_to_hub {id_flag} REPO_ID`, with a warning."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        repo = None
-        if arg.startswith("--push_to_hub="):
-            repo = arg.split("=", 1)[1]
-        elif arg == "--push_to_hub" and i + 1 < len(argv) and re.fullmatch(r"[\w.-]+/[\w.-]+", argv[i + 1]):
-            i, repo = i + 1, argv[i + 1]
-        if repo is not None:
-            warnings.warn(f"--push_to_hub REPO is deprecated; use --push_to_hub {id_flag} {repo}", FutureWarning, 2)
-            out += ["--push_to_hub", id_flag, repo]
-        else:
-            out.append(arg)
-        i += 1
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,14 +389,12 @@ def save_image_grid(rows: list[torch.Tensor], path: Path, min_side: int = 112) -
     return grid.mul(255).round().byte().permute(1, 2, 0)
 
 
-def report_metrics(result: dict, output_dir: str | None, out_file: str | None = None) -> None:
-    """An evaluation CLI's output: metrics.json in output_dir (and the deprecated --out file), and the JSON
-    printed. Call it on the main process only."""
+def report_metrics(result: dict, output_dir: str | None) -> None:
+    """An evaluation CLI's output: metrics.json in output_dir, and the JSON printed. Call it on the main process
+    only."""
     if output_dir:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(output_dir) / "metrics.json", result)
-    if out_file:
-        write_json(Path(out_file), result)
     print(json.dumps(result, indent=2))
 
 
@@ -508,19 +470,11 @@ def train_arg_parser(doc: str, cfg_cls: type):
     return parser
 
 
-TRAIN_FLAG_RENAMES = {"--resume": "--resume_from_checkpoint", "--overwrite": "--overwrite_output_dir"}
-
-
 def parse_train_args(doc: str, cfg_cls: type, argv: list[str] | None):
     """(args, config) of a training CLI. A config file is required: the dataclass defaults are the paper's
     full-size setup, which nobody should start by accident."""
     parser = train_arg_parser(doc, cfg_cls)
-    args, overrides = parser.parse_known_args(deprecated_flags(argv, TRAIN_FLAG_RENAMES))
-    for i, item in enumerate(overrides):  # the old `train.push_to_hub=REPO_ID`, a string
-        key, _, value = item.removeprefix("--").partition("=")
-        if key == "train.push_to_hub" and "/" in value:
-            warnings.warn(f"{item} is deprecated; use --push_to_hub --hub_model_id {value}", FutureWarning, 2)
-            overrides[i : i + 1] = ["train.push_to_hub=true", f"train.hub_model_id={value}"]
+    args, overrides = parser.parse_known_args(argv)
     if args.config is None:
         raise VqgenError(f"pass --config: a YAML file or one of {builtin_configs()} (see --help)", every_rank=True)
     flags = [f"train.output_dir={args.output_dir}"] if args.output_dir else []

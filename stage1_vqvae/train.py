@@ -17,7 +17,6 @@ data_config.json).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -99,18 +98,8 @@ class Stage1Config:
         return {**raw, "model": model}
 
 
-def resolve_model_config(cfg: Stage1Config) -> VQVAEConfig:
-    """The image geometry is the data's: model.image_size/in_channels follow data.resolution/channels."""
-    channels = 1 if cfg.data.channels == "L" else 3
-    try:
-        return dataclasses.replace(cfg.model, image_size=cfg.data.resolution, in_channels=channels)
-    except ValueError as e:
-        raise VqgenError(f"model: {e} (data.resolution sets model.image_size)") from None
-
-
 def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage1Config, argv)
-    cfg.model = resolve_model_config(cfg)
     check_discriminator(cfg.loss, cfg.model.image_size)
     tc = cfg.train
     out = Path(tc.output_dir)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 
 import torch
 from accelerate import PartialState
@@ -25,7 +24,7 @@ from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
 from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, deprecated_flags, from_dict, report_metrics, run_cli
+from stage1_vqvae.shared import VqgenError, from_dict, report_metrics, run_cli
 from stage2_prior.data import CodeDataConfig, load_code_splits
 from stage2_prior.model import bits_per_code, code_nll, codes_meta_of, grid_to_input_ids, layout_of, load_prior
 
@@ -75,10 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # deprecated: a file path
-    args = parser.parse_args(deprecated_flags(argv, {"--batch-size": "--batch_size"}))
-    if args.out:
-        warnings.warn("--out is deprecated and will be removed; use --output_dir FOLDER", FutureWarning, 2)
+    args = parser.parse_args(argv)
 
     prior = load_prior(args.prior)
     learned, layout = codes_meta_of(prior), layout_of(prior)
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             uncond_nll = sequences_nll(prior, uncond, args.batch_size)
         result["bits_per_code_unconditional"] = bits_per_code(uncond_nll, layout)
     if PartialState().is_main_process:  # under a launcher every process computes the same: one prints
-        report_metrics(result, args.output_dir, args.out)
+        report_metrics(result, args.output_dir)
     return result
 
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, deprecated_flags, deprecated_push_to_hub, run_cli
+from stage1_vqvae.shared import VqgenError, run_cli
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
 
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None, help="the Hub repo for --push_to_hub (owner/name)")
     parser.add_argument("--hub_private_repo", action="store_true")
-    renames = {"--out": "--output_dir", "--overwrite": "--overwrite_output_dir", "--private": "--hub_private_repo"}
-    args = parser.parse_args(deprecated_push_to_hub(deprecated_flags(argv, renames), "--hub_model_id"))
+    args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise VqgenError("--push_to_hub needs --hub_model_id owner/name")
     out = Path(args.output_dir)

@@ -132,14 +132,6 @@ def grid_to_input_ids(codes: torch.Tensor, layout: TokenLayout, classes: torch.T
     return torch.cat([prefix_ids(layout, b, classes, codes.device), flat], dim=1)
 
 
-def input_ids_to_grid(input_ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(B, 2 + h*w) -> (B, h, w) codes."""
-    codes = input_ids[:, 2:]
-    if codes.shape[1] != layout.num_codes:
-        raise ValueError(f"expected {layout.num_codes} code tokens, got {codes.shape[1]}")
-    return codes.reshape(-1, layout.height, layout.width)  # (B, h, w)
-
-
 def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
     """Causal-LM labels: the code NLL only (the prefix is given, not predicted)."""
     labels = input_ids.clone()

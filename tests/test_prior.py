@@ -12,7 +12,6 @@ from stage2_prior.model import (
     build_prior,
     codes_meta_of,
     grid_to_input_ids,
-    input_ids_to_grid,
     labels_for,
     layout_of,
     load_prior,
@@ -39,7 +38,7 @@ def test_token_layout_round_trip():
     assert ids.shape == (5, 18)
     assert (ids[:, 0] == 16).all() and ids[:, 1].tolist() == [17, 18, 19, 18, 17]
     assert torch.equal(ids[:, 2:6], codes[:, 0])  # raster order: first row first
-    assert torch.equal(input_ids_to_grid(ids, LAYOUT), codes)
+    assert torch.equal(ids[:, 2:].reshape(-1, 4, 4), codes)
     assert (grid_to_input_ids(codes, LAYOUT)[:, 1] == LAYOUT.null).all() and LAYOUT.null == 20
     assert LAYOUT.vocab_size == 21
     labels = labels_for(ids)
@@ -101,7 +100,7 @@ def test_kv_cached_greedy_sampling_equals_full_recomputation():
     for _ in range(16):  # no cache: recompute the whole prefix for every token
         nxt = model(input_ids=ids, use_cache=False).logits[:, -1, :16].argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], 1)
-    assert torch.equal(codes, input_ids_to_grid(ids, LAYOUT))
+    assert torch.equal(codes, ids[:, 2:].reshape(-1, 4, 4))
 
 
 def test_guidance_scale_one_equals_conditional_sampling_and_the_doubled_batch_is_exact():
@@ -122,7 +121,7 @@ def test_guidance_scale_one_equals_conditional_sampling_and_the_doubled_batch_is
         lu = model(input_ids=ids_u).logits[:, -1, :16]
         nxt = guided_logits(lc, lu, 2.5).argmax(-1)[:, None]
         ids_c, ids_u = torch.cat([ids_c, nxt], 1), torch.cat([ids_u, nxt], 1)
-    assert torch.equal(g, input_ids_to_grid(ids_c, LAYOUT))
+    assert torch.equal(g, ids_c[:, 2:].reshape(-1, 4, 4))
 
 
 def test_compiled_decoding_draws_the_same_samples_and_leaves_the_model_as_it_was():
