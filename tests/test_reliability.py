@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.shared import STATE_FILE, NonFiniteGuard, VqgenError, commit_dir, resolve_resume, safe_name
+from vqgen.cli import VqgenError
+from vqgen.files import commit_dir, safe_name
+from vqgen.training import STATE_FILE, NonFiniteGuard, resolve_resume
 
 from helpers import ROOT, TINY1, TINY2, stage1_args
 
@@ -168,7 +170,9 @@ def test_hub_token_never_reaches_logs_configs_or_cards(tmp_path, image_folder, m
             "train.batch_size=8",
             "train.max_steps=2",
             "train.report_to=tensorboard",
-            "train.push_to_hub=me/vq",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/vq",
         ]
     )
     assert any((tmp_path / "remote").rglob("model.safetensors"))  # the push did happen
