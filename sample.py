@@ -20,18 +20,19 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, run_cli, safe_name, write_json
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
 from stage2_prior.sampling import SETTINGS
+from vqgen.cli import VqgenError, run_cli
+from vqgen.files import atomic_dir, commit_dir, safe_name, write_json
+from vqgen.hub import state_fingerprint
+from vqgen.images import labelled_rows
 
 
 def load_pipeline(args, device: torch.device) -> VQGenPipeline:
@@ -79,19 +80,6 @@ def completion_prefix(args, pipe: VQGenPipeline, n: int) -> tuple[torch.Tensor, 
         raise VqgenError(f"--keep_rows must be between 0 and {height} (the code grid's rows)")
     codes = pipe.encode_image(image)  # (1, h, w)
     return codes, codes.reshape(1, -1)[:, : rows * pipe.layout.width].expand(n, -1)  # (n, rows * w)
-
-
-def labelled_rows(grid: torch.Tensor, labels: list[str]) -> torch.Tensor:
-    """(3, H, W) grid of len(labels) equal rows -> the same with each row's label written in a left margin."""
-    from PIL import ImageDraw
-
-    rows, width = len(labels), 8 + 6 * max(len(t) for t in labels)
-    canvas = Image.new("RGB", (grid.shape[2] + width, grid.shape[1]), "black")
-    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()), (width, 0))
-    draw, row_height = ImageDraw.Draw(canvas), grid.shape[1] / rows
-    for i, text in enumerate(labels):
-        draw.text((4, int(i * row_height + row_height / 2 - 5)), text, fill="white")
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255  # (3, H, W + margin)
 
 
 def main(argv: list[str] | None = None) -> Path:

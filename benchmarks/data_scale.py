@@ -192,7 +192,7 @@ def bench_extract() -> None:
 def compare_codes(a: Path, b: Path) -> bool:
     import numpy as np
 
-    from stage1_vqvae.codes import load_code_dataset
+    from vqgen.codes import load_code_dataset
 
     da, ma = load_code_dataset(a)
     db, mb = load_code_dataset(b)

@@ -73,7 +73,7 @@ def row(what: str, figure: str, target: str, detail: str) -> None:
 
 
 def bench_quantizer(repeats: int) -> None:
-    from stage1_vqvae.model import VectorQuantizer
+    from stage1_vqvae.quantizers import VectorQuantizer
 
     n, d, k = 8192, 64, 512
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def bench_quantizer(repeats: int) -> None:
 
 def bench_quantizer_options(repeats: int) -> None:
     """Each quantizer option's fwd+bwd at the same N, D, K as the paper's VQ (loss-mode codebook, no EMA)."""
-    from stage1_vqvae.model import FiniteScalarQuantizer, VectorQuantizer
+    from stage1_vqvae.quantizers import FiniteScalarQuantizer, VectorQuantizer
 
     d, k = 64, 512
     torch.manual_seed(0)
@@ -156,8 +156,8 @@ def bench_quantizer_options(repeats: int) -> None:
 
 def bench_stage1(repeats: int) -> None:
     from stage1_vqvae.model import VQVAE
-    from stage1_vqvae.shared import load_config
     from stage1_vqvae.train import Stage1Config
+    from vqgen.config import load_config
 
     cfg = load_config(Stage1Config, ROOT / "configs" / "mnist" / "stage1.yaml", [])
     model = VQVAE(cfg.model).to(memory_format=torch.channels_last).train()
@@ -185,7 +185,7 @@ def bench_stage1(repeats: int) -> None:
 
 def demo_codes_meta():
     """The CodesMeta of MNIST codes at the demo's geometry (7x7 grids, K=256, 10 classes)."""
-    from stage1_vqvae.codes import CodesMeta
+    from vqgen.codes import CodesMeta
 
     return CodesMeta(
         codebook_size=256,
@@ -204,9 +204,9 @@ def demo_codes_meta():
 
 
 def bench_stage2(repeats: int) -> None:
-    from stage1_vqvae.shared import load_config
     from stage2_prior.model import TokenLayout, build_prior, labels_for
     from stage2_prior.train import Stage2Config, param_groups
+    from vqgen.config import load_config
 
     cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
     layout = TokenLayout(256, 10, 7, 7)
@@ -237,10 +237,10 @@ def bench_stage2(repeats: int) -> None:
 def bench_sampling(repeats: int) -> None:
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from stage1_vqvae.shared import load_config
     from stage2_prior.model import TokenLayout, build_prior, prefix_ids
     from stage2_prior.sampling import CACHE, sample_codes
     from stage2_prior.train import Stage2Config
+    from vqgen.config import load_config
 
     cfg = load_config(Stage2Config, ROOT / "configs" / "mnist" / "stage2.yaml", [])
     layout = TokenLayout(256, 10, 7, 7)

@@ -42,7 +42,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from stage1_vqvae.shared import StreamBatches, VqgenError, commit_dir, from_dict, parse_overrides
+from vqgen.cli import VqgenError
+from vqgen.config import from_dict, parse_overrides
+from vqgen.files import commit_dir
+from vqgen.streaming import StreamBatches
 
 logger = logging.getLogger(__name__)
 

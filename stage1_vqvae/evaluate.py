@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import LazyImageSplit, data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import report_metrics, run_cli
+from vqgen.cli import report_metrics, run_cli
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 

@@ -30,18 +30,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from stage1_vqvae.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from stage1_vqvae.data import LazyImageSplit, data_config_for, find_columns, load_source, to_model_input
-from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import (
-    VqgenError,
-    atomic_dir,
-    commit_dir,
-    release_freed_memory,
-    run_cli,
-    to_dict,
-)
+from vqgen.cli import VqgenError, run_cli
+from vqgen.codes import CODES_METADATA, CodesMeta, codes_fingerprint
+from vqgen.config import to_dict
+from vqgen.files import atomic_dir, commit_dir, release_freed_memory
+from vqgen.hub import hub_id, state_fingerprint, upload_folder
 
 logger = logging.getLogger(__name__)
 

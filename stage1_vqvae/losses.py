@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights, as torch.hub caches them
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"

@@ -30,18 +30,19 @@ from tqdm.auto import tqdm
 
 from stage1_vqvae.data import DataConfig, ImageSplit, LazyImageSplit, StreamingImages, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
-from stage1_vqvae.hub import hub_id, upload_folder
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
 from stage1_vqvae.model import VQVAE, VQVAEConfig
-from stage1_vqvae.shared import (
+from vqgen.cli import VqgenError, run_cli
+from vqgen.config import to_dict
+from vqgen.files import atomic_dir, commit_dir, dump_yaml, release_freed_memory, write_json
+from vqgen.hub import hub_id, upload_folder
+from vqgen.images import save_image_grid
+from vqgen.streaming import stream_loader
+from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
-    VqgenError,
-    atomic_dir,
     build_accelerator,
     check_output_dir,
-    commit_dir,
-    dump_yaml,
     init_trackers,
     load_checkpoint,
     lr_at,
@@ -49,15 +50,9 @@ from stage1_vqvae.shared import (
     parse_train_args,
     peak_accelerator_memory_gib,
     prepare_output_dir,
-    release_freed_memory,
     resolve_resume,
-    run_cli,
     save_checkpoint,
-    save_image_grid,
     steady_rate,
-    stream_loader,
-    to_dict,
-    write_json,
 )
 
 logger = logging.getLogger("stage1_vqvae.train")

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stage1_vqvae.codes import CodesMeta, check_codes_fingerprint, load_code_dataset
-from stage1_vqvae.shared import StreamBatches, VqgenError
 from stage2_prior.model import TokenLayout, grid_to_input_ids
+from vqgen.cli import VqgenError
+from vqgen.codes import CodesMeta, check_codes_fingerprint, load_code_dataset
+from vqgen.streaming import StreamBatches
 
 
 @dataclass
@@ -140,8 +141,8 @@ def open_code_streams(cfg: CodeDataConfig) -> tuple[dict, CodesMeta]:
     import datasets
     import fsspec
 
-    from stage1_vqvae.codes import CODES_METADATA
-    from stage1_vqvae.hub import looks_like_repo_id
+    from vqgen.codes import CODES_METADATA
+    from vqgen.hub import looks_like_repo_id
 
     path = Path(cfg.codes)
     if path.exists():

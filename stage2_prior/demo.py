@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from stage1_vqvae.shared import VqgenError, run_cli, write_json
+from vqgen.cli import VqgenError, run_cli
+from vqgen.files import write_json
 
 
 def run_step(name: str, args: list, timings: dict) -> None:
@@ -48,7 +49,7 @@ def compact_grid(samples_dir: Path, path: Path, per_class: int) -> None:
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from sample import labelled_rows
+    from vqgen.images import labelled_rows
 
     info = json.loads((samples_dir / "samples.json").read_text())
     rows: dict = {}

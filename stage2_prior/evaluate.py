@@ -22,11 +22,12 @@ from accelerate import PartialState
 
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
-from stage1_vqvae.hub import state_fingerprint
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, from_dict, report_metrics, run_cli
 from stage2_prior.data import CodeDataConfig, load_code_splits
 from stage2_prior.model import bits_per_code, code_nll, codes_meta_of, grid_to_input_ids, layout_of, load_prior
+from vqgen.cli import VqgenError, report_metrics, run_cli
+from vqgen.config import from_dict
+from vqgen.hub import state_fingerprint
 
 
 @torch.no_grad()

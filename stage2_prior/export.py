@@ -13,9 +13,9 @@ import argparse
 from pathlib import Path
 
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, run_cli
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
+from vqgen.cli import VqgenError, run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -31,9 +31,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from stage1_vqvae.codes import CodesMeta
-from stage1_vqvae.hub import resolve_folder
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
+from vqgen.codes import CodesMeta
+from vqgen.hub import resolve_folder
 
 
 @dataclass

@@ -26,11 +26,13 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
-from stage1_vqvae.hub import resolve_folder, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import VqgenError, atomic_dir, commit_dir, save_image_grid, unit_images, write_json
 from stage2_prior.model import codes_meta_of, layout_of, load_prior
 from stage2_prior.sampling import SETTINGS, default_settings, sample_codes
+from vqgen.cli import VqgenError
+from vqgen.files import atomic_dir, commit_dir, write_json
+from vqgen.hub import resolve_folder, state_fingerprint, upload_folder
+from vqgen.images import save_image_grid, unit_images
 
 logger = logging.getLogger(__name__)
 

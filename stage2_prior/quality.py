@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stage1_vqvae.shared import VqgenError, run_cli, write_json
+from vqgen.cli import VqgenError, run_cli
+from vqgen.files import write_json
 
 
 class SmallClassifier(nn.Module):

@@ -28,18 +28,22 @@ from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
-from stage1_vqvae.codes import CodesMeta
-from stage1_vqvae.hub import hub_id, state_fingerprint, upload_folder
 from stage1_vqvae.model import VQVAE
-from stage1_vqvae.shared import (
+from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
+from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
+from stage2_prior.sampling import sample_codes
+from vqgen.cli import VqgenError, run_cli
+from vqgen.codes import CodesMeta
+from vqgen.config import to_dict
+from vqgen.files import atomic_dir, commit_dir, dump_yaml, write_json
+from vqgen.hub import hub_id, state_fingerprint, upload_folder
+from vqgen.images import save_image_grid
+from vqgen.streaming import stream_loader
+from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
-    VqgenError,
-    atomic_dir,
     build_accelerator,
     check_output_dir,
-    commit_dir,
-    dump_yaml,
     init_trackers,
     load_checkpoint,
     lr_at,
@@ -48,17 +52,9 @@ from stage1_vqvae.shared import (
     peak_accelerator_memory_gib,
     prepare_output_dir,
     resolve_resume,
-    run_cli,
     save_checkpoint,
-    save_image_grid,
     steady_rate,
-    stream_loader,
-    to_dict,
-    write_json,
 )
-from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
-from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
-from stage2_prior.sampling import sample_codes
 
 logger = logging.getLogger("stage2_prior.train")
 

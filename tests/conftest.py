@@ -168,7 +168,7 @@ def fake_hub(tmp_path, monkeypatch):
     import datasets.dataset_dict
     import huggingface_hub.hub_mixin
 
-    import stage1_vqvae.hub as hub
+    import vqgen.hub as hub
 
     api = type("FakeHub", (FakeHubApi,), {"remote": tmp_path / "remote"})
     for module in (hub, huggingface_hub.hub_mixin, datasets.dataset_dict, datasets.arrow_dataset):

@@ -44,7 +44,7 @@ def run_two_processes(*module_args: str) -> subprocess.CompletedProcess:
 
 def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"), fingerprint="f" * 64, **kw):
     """A CodesMeta for priors built in tests without extracting codes."""
-    from stage1_vqvae.codes import CodesMeta
+    from vqgen.codes import CodesMeta
 
     fields = dict(
         codebook_size=codebook_size,

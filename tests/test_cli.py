@@ -1,11 +1,13 @@
 """One CLI dialect: HF flag names, config keys in --help, hints for wrong forms, old spellings, console scripts."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import tomllib
 
-from stage1_vqvae.shared import VqgenError, builtin_configs, load_config
+from vqgen.cli import VqgenError
+from vqgen.config import builtin_configs, load_config
 
 from helpers import ROOT, TINY1
 
@@ -60,8 +62,8 @@ def test_a_flag_in_the_wrong_form_gets_the_dotted_form_as_a_hint(tmp_path):
 def test_mixed_precision_is_left_to_accelerate_launch_unless_the_config_sets_it(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 
-    from stage1_vqvae.shared import build_accelerator
     from stage2_prior.train import TrainConfig
+    from vqgen.training import build_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
     try:
@@ -84,6 +86,32 @@ def test_stage_2_never_imports_stage_1_training_code():
     assert "stage1_vqvae.train" not in out and "stage1_vqvae.extract" not in out
 
 
+def test_imports_run_one_way_ground_floor_then_stage_1_then_stage_2():
+    import ast
+
+    def imported(paths):
+        out = set()
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    out |= {(node.module, a.name) for a in node.names}
+                elif isinstance(node, ast.Import):
+                    out |= {(a.name, None) for a in node.names}
+        return out
+
+    root = Path(ROOT)
+    ground = imported((root / "vqgen").glob("*.py"))
+    assert not {m for m, _ in ground if m.split(".")[0] in ("stage1_vqvae", "stage2_prior", "sample")}
+    stage1 = imported((root / "stage1_vqvae").glob("*.py"))
+    assert not {m for m, _ in stage1 if m.split(".")[0] in ("stage2_prior", "sample")}
+    stage2 = imported([*(root / "stage2_prior").glob("*.py"), root / "sample.py"])
+    assert not {m for m, _ in stage2 if m == "sample"}  # nothing imports the top-level CLI
+    from_stage1 = {(m, n) for m, n in stage2 if m.startswith("stage1_vqvae")}
+    # Only stage-1 things: the VQ-VAE, its data and its likelihood; what both share comes from vqgen.
+    assert {m for m, _ in from_stage1} <= {"stage1_vqvae.model", "stage1_vqvae.data", "stage1_vqvae.evaluate"}
+    assert len(from_stage1) <= 25
+
+
 @pytest.mark.parametrize("name", [n for n in builtin_configs()])
 def test_every_shipped_config_is_valid(name):
     from stage1_vqvae.train import Stage1Config
@@ -96,7 +124,7 @@ def test_every_shipped_config_is_valid(name):
 
 
 def test_under_a_launcher_an_error_of_every_rank_prints_once_and_a_rank_s_own_error_prints(monkeypatch, capsys):
-    from stage1_vqvae.shared import run_cli
+    from vqgen.cli import run_cli
 
     def fails(every_rank):
         def main(argv):
@@ -114,8 +142,8 @@ def test_under_a_launcher_an_error_of_every_rank_prints_once_and_a_rank_s_own_er
 
 def test_scientific_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; users and YAML 1.2 mean a number.
-    from stage1_vqvae.shared import load_config
     from stage1_vqvae.train import Stage1Config
+    from vqgen.config import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rate: 1e-4\n  weight_decay: 5E-2\n")
@@ -126,8 +154,8 @@ def test_scientific_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp
 
 def test_no_and_off_are_words_and_only_true_false_are_booleans(tmp_path):
     # PyYAML (YAML 1.1) reads no/off/yes/on as booleans: train.mixed_precision=no was refused as False.
-    from stage1_vqvae.shared import load_config
     from stage1_vqvae.train import Stage1Config
+    from vqgen.config import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  mixed_precision: no\ndata:\n  hflip: True\n")

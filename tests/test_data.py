@@ -21,7 +21,7 @@ from stage1_vqvae.data import (
     to_mode,
     to_model_input,
 )
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
 
 
 def test_builtin_mnist_has_the_standard_splits_and_exact_pixels():

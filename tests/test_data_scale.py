@@ -23,8 +23,9 @@ from stage1_vqvae.data import (
     load_splits,
     to_model_input,
 )
-from stage1_vqvae.shared import StreamPosition, VqgenError, user_message
 from stage1_vqvae.train import main
+from vqgen.cli import VqgenError, user_message
+from vqgen.streaming import StreamPosition
 
 from helpers import resumed_equals_uninterrupted, stage1_args
 
@@ -206,7 +207,7 @@ def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):
 
 
 def _codes(out):
-    from stage1_vqvae.codes import load_code_dataset
+    from vqgen.codes import load_code_dataset
 
     dd, meta = load_code_dataset(out)
     return {s: (dd[s]["codes"], dd[s]["label"]) for s in dd}, meta
@@ -277,8 +278,8 @@ def test_a_damaged_shard_is_one_clear_error_and_another_model_starts_afresh(
 def test_codes_published_in_several_parquet_shards_per_split_load_whole(tmp_path, tiny_model, image_folder):
     import datasets
 
-    from stage1_vqvae.codes import CODES_METADATA, load_code_dataset
     from stage1_vqvae.extract import extract
+    from vqgen.codes import CODES_METADATA, load_code_dataset
 
     out = extract(
         tiny_model, DataConfig(source=str(image_folder), resolution=16), tmp_path / "codes", model_location="x"
@@ -386,9 +387,9 @@ def test_a_streamed_holdout_never_reaches_training_on_2_ranks_x_2_workers(tmp_pa
 
 
 def test_extraction_of_a_stream_trained_model_encodes_the_streams_holdout(tmp_path, tiny_config):
-    from stage1_vqvae.codes import load_code_dataset
     from stage1_vqvae.extract import main as extract
     from stage1_vqvae.model import VQVAE
+    from vqgen.codes import load_code_dataset
 
     source = make_id_source(tmp_path / "src", 200, "parquet", 3)
     cfg = DataConfig(source=str(source), resolution=16, streaming=True, streaming_holdout=200)

@@ -8,12 +8,12 @@ import datasets
 import pytest
 import torch
 
-from stage1_vqvae.codes import codes_fingerprint, load_code_dataset
 from stage1_vqvae.data import DataConfig, ImageSplit, load_source, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, full_evaluation, ssim
 from stage1_vqvae.extract import extract, publish_codes
-from stage1_vqvae.hub import state_fingerprint
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
+from vqgen.codes import codes_fingerprint, load_code_dataset
+from vqgen.hub import state_fingerprint
 
 from helpers import run_two_processes
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from stage1_vqvae.data import DataConfig
 from stage1_vqvae.extract import extract
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
 
 from helpers import ROOT, TINY2, run_two_processes, stage1_args
 

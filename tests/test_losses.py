@@ -17,8 +17,8 @@ from stage1_vqvae.losses import (
     adaptive_weight,
     hinge_d_loss,
 )
-from stage1_vqvae.shared import VqgenError
 from stage1_vqvae.train import main
+from vqgen.cli import VqgenError
 
 from helpers import resumed_equals_uninterrupted, stage1_args
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stage1_vqvae.model import VQVAE, VQVAEConfig
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
 
 
 def test_decode_codes_of_encode_equals_forward_reconstruction_in_eval(tiny_model):
@@ -72,7 +72,7 @@ def test_push_to_hub_uploads_a_folder_that_loads_back(tiny_model, tmp_path, fake
 
 
 def test_repo_id_loads_through_the_hub_download_boundary(tiny_model, tmp_path, monkeypatch):
-    import stage1_vqvae.hub as hub
+    import vqgen.hub as hub
 
     tiny_model.save_pretrained(tmp_path / "snap")
     calls = []
@@ -126,7 +126,7 @@ def test_wrong_input_shape_names_the_expected_shape(tiny_model):
 
 
 def test_fingerprint_ignores_memory_layout_but_not_values(tiny_model):
-    from stage1_vqvae.hub import state_fingerprint
+    from vqgen.hub import state_fingerprint
 
     before = state_fingerprint(tiny_model)
     assert state_fingerprint(tiny_model.to(memory_format=torch.channels_last)) == before

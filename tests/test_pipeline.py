@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from stage1_vqvae.data import DataConfig
 from stage1_vqvae.extract import extract
-from stage1_vqvae.shared import VqgenError
+from vqgen.cli import VqgenError
 
 from helpers import ROOT, TINY1, TINY2, resumed_equals_uninterrupted, run_two_processes
 
@@ -391,9 +391,9 @@ def hub_as_local_files(remote, monkeypatch):
 
 
 def test_codes_published_to_the_hub_stream_without_a_download(stage1, tmp_path, fake_hub, monkeypatch):
-    from stage1_vqvae.codes import load_code_dataset
     from stage1_vqvae.extract import publish_codes
     from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
+    from vqgen.codes import load_code_dataset
 
     _, _, codes = stage1
     publish_codes(codes, "me/codes")

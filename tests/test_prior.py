@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from stage1_vqvae.shared import VqgenError
 from stage2_prior.model import (
     PriorConfig,
     TokenLayout,
@@ -17,6 +16,7 @@ from stage2_prior.model import (
     load_prior,
 )
 from stage2_prior.sampling import draw, filter_logits, guided_logits, sample_codes
+from vqgen.cli import VqgenError
 
 from helpers import codes_meta
 
@@ -211,7 +211,7 @@ def test_save_load_round_trip_keeps_layout_and_outputs(tmp_path):
 
 
 def test_pushed_prior_loads_back(tmp_path, fake_hub):
-    from stage1_vqvae.hub import upload_folder
+    from vqgen.hub import upload_folder
 
     model = tiny_prior()
     model.save_pretrained(tmp_path / "p")

@@ -47,7 +47,7 @@ def test_draw_like_gives_the_asked_class_counts_without_repeats():
     assert len(set(rows.tolist())) == len(rows)
     again = draw_like(labels, asked, torch.Generator().manual_seed(0))
     assert torch.equal(rows, again)  # seeded
-    from stage1_vqvae.shared import VqgenError
+    from vqgen.cli import VqgenError
 
     with pytest.raises(VqgenError, match="40 samples of class 3 asked"):
         draw_like(labels, torch.full((40,), 3), torch.Generator())

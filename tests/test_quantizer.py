@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.model import VQVAE, VectorQuantizer, VQVAEConfig
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.quantizers import VectorQuantizer
 
 
 def test_codes_equal_brute_force_nearest_neighbours():

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.model import VQVAE, FiniteScalarQuantizer, VectorQuantizer, VQVAEConfig, rotation_trick
-from stage1_vqvae.shared import VqgenError, from_dict
+from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.quantizers import FiniteScalarQuantizer, VectorQuantizer, rotation_trick
+from vqgen.cli import VqgenError
+from vqgen.config import from_dict
 
 
 def test_the_rotation_trick_has_value_e_and_the_gradient_of_its_explicit_rotation():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage1_vqvae.shared import VqgenError
 from stage1_vqvae.train import main
+from vqgen.cli import VqgenError
 
 from helpers import TINY1, run_two_processes, stage1_args
 

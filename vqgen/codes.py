@@ -18,7 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stage1_vqvae.shared import VqgenError, from_dict, write_json
+from vqgen.cli import VqgenError
+from vqgen.config import from_dict
+from vqgen.files import write_json
 
 CODES_METADATA = "vqgen_codes.json"
 CODES_FORMAT = "vqgen-codes/2"
@@ -118,7 +120,7 @@ def load_code_dataset(name_or_path: str | os.PathLike):
     """(DatasetDict, CodesMeta) from an extraction folder (save_to_disk) or a Hub dataset (parquet)."""
     import datasets
 
-    from stage1_vqvae.hub import resolve_folder
+    from vqgen.hub import resolve_folder
 
     folder = resolve_folder(name_or_path, "code dataset", repo_type="dataset")
     meta = CodesMeta.load(folder)

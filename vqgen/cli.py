@@ -1,0 +1,56 @@
+"""User errors and the CLI wrapper every vqgen script runs under: a VqgenError becomes one `error:` line and exit
+code 2, printed once under a launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from vqgen.files import write_json
+
+
+class VqgenError(Exception):
+    """A user error: bad config, bad data, a missing or mismatching file. Printed without a traceback.
+
+    `every_rank=True` marks an error that every process of a launch raises alike (a bad config, a used output
+    folder): only rank 0 prints it. Any other error is printed by the rank that raised it.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def run_cli(main, argv: list[str] | None = None) -> None:
+    """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2.
+
+    Under a launcher (accelerate launch, torchrun) every process stops; an error that every rank raises alike
+    is printed by rank 0 alone, any other by the rank that met it.
+    """
+    try:
+        main(argv)
+    except VqgenError as e:
+        if os.environ.get("RANK", "0") == "0" or not e.every_rank:
+            print(f"error: {user_message(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_message(e: VqgenError) -> str:
+    """The error's own line. A DataLoader worker's error arrives re-raised in the main process with the worker's
+    traceback folded into the message ("Caught VqgenError in DataLoader worker process 0. Original
+    Traceback ..."); its last line is what the worker raised."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("VqgenError: ", 1)[-1]
+    return text
+
+
+def report_metrics(result: dict, output_dir: str | None) -> None:
+    """An evaluation CLI's output: metrics.json in output_dir, and the JSON printed. Call it on the main process
+    only."""
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(output_dir) / "metrics.json", result)
+    print(json.dumps(result, indent=2))

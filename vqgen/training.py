@@ -1,0 +1,313 @@
+"""The training plumbing both trainers share: the config they extend, the LR schedule, the trainer CLI, the
+Accelerator, loaders, trackers, checkpoints, output-folder checks and the non-finite-loss guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vqgen.cli import VqgenError
+from vqgen.config import builtin_configs, config_help, load_config, to_dict
+from vqgen.files import write_json
+
+
+def steady_rate(t_end: float, t_warm: float | None, items: int) -> float | None:
+    """Items per second after the warm-up (the first log interval); None when the run logged only at its end."""
+    if t_warm is None or t_end <= t_warm or items <= 0:
+        return None
+    return items / (t_end - t_warm)
+
+
+def peak_accelerator_memory_gib(device: torch.device) -> float | None:
+    """The peak of the CUDA caching allocator on this process's device, in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+@dataclass
+class BaseTrainConfig:
+    output_dir: str = "runs/run"
+    seed: int = 0
+    batch_size: int = 64  # global batch of one optimizer step, over all processes and accumulation steps
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000  # optimizer steps
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of learning_rate; 1.0 = constant
+    max_grad_norm: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # null: what `accelerate launch` says
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    log_every: int = 50
+    eval_every: int = 500  # 0 disables periodic validation
+    eval_max_batches: int | None = 20  # null: the whole validation split
+    checkpoint_every: int = 500  # 0 disables checkpoints
+    checkpoints_total_limit: int = 2
+    num_workers: int | None = None  # DataLoader workers; null: 0 for data in memory, up to 4 when decoding on the fly
+    compile: bool = False  # torch.compile through Accelerate's dynamo plugin
+    push_to_hub: bool = False  # upload model/ when training ends (token from `hf auth login`)
+    hub_model_id: str | None = None  # the Hub repo for push_to_hub (owner/name)
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ValueError(f"eval_max_batches must be positive or null (all), got {self.eval_max_batches}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (owner/name)")
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to base_lr, then cosine decay to base_lr * min_lr_ratio at total_steps (a pure function of
+    the step, so a resumed run needs no scheduler state)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_arg_parser(doc: str, cfg_cls: type):
+    """The argparse parser both trainers share: --config, HF-named flags, and every config key in --help."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (override with section.key=value; defaults shown, a --config file sets its own):\n"
+        + config_help(cfg_cls),
+    )
+    parser.add_argument("--config", default=None, help=f"a YAML file, or a built-in config: {builtin_configs()}")
+    parser.add_argument("--output_dir", default=None, help="same as train.output_dir=...")
+    parser.add_argument("--resume_from_checkpoint", default=None, metavar="latest|PATH", help="continue a run")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="replace a run already in output_dir")
+    parser.add_argument("--push_to_hub", action="store_true", help="same as train.push_to_hub=true")
+    parser.add_argument("--hub_model_id", default=None, help="same as train.hub_model_id=...")
+    return parser
+
+
+def parse_train_args(doc: str, cfg_cls: type, argv: list[str] | None):
+    """(args, config) of a training CLI. A config file is required: the dataclass defaults are the paper's
+    full-size setup, which nobody should start by accident."""
+    parser = train_arg_parser(doc, cfg_cls)
+    args, overrides = parser.parse_known_args(argv)
+    if args.config is None:
+        raise VqgenError(f"pass --config: a YAML file or one of {builtin_configs()} (see --help)", every_rank=True)
+    flags = [f"train.output_dir={args.output_dir}"] if args.output_dir else []
+    if args.push_to_hub:
+        flags.append("train.push_to_hub=true")
+    if args.hub_model_id:
+        flags.append(f"train.hub_model_id={args.hub_model_id}")
+    try:
+        return args, load_config(cfg_cls, args.config, [*overrides, *flags])
+    except VqgenError as e:
+        e.every_rank = True  # every process parses the same command line
+        raise
+
+
+def build_accelerator(tc: BaseTrainConfig, out: Path, kwargs_handlers=()):
+    """The Accelerator both trainers use, plus the per-process batch.
+
+    Checkpoints are named by accelerate (`checkpoints/checkpoint_<step>`, pruned to
+    `checkpoints_total_limit`); `save_checkpoint` sets the iteration to the step before each save.
+    """
+    import logging
+
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,  # None: accelerate's launcher or environment decides
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        log_with=None if tc.report_to == "none" else tc.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(out),
+            logging_dir=str(out / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=tc.checkpoints_total_limit or None,
+        ),
+        # Epoch e's order is a function of (seed, e): skipping batches on resume replays the same data.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=list(kwargs_handlers),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
+    )
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    per_device, rem = divmod(tc.batch_size, accelerator.num_processes * tc.gradient_accumulation_steps)
+    if rem or per_device == 0:
+        raise VqgenError(
+            f"train.batch_size {tc.batch_size} is not divisible by processes x accumulation "
+            f"({accelerator.num_processes} x {tc.gradient_accumulation_steps})"
+        )
+    return accelerator, per_device
+
+
+def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_workers: int | None = None):
+    """The train loader (shuffled, seeded) and the validation loader of both trainers.
+
+    Each loader has its own generator: a DataLoader without one draws a base seed from the global RNG every
+    time an iterator starts, and a resumed run starts one mid-epoch where the uninterrupted run did not, which
+    shifted every later global-RNG draw (dead-code restarts, dropout) and broke bit-exact resume.
+    """
+    workers = num_workers if num_workers is not None else (tc.num_workers or 0)
+    train_dl = None  # a stream (None here) gets its own loader
+    if train is not None:
+        train_dl = torch.utils.data.DataLoader(
+            train,
+            batch_size=per_device,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(tc.seed),
+        )
+    val_dl = torch.utils.data.DataLoader(
+        validation,
+        batch_size=per_device,  # the training batch: a larger one would set the peak memory of big images
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+    return train_dl, val_dl
+
+
+def init_trackers(accelerator, project: str, cfg) -> None:
+    """Log the flattened config as hyperparameters (main process, when a tracker is on)."""
+    if accelerator.is_main_process and cfg.train.report_to != "none":
+        flat = {
+            f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for s, d in to_dict(cfg).items()
+            for k, v in d.items()
+        }
+        accelerator.init_trackers(project, config=flat)
+
+
+CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their state file exists), oldest first."""
+    if not Path(ckpt_root).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(ckpt_root).iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / STATE_FILE).is_file())
+
+
+def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
+    """`latest` -> newest complete checkpoint; a path -> that checkpoint; None -> None."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(ckpt_root)
+        if not ckpts:
+            raise VqgenError(
+                f"--resume_from_checkpoint latest: {ckpt_root} holds no complete checkpoint. "
+                "Drop the flag to start a new run",
+                every_rank=True,
+            )
+        return ckpts[-1][1]
+    p = Path(resume)
+    if not (p / STATE_FILE).is_file():
+        raise VqgenError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {STATE_FILE}); try latest")
+    return p
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently reuse a folder that already holds a run. Read-only, so every rank calls it and every
+    rank stops with the same error (a check on the main process alone would leave the others at a barrier).
+    Callers wait for every rank after it, before the main process writes into the folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VqgenError(f"output_dir {out} is a file, not a folder. Choose another --output_dir", every_rank=True)
+    holds_run = out.is_dir() and any((out / n).exists() for n in ("checkpoints", "model", "config.yaml"))
+    if holds_run and not resume and not overwrite:
+        raise VqgenError(
+            f"output_dir {out} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir",
+            every_rank=True,
+        )
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """After `check_output_dir`, on the main process: empty it when overwriting, create it, probe that it is
+    writable."""
+    out = Path(out)
+    holds_run = out.is_dir() and any((out / n).exists() for n in ("checkpoints", "model", "config.yaml"))
+    if holds_run and overwrite and not resume:
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise VqgenError(f"cannot write to output_dir {out} ({e.strerror}). Choose a writable folder") from None
+
+
+def save_checkpoint(accelerator, step: int) -> Path:
+    """accelerate's save_state into checkpoints/checkpoint_<step>; the state file written last marks it complete."""
+    final = Path(accelerator.project_dir) / "checkpoints" / f"checkpoint_{step}"
+    if accelerator.is_main_process and final.exists():
+        shutil.rmtree(final)  # an incomplete save of this step from a killed run
+    accelerator.wait_for_everyone()
+    accelerator.project_configuration.iteration = step  # names the folder by step, also after a resume
+    accelerator.save_state()
+    if accelerator.is_main_process:
+        write_json(final / STATE_FILE, {"step": step})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> int:
+    """Restore a checkpoint of `save_checkpoint`; returns its step."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())["step"]
+
+
+class NonFiniteGuard:
+    """Raises once the loss has stopped being finite, naming the first bad step, without a host sync per step.
+
+    `observe` every step keeps the first non-finite step on the loss's device (a `.item()` per step stalls a
+    GPU's queue); `check` syncs once, and the trainers call it before they log, evaluate or save, so no
+    checkpoint or model is written after a non-finite loss.
+    """
+
+    def __init__(self, advice: str):
+        self.advice = advice
+        self.first_step: torch.Tensor | None = None  # () int64, -1 while every loss was finite
+        self.value: torch.Tensor | None = None  # the first non-finite loss
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.first_step is None:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.value = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        if self.first_step is None or int(self.first_step) < 0:
+            return
+        raise VqgenError(
+            f"the loss became {float(self.value)} at step {int(self.first_step)}; nothing was saved after it. "
+            f"Last good checkpoint: {last_checkpoint or 'none'}. {self.advice}, then --resume_from_checkpoint latest"
+        )
