@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Optional: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only torch where that index is reachable.
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench bench-data bench-photos ablation install clean
+.PHONY: demo test test-fast lint bench bench-data bench-photos ablation install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+test-fast: $(STAMP)
+	# The inner loop: everything but the end-to-end, multi-process and long-training tests (marked slow).
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -39,11 +43,11 @@ bench-data: $(STAMP)
 bench-photos: $(STAMP)
 	# Real photographs offline: the image files inside the scikit-image and scikit-learn wheels (dev-only).
 	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
-	$(BIN)/python -m benchmarks.photos
+	$(BIN)/python -m experiments.photos
 
 ablation: $(STAMP)
 	# Each quantizer option through the whole pipeline at the demo's budget, 2 seeds (about an hour on 2 cores).
-	$(BIN)/python -m benchmarks.ablation
+	$(BIN)/python -m experiments.ablation
 
 clean:
 	rm -rf runs

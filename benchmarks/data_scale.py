@@ -132,7 +132,8 @@ def build_sources() -> tuple[Path, Path]:
     """MNIST as save_to_disk folders: x1 (50k/10k/10k) and x12 (the train split 12 times: 600k/10k/10k)."""
     import datasets
 
-    from stage1_vqvae.data import DataConfig, load_source
+    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.sources import load_source
 
     dd = load_source(DataConfig())
     paths = []

@@ -325,8 +325,9 @@ def bench_extraction(repeats: int) -> None:
     """Peak RSS of extracting the MNIST test split and the same split repeated 10 times (must not grow)."""
     import datasets
 
-    from stage1_vqvae.data import DataConfig, load_source
+    from stage1_vqvae.data import DataConfig
     from stage1_vqvae.model import VQVAE, VQVAEConfig
+    from stage1_vqvae.sources import load_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

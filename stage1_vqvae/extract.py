@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from stage1_vqvae.data import LazyImageSplit, data_config_for, find_columns, load_source, to_model_input
+from stage1_vqvae.data import LazyImageSplit, data_config_for, to_model_input
 from stage1_vqvae.model import VQVAE
+from stage1_vqvae.sources import find_columns, load_source
 from vqgen.cli import VqgenError, run_cli
 from vqgen.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from vqgen.config import to_dict

@@ -225,7 +225,8 @@ class Judge:
 
 def cached_classifier(images: torch.Tensor, labels: torch.Tensor, cache_dir=None, steps: int = 300):
     """The judge's classifier, trained once per training set and kept in the vqgen cache (safetensors)."""
-    from stage1_vqvae.data import DataConfig, _cache_root
+    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.sources import _cache_root
 
     key = hashlib.sha256(images[:: max(1, len(images) // 512)].numpy().tobytes()).hexdigest()[:16]
     path = _cache_root(DataConfig(cache_dir=cache_dir)) / f"judge-{key}-{steps}.safetensors"

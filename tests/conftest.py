@@ -1,6 +1,7 @@
 """Hermetic test setup: no network, a repo-local cache for the converted MNIST, tiny fixtures."""
 
 import os
+import sys
 from pathlib import Path
 
 # Must precede any import of huggingface_hub / datasets / transformers: offline switches are read at import.
@@ -9,6 +10,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 ROOT = Path(__file__).resolve().parent.parent
+# The test modules import `helpers` from this folder (importlib mode puts nothing on sys.path by itself); appended,
+# so that tests/vqgen/ never shadows the vqgen package.
+sys.path.append(str(Path(__file__).resolve().parent))
 os.environ.setdefault("VQGEN_CACHE", str(ROOT / "runs" / ".cache"))
 
 import numpy as np  # noqa: E402
@@ -175,3 +179,37 @@ def fake_hub(tmp_path, monkeypatch):
         monkeypatch.setattr(module, "HfApi", api)
     monkeypatch.setattr(datasets.dataset_dict, "HfFileSystem", fake_hf_file_system(tmp_path / "remote"))
     return api
+
+
+@pytest.fixture(scope="session")
+def stage1(tmp_path_factory, image_folder):
+    """A tiny trained VQ-VAE folder (with data_config.json) and its extracted codes (stage 2's tests share it)."""
+    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.extract import extract
+    from stage1_vqvae.train import main as train1
+
+    from helpers import TINY1
+
+    root = tmp_path_factory.mktemp("pipe")
+    model_dir = train1(
+        [
+            "--config",
+            TINY1,
+            f"train.output_dir={root / 's1'}",
+            f"data.source={image_folder}",
+            "data.max_samples=null",
+            "train.batch_size=8",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+        ]
+    )
+    from stage1_vqvae.model import VQVAE
+
+    codes = extract(
+        VQVAE.from_pretrained(model_dir),
+        DataConfig(source=str(image_folder), resolution=16, resize_mode="stretch"),
+        root / "codes",
+        model_location=str(model_dir),
+    )
+    return root, model_dir, codes

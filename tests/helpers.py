@@ -1,8 +1,28 @@
 """Helpers shared by the test modules (plain functions; pytest puts this folder on sys.path)."""
 
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from stage1_vqvae.data import (
+    DataConfig,
+    load_splits,
+)
+from stage2_prior.model import (
+    PriorConfig,
+    TokenLayout,
+    build_prior,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1.yaml")
@@ -67,8 +87,6 @@ def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, c
     """Run `train(args)` into out_a and out_b; make out_b look like a run that died after its earliest kept
     checkpoint (later checkpoints and the final model deleted); resume it; assert both final models are equal
     bit for bit. `args(out)` gives the command line for an output folder; `check(out_b)` runs before the resume."""
-    import shutil
-    from pathlib import Path
 
     import torch
     from safetensors.torch import load_file
@@ -85,3 +103,93 @@ def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, c
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def make_tar_shards(root, n_shards=3, per_shard=12, corrupt=None, size=20):
+    """WebDataset-style shards: {key}.png + {key}.cls in train-XXX.tar; `corrupt` = (shard, row) gets bad bytes."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in range(n_shards):
+        with tarfile.open(root / f"train-{shard:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(buf, format="PNG")
+                png = b"not a png" if corrupt == (shard, i) else buf.getvalue()
+                for ext, data in (("png", png), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"s{shard}_{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def make_id_source(root, n: int, kind: str, n_files: int = 1):
+    """A train-only source of n 8x8 images, each with its row id written in its first two pixels."""
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    images = []
+    for i in range(n):
+        a = np.zeros((8, 8), np.uint8)
+        a[0, 0], a[0, 1] = i % 256, i // 256
+        images.append(Image.fromarray(a, mode="L"))
+    ds = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=feats)
+    if kind == "disk":  # streamed as 16 shards
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(root))
+    else:
+        root.mkdir(parents=True)
+        for f in range(n_files):
+            ds.shard(n_files, f, contiguous=True).to_parquet(str(root / f"train-{f:05d}-of-{n_files:05d}.parquet"))
+    return root
+
+
+def row_ids(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
+
+
+def streamed_epoch(cfg: DataConfig, world: int, workers: int, batch: int = 4) -> set[int]:
+    """The row ids every rank x worker trains on in one epoch of the stream."""
+    seen = set()
+    for rank in range(world):
+        train = load_splits(cfg, splits=("train",))["train"].configure(batch, rank, world)
+        done = set()
+        for b in torch.utils.data.DataLoader(train, batch_size=None, num_workers=workers):
+            if b["position"]["epoch"] >= 1:
+                done.add(b["position"]["worker"])
+                if len(done) == max(1, workers):
+                    break
+                continue
+            seen.update(row_ids(b["images"]))
+    return seen
+
+
+def run_cli_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, cwd=ROOT)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+
+
+def train2(out, codes, *extra):
+    from stage2_prior.train import main
+
+    return main(["--config", TINY2, f"train.output_dir={out}", f"data.codes={codes}", *extra])
+
+
+LAYOUT = TokenLayout(codebook_size=16, num_classes=3, height=4, width=4)
+
+
+def tiny_prior(layout=LAYOUT, arch="gpt2", **meta):
+    torch.manual_seed(0)
+    names = [f"c{i}" for i in range(layout.num_classes)] or None
+    codes = codes_meta(layout.codebook_size, layout.height, layout.width, class_names=names, **meta)
+    cfg = PriorConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return build_prior(cfg, layout, codes, "codes").eval()
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))

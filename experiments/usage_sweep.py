@@ -1,6 +1,6 @@
 """Stage 1 alone at the demo's budget for quantizer variants: test-split codebook usage, perplexity and PSNR.
 
-    python -m benchmarks.usage_sweep --jobs 8 --seeds 0 1 --variants fsq888,fsq8444
+    python -m experiments.usage_sweep --jobs 8 --seeds 0 1 --variants fsq888,fsq8444
 
 Runs variants in parallel (each a `stage1_vqvae.train` + `stage1_vqvae.evaluate` subprocess), prints a table.
 """

@@ -1,7 +1,7 @@
 """Candidate MNIST recipes for the demo, each carried through the whole pipeline and scored on the validation
 split (recipes and sampling settings are chosen on validation, never on test; docs/quality.md).
 
-    python -m benchmarks.recipes --recipes demo,f2_k128 [--parallel 4] [--sweep] [--output_dir runs/recipes]
+    python -m experiments.recipes --recipes demo,f2_k128 [--parallel 4] [--sweep] [--output_dir runs/recipes]
 
 A recipe is a pair of override lists (stage 1, stage 2) on the demo's configs. Each run writes
 OUTPUT_DIR/NAME/result.json: stage-1 PSNR and usage on validation, the prior's bits per code on validation,

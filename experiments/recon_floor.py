@@ -1,8 +1,8 @@
 """The floor that a VQ-VAE puts under its samples' Frechet ratio: its reconstructions of real digits, scored
 like samples (docs/quality.md, "Stage 1: reconstructions bound what samples can reach").
 
-    python -m benchmarks.recon_floor --model runs/demo/stage1/model [--split test --against validation]
-    python -m benchmarks.recon_floor --model runs/demo/pipeline/vqvae --calibrate --pipeline runs/demo/pipeline
+    python -m experiments.recon_floor --model runs/demo/stage1/model [--split test --against validation]
+    python -m experiments.recon_floor --model runs/demo/pipeline/vqvae --calibrate --pipeline runs/demo/pipeline
 
 Every sample is a decoding, so no prior can make samples closer to real digits (in the judge's feature space)
 than the decoder's reconstructions of real digits are. 1000 class-balanced images of `--split` are encoded

@@ -1,6 +1,6 @@
 """`make bench-photos`: what the MSE, adversarial and perceptual options give on real photographs, offline.
 
-    python -m benchmarks.photos [--steps 2000] [--vgg FILE]
+    python -m experiments.photos [--steps 2000] [--vgg FILE]
 
 The photos are the colour photographs that scikit-image and scikit-learn ship inside their wheels (dev-only:
 `pip install --no-deps scikit-image scikit-learn`; only their image files are read, neither is imported).

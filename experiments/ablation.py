@@ -1,8 +1,8 @@
 """The quantizer ablation: each option carried through stage 1 -> extraction -> prior -> samples on MNIST, at the
 demo's budget (its configs, its steps), with the same seeds, everything else equal.
 
-    make ablation                                   # = python -m benchmarks.ablation
-    python -m benchmarks.ablation --options vq,fsq --seeds 0 1 --output_dir runs/ablation
+    make ablation                                   # = python -m experiments.ablation
+    python -m experiments.ablation --options vq,fsq --seeds 0 1 --output_dir runs/ablation
 
 Each run uses the CLIs as a user would (the demo's `run_step`) and appends its figures to
 OUTPUT_DIR/results.json as soon as it ends, so an interrupted ablation keeps what it measured; a rerun skips the
@@ -21,7 +21,7 @@ from pathlib import Path
 from stage2_prior.demo import run_step
 
 ROOT = Path(__file__).resolve().parent.parent
-# Each option at the setting that reached the usage target in the stage-1 sweep (`benchmarks.usage_sweep`,
+# Each option at the setting that reached the usage target in the stage-1 sweep (`experiments.usage_sweep`,
 # docs/ablation.md "Choosing each option's setting"): FSQ [8, 8, 8] and SimVQ over the full 64 dimensions used
 # 90-94% and 75-95% of their codes, [8, 8, 4, 2] and SimVQ in an 8-dim lookup space 89-100% and 100%.
 OPTIONS = {

@@ -1,0 +1,62 @@
+"""The training plumbing: mixed precision left to the launcher, complete checkpoints only, the NaN guard."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqgen.cli import VqgenError
+from vqgen.training import STATE_FILE, NonFiniteGuard, resolve_resume
+
+from helpers import stage1_args
+
+
+def test_mixed_precision_is_left_to_accelerate_launch_unless_the_config_sets_it(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from stage2_prior.train import TrainConfig
+    from vqgen.training import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    try:
+        AcceleratorState._reset_state(True)
+        accelerator, _ = build_accelerator(TrainConfig(report_to="none"), tmp_path)
+        assert accelerator.mixed_precision == "bf16"
+        AcceleratorState._reset_state(True)
+        accelerator, _ = build_accelerator(TrainConfig(report_to="none", mixed_precision="no"), tmp_path)
+        assert accelerator.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_a_save_killed_halfway_is_never_picked_by_latest(tmp_path, image_folder):
+    from stage1_vqvae.train import main
+
+    out = tmp_path / "run"
+    main(stage1_args(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2"))
+    ckpts = out / "checkpoints"
+    # What a kill during save_state leaves: a checkpoint folder without its state file (written last).
+    shutil.copytree(ckpts / "checkpoint_4", ckpts / "checkpoint_6")
+    (ckpts / "checkpoint_6" / STATE_FILE).unlink()
+    (ckpts / "checkpoint_6" / "model.safetensors").write_bytes(b"truncated")
+    assert resolve_resume("latest", ckpts) == ckpts / "checkpoint_4"
+    main(
+        stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2")
+        + ["--resume_from_checkpoint", "latest"]
+    )
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
+    assert (ckpts / "checkpoint_6" / STATE_FILE).is_file()  # the incomplete save was replaced by a complete one
+
+
+def test_non_finite_guard_reports_the_first_non_finite_step_without_syncing_each_step():
+    watch = NonFiniteGuard("Lower train.learning_rate")
+    for step, value in enumerate([1.0, 0.5, float("nan"), float("inf"), 2.0], start=1):
+        watch.observe(torch.tensor(value), step)
+        assert isinstance(watch.first_step, torch.Tensor)  # kept on the device until checked
+    with pytest.raises(VqgenError, match=r"became nan at step 3;.*Last good checkpoint: ckpt/checkpoint_2.*latest"):
+        watch.check(Path("ckpt/checkpoint_2"))
+    fine = NonFiniteGuard("")
+    fine.observe(torch.tensor(1.0), 1)
+    fine.check(None)  # finite losses: no error
