@@ -25,34 +25,33 @@ from pathlib import Path
 
 import torch
 from accelerate import DistributedDataParallelKwargs
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from stage1_vqvae.data import DataConfig, ImageSplit, LazyImageSplit, StreamingImages, load_splits, to_model_input
+from stage1_vqvae.data import DataConfig, ImageSplit, LazyImageSplit, load_splits, to_model_input
 from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
 from stage1_vqvae.model import VQVAE, VQVAEConfig
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import run_cli
 from vqgen.config import to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, release_freed_memory, write_json
 from vqgen.hub import hub_id, upload_folder
 from vqgen.images import save_image_grid
-from vqgen.streaming import stream_loader
 from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
+    RunStats,
     build_accelerator,
-    check_output_dir,
+    check_run,
+    due,
+    endless_batches,
     init_trackers,
     load_checkpoint,
     lr_at,
-    make_loaders,
+    open_run,
     parse_train_args,
-    peak_accelerator_memory_gib,
-    prepare_output_dir,
-    resolve_resume,
+    prepare_run,
     save_checkpoint,
-    steady_rate,
+    train_loaders,
 )
 
 logger = logging.getLogger("stage1_vqvae.train")
@@ -96,212 +95,175 @@ class Stage1Config:
 def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage1Config, argv)
     check_discriminator(cfg.loss, cfg.model.image_size)
-    tc = cfg.train
-    out = Path(tc.output_dir)
-
+    tc, out = cfg.train, Path(cfg.train.output_dir)
     # Every rank computes the same (all-reduced) codebook, so DDP need not broadcast buffers each step.
     accelerator, per_device = build_accelerator(tc, out, [DistributedDataParallelKwargs(broadcast_buffers=False)])
-    resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
-    check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
-    accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
+    resume_dir = check_run(accelerator, args, out)
     # The perceptual network's weights are found (or missing: one error) before anything is written.
     criterion = VQGANLoss(cfg.loss, accelerator.device) if cfg.loss.enabled else None
-    # The data loads before anything is written, so a failed start (a corrupt image, a missing folder, an
+
+    # Data. It loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
     with accelerator.main_process_first():
-        splits = load_splits(
-            cfg.data,
-            splits=("train", "validation"),
-            progress=accelerator.is_main_process,
-            augment_train=True,
-            seed=tc.seed,
-        )
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
-        dump_yaml(out / "config.yaml", to_dict(cfg))
-    accelerator.wait_for_everyone()
-    set_seed(tc.seed)
-
-    train_set = splits["train"]
-    streaming = isinstance(train_set, StreamingImages)
+        splits = load_splits(cfg.data, ("train", "validation"), accelerator.is_main_process, augment_train=True,
+                             seed=tc.seed)  # fmt: skip
+    open_run(accelerator, args, out, cfg, resume_dir)
     # Decoding on the fly wants workers; data already in memory does not (a worker only adds a copy).
     in_memory = all(isinstance(v, ImageSplit) for v in splits.values())
     workers = tc.num_workers
     if workers is None:
         workers = 0 if in_memory else LazyImageSplit.default_workers(accelerator.num_processes)
-    train_dl, val_dl = make_loaders(None if streaming else train_set, splits["validation"], per_device, tc, workers)
-    position = None
-    if streaming:
-        train_dl, position = stream_loader(train_set, accelerator, per_device, workers)
-    elif len(train_dl) == 0:
-        raise VqgenError(f"the train split has {len(train_set)} images, fewer than one batch of {per_device}")
+    train_dl, val_dl, position = train_loaders(
+        splits["train"], splits["validation"], accelerator, per_device, tc, workers
+    )
 
+    # Model, optimizer and (VQGAN's option) the discriminator, a model of its own with its own optimizer,
+    # prepared, checkpointed and restored with the VQ-VAE; the frozen VGG stays outside.
     model = VQVAE(cfg.model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
     )
-    # VQGAN's options: the discriminator is a model of its own with its own optimizer (betas 0.5, 0.9 as in
-    # VQGAN), prepared, checkpointed and restored with the VQ-VAE; the frozen VGG stays outside.
-    disc = disc_opt = None
-    extra = []
-    if cfg.loss.adversarial_weight > 0:
-        disc = PatchDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
-        disc_lr = cfg.loss.disc_learning_rate or tc.learning_rate
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=(0.5, 0.9))
-        extra = [disc, disc_opt]
-    if streaming:
-        model, optimizer, *extra, val_dl = accelerator.prepare(model, optimizer, *extra, val_dl)
-    else:
-        model, optimizer, *extra, train_dl, val_dl = accelerator.prepare(model, optimizer, *extra, train_dl, val_dl)
-    if disc is not None:
-        disc, disc_opt = extra
-        if accelerator.scaler is not None:
-            # fp16: the discriminator's own GradScaler. An AcceleratedOptimizer updates its scaler after every
-            # step, so two optimizers on the launch's one would update it twice an iteration (PyTorch's recipe
-            # updates once, after all have stepped); two losses over disjoint parameters may each have their own.
-            d_scaler = torch.amp.GradScaler(accelerator.device.type)
-            disc_opt.scaler = d_scaler
-            accelerator.register_for_checkpointing(d_scaler)  # before load_checkpoint, which restores it
+    gan = build_discriminator(cfg.loss, cfg.model.in_channels, tc.learning_rate)
+    (model, optimizer, *gan), train_dl, val_dl = prepare_run(
+        accelerator, [model, optimizer, *gan], train_dl, val_dl, position is not None
+    )
+    if gan:
+        use_own_scaler(accelerator, gan[1])
     last_layer = accelerator.unwrap_model(model).decoder.net[-1].weight  # where the adaptive weight is measured
 
+    # Resume, then the loop.
     step = 0
     if resume_dir is not None:
         step = load_checkpoint(accelerator, resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage1_vqvae", cfg)
-
-    # Data position: optimizer steps * accumulation = micro-batches consumed; the seedable sampler makes
-    # epoch e's order a function of (seed, e), so skipping reproduces the uninterrupted run. A stream
-    # restores its position from the checkpoint instead (StreamPosition) and never ends.
-    epoch, skip = 0, 0
-    if not streaming:
-        epoch, skip = divmod(step * tc.gradient_accumulation_steps, len(train_dl))
-
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
-    last_ckpt = resume_dir
-    t0, images_seen = time.perf_counter(), 0
-    # The first log interval holds the warm-up (cuDNN autotuning, worker start-up, allocator growth): the
-    # steady rate is measured after it.
-    t_warm, images_warm = None, 0
-    # Decoding on the fly, glibc's heap creeps up with the number of batches (fragmentation: +0.04 GiB from
-    # 20 to 40 batches at 256 px); handing the freed memory back now and then keeps the peak flat. At most
-    # every TRIM_INTERVAL_S: each trim makes the next steps fault their pages in again (-22% img/s on the
-    # demo when done every step). Not in memory, where the data is what sets the memory.
-    trim_on, last_trim = not in_memory, time.perf_counter()
-    val_metrics: dict = {}
-    guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
-    while step < tc.max_steps:
-        if not streaming:
-            train_dl.set_epoch(epoch)
-            # accelerate forwards set_epoch to the dataset only when one process runs: the augmentation's
-            # epoch is set here, before the loader's workers copy the dataset.
-            train_set.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        skip = 0
-        for batch in loader:
-            if position is not None:
-                position.update(batch["position"])
-            x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                with accelerator.autocast():
-                    outputs = model(x)
-                    loss, extra_logs = outputs.loss, {}
-                    if criterion is not None:
-                        unwrapped_disc = accelerator.unwrap_model(disc) if disc is not None else None
-                        loss, extra_logs = criterion.generator_loss(outputs, x, step, last_layer, unwrapped_disc)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if criterion is not None and criterion.adversarial_on(step):
-                    with accelerator.autocast():
-                        d_loss, d_logs = criterion.discriminator_loss(disc, x, outputs.reconstruction)
-                    discriminator_backward(accelerator, d_loss, disc, disc_opt, tc.max_grad_norm)
-                    for group in disc_opt.param_groups:
-                        group["lr"] = lr_at(step, disc_lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-                    disc_opt.step()
-                    disc_opt.zero_grad(set_to_none=True)
-                    extra_logs.update(d_logs)
-            images_seen += x.shape[0] * accelerator.num_processes
-            if trim_on and time.perf_counter() - last_trim >= TRIM_INTERVAL_S:
-                release_freed_memory()
-                last_trim = time.perf_counter()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            guard.observe(loss, step)
-            last = step >= tc.max_steps
-            log_now = step % tc.log_every == 0 or last
-            eval_now = tc.eval_every and (step % tc.eval_every == 0 or last)
-            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or last)
-            if log_now or eval_now or save_now:
-                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-            if log_now:
-                if t_warm is None:
-                    t_warm, images_warm = time.perf_counter(), images_seen
-                loss_value = loss.item()
-                logs = {
-                    "train/loss": loss_value,
-                    "train/recon_loss": outputs.recon_loss.item(),
-                    "train/commitment_loss": outputs.commitment_loss.item(),
-                    "train/codebook_loss": outputs.codebook_loss.item(),
-                    "train/perplexity": outputs.perplexity.item(),
-                    "train/usage": outputs.usage.item(),
-                    "train/dead_codes": int(outputs.dead_codes),
-                    "train/lr": lr,
-                    "train/images_per_s": images_seen / (time.perf_counter() - t0),
-                    **{k: float(v) for k, v in extra_logs.items()},
-                }
-                accelerator.log(logs, step=step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
-            if eval_now:
-                val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
-            if save_now:
-                last_ckpt = save_checkpoint(accelerator, step)
-            if last:
-                break
-        epoch += 1
+    stats, guard = RunStats("images"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
+    # Decoding on the fly, glibc's heap creeps up with the number of batches (fragmentation: +0.04 GiB from 20 to
+    # 40 batches at 256 px); handing the freed memory back now and then keeps the peak flat. At most every
+    # TRIM_INTERVAL_S: each trim makes the next steps fault their pages in again (-22% img/s on the demo when done
+    # every step). Not in memory, where the data is what sets the memory.
+    last_trim = time.perf_counter() if not in_memory else None
+    last_ckpt, val_metrics = resume_dir, {}
+    for batch in endless_batches(accelerator, train_dl, position, step, tc.gradient_accumulation_steps):
+        x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model, *gan[:1]):
+            outputs, loss, extra_logs, lr = train_step(accelerator, model, optimizer, criterion, gan, x, step, tc,
+                                                       last_layer)  # fmt: skip
+        stats.add(x.shape[0] * accelerator.num_processes)
+        if last_trim is not None and time.perf_counter() - last_trim >= TRIM_INTERVAL_S:
+            release_freed_memory()
+            last_trim = time.perf_counter()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        guard.observe(loss, step)
+        last, log_now, eval_now, save_now = due(step, tc)
+        if log_now or eval_now or save_now:
+            guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
+        if log_now:
+            log_training(accelerator, bar, step, outputs, loss, lr, extra_logs, stats)
+        if eval_now:
+            val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
+        if save_now:
+            last_ckpt = save_checkpoint(accelerator, step)
+        if last:
+            break
     bar.close()
 
+    # Save: the final model (with its card), the summary.
     accelerator.wait_for_everyone()
-    wall = time.perf_counter() - t0
-    # Every rank must hold the same codebook (all-reduced EMA, broadcast restarts): check, do not assume.
-    embed = accelerator.unwrap_model(model).quantizer.codebook().detach()
-    gathered = accelerator.gather(embed.unsqueeze(0))  # (world, K, D)
-    rank_diff = (gathered - gathered[:1]).abs().max().item()
-    if not val_metrics:
-        val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
+    summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
+    summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
+    summary["validation"] = val_metrics or validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
     if accelerator.is_main_process:
         repo_id = tc.hub_model_id if tc.push_to_hub else None
-        save_final_model(accelerator.unwrap_model(model), out / "model", cfg, val_metrics, out, repo_id)
+        save_final_model(accelerator.unwrap_model(model), out / "model", cfg, summary["validation"], out, repo_id)
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
-        write_json(
-            out / "train_summary.json",
-            {
-                "steps": step,
-                "num_processes": accelerator.num_processes,
-                "wall_time_s": wall,
-                "images_per_s": images_seen / wall if wall > 0 else None,
-                "images_per_s_after_first_log": steady_rate(t0 + wall, t_warm, images_seen - images_warm),
-                "peak_accelerator_memory_gib": peak_accelerator_memory_gib(accelerator.device),
-                "codebook_max_abs_diff_across_ranks": rank_diff,
-                "validation": val_metrics,
-            },
-        )
+        write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
     return out / "model"
+
+
+def codebook_rank_diff(accelerator, model) -> float:
+    """Every rank must hold the same codebook (all-reduced EMA, broadcast restarts): checked, not assumed."""
+    embed = accelerator.unwrap_model(model).quantizer.codebook().detach()
+    gathered = accelerator.gather(embed.unsqueeze(0))  # (world, K, D)
+    return (gathered - gathered[:1]).abs().max().item()
+
+
+def train_step(accelerator, model, optimizer, criterion, gan: list, x, step: int, tc: TrainConfig, last_layer):
+    """One micro-batch inside `accumulate`: the VQ-VAE's loss (with the VQGAN terms when on), backward, clipping
+    and step at sync; then the discriminator's own step once it has started. Returns (outputs, loss, logs, lr)."""
+    with accelerator.autocast():
+        outputs = model(x)
+        loss, logs = outputs.loss, {}
+        if criterion is not None:
+            unwrapped_disc = accelerator.unwrap_model(gan[0]) if gan else None
+            loss, logs = criterion.generator_loss(outputs, x, step, last_layer, unwrapped_disc)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and tc.max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+    lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if criterion is not None and criterion.adversarial_on(step):
+        disc, disc_opt = gan
+        with accelerator.autocast():
+            d_loss, d_logs = criterion.discriminator_loss(disc, x, outputs.reconstruction)
+        discriminator_backward(accelerator, d_loss, disc, disc_opt, tc.max_grad_norm)
+        disc_lr = criterion.cfg.disc_learning_rate or tc.learning_rate
+        for group in disc_opt.param_groups:
+            group["lr"] = lr_at(step, disc_lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        disc_opt.step()
+        disc_opt.zero_grad(set_to_none=True)
+        logs.update(d_logs)
+    return outputs, loss, logs, lr
+
+
+def build_discriminator(cfg: LossConfig, in_channels: int, learning_rate: float) -> list:
+    """[PatchGAN, its Adam (betas 0.5, 0.9 as in VQGAN)] when the adversarial term is on, else []."""
+    if cfg.adversarial_weight <= 0:
+        return []
+    disc = PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
+    return [disc, torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate or learning_rate, betas=(0.5, 0.9))]
+
+
+def use_own_scaler(accelerator, disc_opt) -> None:
+    """fp16: the discriminator's own GradScaler. An AcceleratedOptimizer updates its scaler after every step, so
+    two optimizers on the launch's one would update it twice an iteration (PyTorch's recipe updates once, after
+    all have stepped); two losses over disjoint parameters may each have their own."""
+    if accelerator.scaler is not None:
+        disc_opt.scaler = torch.amp.GradScaler(accelerator.device.type)
+        accelerator.register_for_checkpointing(disc_opt.scaler)  # before load_checkpoint, which restores it
+
+
+def log_training(accelerator, bar, step: int, outputs, loss, lr: float, extra_logs: dict, stats) -> None:
+    loss_value = loss.item()
+    logs = {
+        "train/loss": loss_value,
+        "train/recon_loss": outputs.recon_loss.item(),
+        "train/commitment_loss": outputs.commitment_loss.item(),
+        "train/codebook_loss": outputs.codebook_loss.item(),
+        "train/perplexity": outputs.perplexity.item(),
+        "train/usage": outputs.usage.item(),
+        "train/dead_codes": int(outputs.dead_codes),
+        "train/lr": lr,
+        "train/images_per_s": stats.rate(),
+        **{k: float(v) for k, v in extra_logs.items()},
+    }
+    accelerator.log(logs, step=step)
+    bar.set_postfix(loss=f"{loss_value:.4f}", ppl=f"{logs['train/perplexity']:.0f}")
 
 
 def discriminator_backward(accelerator, d_loss, disc, disc_opt, max_grad_norm: float | None) -> None:

@@ -19,17 +19,15 @@ import json
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from stage1_vqvae.model import VQVAE
-from stage2_prior.data import CodeDataConfig, StreamingCodes, load_code_splits
+from stage2_prior.data import CodeDataConfig, load_code_splits
 from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_prior, code_nll, labels_for, layout_of
 from stage2_prior.sampling import sample_codes
 from vqgen.cli import VqgenError, run_cli
@@ -38,22 +36,22 @@ from vqgen.config import to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, write_json
 from vqgen.hub import hub_id, state_fingerprint, upload_folder
 from vqgen.images import save_image_grid
-from vqgen.streaming import stream_loader
 from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
+    RunStats,
     build_accelerator,
-    check_output_dir,
+    check_run,
+    due,
+    endless_batches,
     init_trackers,
     load_checkpoint,
     lr_at,
-    make_loaders,
+    open_run,
     parse_train_args,
-    peak_accelerator_memory_gib,
-    prepare_output_dir,
-    resolve_resume,
+    prepare_run,
     save_checkpoint,
-    steady_rate,
+    train_loaders,
 )
 
 logger = logging.getLogger("stage2_prior.train")
@@ -122,151 +120,100 @@ def evaluate_nll(model, loader, accelerator, max_batches: int | None = None) -> 
 
 def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage2Config, argv)
-    tc = cfg.train
-    out = Path(tc.output_dir)
-
+    tc, out = cfg.train, Path(cfg.train.output_dir)
     accelerator, per_device = build_accelerator(tc, out, ())
+    resume_dir = check_run(accelerator, args, out)
 
-    splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"), seed=cfg.train.seed)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
-    check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
-    accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
+    # Data. It loads before anything is written (see stage 1).
+    splits, meta, layout = load_code_splits(cfg.data, splits=("train", "validation"), seed=tc.seed)
     if resume_dir is not None and (out / "codes_meta.json").is_file():
         # Resuming on codes from another VQ-VAE would silently mix two token vocabularies.
         before = CodesMeta.from_json_dict(json.loads((out / "codes_meta.json").read_text()), "codes_meta.json")
         before.check_same_vqvae(meta, f"code dataset {cfg.data.codes}")
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
-        dump_yaml(out / "config.yaml", to_dict(cfg))
-        write_json(out / "codes_meta.json", dataclasses.asdict(meta))
-    accelerator.wait_for_everyone()
-    set_seed(tc.seed)
+    open_run(accelerator, args, out, cfg, resume_dir, {"codes_meta.json": dataclasses.asdict(meta)})
+    train_dl, val_dl, position = train_loaders(
+        splits["train"], splits["validation"], accelerator, per_device, tc, tc.num_workers or 0
+    )
 
+    # Model and optimizer.
     model = build_prior(cfg.model, layout, meta, cfg.data.codes, cfg.sampling)
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
-    streaming = isinstance(splits["train"], StreamingCodes)
-    position = None
-    if streaming:
-        _, val_dl = make_loaders(None, splits["validation"], per_device, tc)
-        train_dl, position = stream_loader(splits["train"], accelerator, per_device, tc.num_workers or 0)
-        model, optimizer, val_dl = accelerator.prepare(model, optimizer, val_dl)
-    else:
-        train_dl, val_dl = make_loaders(splits["train"], splits["validation"], per_device, tc)
-        if len(train_dl) == 0:
-            raise VqgenError(
-                f"the train split has {len(splits['train'])} sequences, fewer than one batch of {per_device}"
-            )
-        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-
+    (model, optimizer), train_dl, val_dl = prepare_run(
+        accelerator, [model, optimizer], train_dl, val_dl, position is not None
+    )
     # Before the checkpoint restores the RNG: building the VQ-VAE draws from it, which after the restore would
     # shift every later draw (dropout) away from the uninterrupted run's.
     vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
+
+    # Resume, then the loop.
     step = 0
     if resume_dir is not None:
         step = load_checkpoint(accelerator, resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
-
-    # A map-style split: the seeded sampler and skipped batches restore the data position; a stream restores
-    # its own position from the checkpoint (StreamPosition) and never ends.
-    epoch, skip = (0, 0) if streaming else divmod(step * tc.gradient_accumulation_steps, len(train_dl))
-
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
-    last_ckpt = resume_dir
-    t0, tokens_seen = time.perf_counter(), 0
-    t_warm, tokens_warm = None, 0  # the steady rate is measured after the first log interval (warm-up)
-    val: dict = {}
-    guard = NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
+    stats, guard = RunStats("tokens"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
+    last_ckpt, val = resume_dir, {}
     micro = step * tc.gradient_accumulation_steps
-    while step < tc.max_steps:
-        if not streaming:
-            train_dl.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        skip = 0
-        for batch in loader:
-            if position is not None:
-                position.update(batch["position"])
-            # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
-            micro += 1
-            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
-            input_ids = apply_class_dropout(input_ids, layout, cfg.model.class_dropout, g)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    outputs = model(input_ids=input_ids, labels=labels_for(input_ids))
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens_seen += input_ids.shape[0] * layout.num_codes * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            guard.observe(outputs.loss, step)
-            last = step >= tc.max_steps
-            log_now = step % tc.log_every == 0 or last
-            eval_now = tc.eval_every and (step % tc.eval_every == 0 or last)
-            save_now = tc.checkpoint_every and (step % tc.checkpoint_every == 0 or last)
-            if log_now or eval_now or save_now:
-                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-            if log_now:
-                if t_warm is None:
-                    t_warm, tokens_warm = time.perf_counter(), tokens_seen
-                loss = outputs.loss.item()
-                accelerator.log(
-                    {
-                        "train/loss": loss,
-                        "train/bits_per_code": loss / math.log(2),
-                        "train/lr": lr,
-                        "train/tokens_per_s": tokens_seen / (time.perf_counter() - t0),
-                    },
-                    step=step,
-                )
-                bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
-            if eval_now:
-                val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
-                accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
-                logger.info("step %d validation: %s", step, val)
-                if vqvae is not None:
-                    log_samples(accelerator, model, vqvae, layout, step, out)
-            if save_now:
-                last_ckpt = save_checkpoint(accelerator, step)
-            if last:
-                break
-        epoch += 1
+    for batch in endless_batches(accelerator, train_dl, position, step, tc.gradient_accumulation_steps):
+        # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
+        micro += 1
+        input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
+        input_ids = apply_class_dropout(input_ids, layout, cfg.model.class_dropout, g)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                outputs = model(input_ids=input_ids, labels=labels_for(input_ids))
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and tc.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.add(input_ids.shape[0] * layout.num_codes * accelerator.num_processes)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        guard.observe(outputs.loss, step)
+        last, log_now, eval_now, save_now = due(step, tc)
+        if log_now or eval_now or save_now:
+            guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
+        if log_now:
+            loss = outputs.loss.item()
+            accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
+                             "train/tokens_per_s": stats.rate()}, step=step)  # fmt: skip
+            bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
+        if eval_now:
+            val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
+            accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
+            logger.info("step %d validation: %s", step, val)
+            if vqvae is not None:
+                log_samples(accelerator, model, vqvae, layout, step, out)
+        if save_now:
+            last_ckpt = save_checkpoint(accelerator, step)
+        if last:
+            break
     bar.close()
+
+    # Save: the final prior (with its card), the summary.
     accelerator.wait_for_everyone()
-    wall = time.perf_counter() - t0
-    if not val:
-        val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
+    summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
+    summary["validation"] = val or evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
     # Every rank joins: under FSDP the full state dict is gathered from the shards (unwrap_model alone would
     # leave a sharded model that cannot be saved from one rank).
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         repo_id = tc.hub_model_id if tc.push_to_hub else None
-        save_final_prior(unwrapped, state_dict, out / "model", cfg, val, out, repo_id)
+        save_final_prior(unwrapped, state_dict, out / "model", cfg, summary["validation"], out, repo_id)
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
-        write_json(
-            out / "train_summary.json",
-            {
-                "steps": step,
-                "num_processes": accelerator.num_processes,
-                "wall_time_s": wall,
-                "tokens_per_s": tokens_seen / wall,
-                "tokens_per_s_after_first_log": steady_rate(t0 + wall, t_warm, tokens_seen - tokens_warm),
-                "peak_accelerator_memory_gib": peak_accelerator_memory_gib(accelerator.device),
-                "validation": val,
-            },
-        )
+        write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the prior to {out / 'model'}")

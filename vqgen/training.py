@@ -311,3 +311,116 @@ class NonFiniteGuard:
             f"the loss became {float(self.value)} at step {int(self.first_step)}; nothing was saved after it. "
             f"Last good checkpoint: {last_checkpoint or 'none'}. {self.advice}, then --resume_from_checkpoint latest"
         )
+
+
+def train_loaders(train, validation, accelerator, per_device: int, tc: BaseTrainConfig, workers: int):
+    """(train loader, validation loader, stream position or None): the one data path of both trainers.
+
+    A map-style split gets a shuffled, seeded loader that the caller prepares; a stream (`StreamBatches`) gets its
+    own loader, not prepared (accelerate's batch dispatching would have rank 0 read for all), whose position is
+    checkpointed. Validation is map-style either way."""
+    from vqgen.streaming import StreamBatches, stream_loader
+
+    if isinstance(train, StreamBatches):
+        _, val_dl = make_loaders(None, validation, per_device, tc, workers)
+        train_dl, position = stream_loader(train, accelerator, per_device, workers)
+        return train_dl, val_dl, position
+    train_dl, val_dl = make_loaders(train, validation, per_device, tc, workers)
+    if len(train_dl) == 0:
+        raise VqgenError(f"the train split has {len(train)} rows, fewer than one batch of {per_device}")
+    return train_dl, val_dl, None
+
+
+def endless_batches(accelerator, train_dl, position, step: int, accumulation: int):
+    """Training batches from optimizer step `step` on, epoch after epoch.
+
+    Map-style: optimizer steps x accumulation = micro-batches consumed, and the seedable sampler makes epoch e's
+    order a function of (seed, e), so skipping that many batches reproduces the uninterrupted run. The epoch is
+    also set on the dataset itself (augmentation draws from it): accelerate forwards `set_epoch` to the dataset
+    only when one process runs. A stream restores its position from the checkpoint instead and never ends; each
+    batch's position is recorded as it is consumed."""
+    if position is not None:
+        for batch in train_dl:
+            position.update(batch["position"])
+            yield batch
+        return
+    epoch, skip = divmod(step * accumulation, len(train_dl))
+    while True:
+        train_dl.set_epoch(epoch)
+        if hasattr(train_dl.dataset, "set_epoch"):
+            train_dl.dataset.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        skip, epoch = 0, epoch + 1
+
+
+def due(step: int, tc: BaseTrainConfig) -> tuple[bool, bool, bool, bool]:
+    """(last, log, evaluate, save) at optimizer step `step`: each every so many steps, and all at the last."""
+    last = step >= tc.max_steps
+    log_now = step % tc.log_every == 0 or last
+    eval_now = bool(tc.eval_every) and (step % tc.eval_every == 0 or last)
+    save_now = bool(tc.checkpoint_every) and (step % tc.checkpoint_every == 0 or last)
+    return last, log_now, eval_now, save_now
+
+
+class RunStats:
+    """Throughput of a run in `unit`s (images, tokens): the rate so far, the steady rate after the first log
+    interval (which holds the warm-up: autotuning, worker start-up, allocator growth), and the summary figures."""
+
+    def __init__(self, unit: str):
+        import time
+
+        self.unit, self.clock = unit, time.perf_counter
+        self.t0, self.seen = self.clock(), 0
+        self.t_warm, self.seen_warm = None, 0
+
+    def add(self, n: int) -> None:
+        self.seen += n
+
+    def rate(self) -> float:
+        """Units per second since the start, marking the end of the warm-up at the first call."""
+        if self.t_warm is None:
+            self.t_warm, self.seen_warm = self.clock(), self.seen
+        return self.seen / (self.clock() - self.t0)
+
+    def summary(self, device) -> dict:
+        wall = self.clock() - self.t0
+        return {
+            "wall_time_s": wall,
+            f"{self.unit}_per_s": self.seen / wall if wall > 0 else None,
+            f"{self.unit}_per_s_after_first_log": steady_rate(self.t0 + wall, self.t_warm, self.seen - self.seen_warm),
+            "peak_accelerator_memory_gib": peak_accelerator_memory_gib(device),
+        }
+
+
+def prepare_run(accelerator, objects: list, train_dl, val_dl, streaming: bool):
+    """accelerator.prepare of the models and optimizers with the loaders, in one call; a stream's loader is not
+    prepared (see `train_loaders`). Returns (prepared objects, train loader, validation loader)."""
+    loaders = [val_dl] if streaming else [train_dl, val_dl]
+    prepared = accelerator.prepare(*objects, *loaders)
+    objects, loaders = list(prepared[: len(objects)]), list(prepared[len(objects) :])
+    return (objects, train_dl, loaders[0]) if streaming else (objects, loaders[0], loaders[1])
+
+
+def check_run(accelerator, args, out: Path) -> Path | None:
+    """The checkpoint to resume from, if any, with the output folder checked by every rank (read-only, so every
+    rank stops with the same error) before anything is written."""
+    resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
+    check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
+    accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
+    return resume_dir
+
+
+def open_run(accelerator, args, out: Path, cfg, resume_dir: Path | None, files: dict | None = None) -> None:
+    """Once the data has loaded (so a failed start leaves no run behind): the main process prepares the output
+    folder and writes the resolved config (and `files`, name -> JSON); then every rank is seeded."""
+    from accelerate.utils import set_seed
+
+    from vqgen.files import dump_yaml
+
+    if accelerator.is_main_process:
+        prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
+        dump_yaml(out / "config.yaml", to_dict(cfg))
+        for name, obj in (files or {}).items():
+            write_json(out / name, obj)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)

@@ -60,3 +60,31 @@ def test_non_finite_guard_reports_the_first_non_finite_step_without_syncing_each
     fine = NonFiniteGuard("")
     fine.observe(torch.tensor(1.0), 1)
     fine.check(None)  # finite losses: no error
+
+
+def test_the_two_trainers_keep_one_skeleton_in_one_order():
+    # Like accelerate's ExampleDifferenceTests: the trainers stay standalone scripts that read top to bottom, and
+    # this keeps their shared skeleton from drifting apart (a step added to one loop and not the other fails).
+    import ast
+    import inspect
+
+    import stage1_vqvae.train as stage1
+    import stage2_prior.train as stage2
+
+    skeleton = [
+        "parse_train_args", "build_accelerator", "check_run", "open_run", "train_loaders", "prepare_run",
+        "load_checkpoint", "init_trackers", "RunStats", "NonFiniteGuard", "endless_batches", "accumulate",
+        "observe", "due", "check", "save_checkpoint", "wait_for_everyone", "summary", "write_json", "end_training",
+    ]  # fmt: skip
+
+    def calls_in_order(module) -> list[str]:
+        tree = ast.parse(inspect.getsource(module.main))
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+        calls.sort(key=lambda n: (n.lineno, n.col_offset))
+        names = [c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "") for c in calls]
+        return [n for n in names if n in skeleton]
+
+    for module in (stage1, stage2):
+        seen = calls_in_order(module)
+        firsts = [seen.index(name) for name in skeleton]  # every step present ...
+        assert firsts == sorted(firsts), (module.__name__, seen)  # ... and in the skeleton's order
