@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
-from stage2_prior.sampling import SETTINGS
 from vqgen.cli import VqgenError, run_cli
 from vqgen.files import atomic_dir, commit_dir, safe_name, write_json
 from vqgen.hub import state_fingerprint
@@ -155,6 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     images = result.images  # (n, C, H, W) in [0, 1]
     elapsed = time.perf_counter() - t0
+    stats = dict(pipe.last_stats)  # this call's (--complete's reconstruction below is a call of its own)
 
     tmp = atomic_dir(out)
     names = pipe.class_names
@@ -180,13 +180,13 @@ def main(argv: list[str] | None = None) -> Path:
         {
             "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite_output_dir")},
             # What sampled: the flags given, the prior's recommended settings (generation_config) for the rest.
-            "sampling": pipe.sampling_settings(args.guidance_scale, args.temperature, args.top_k, args.top_p),
-            "sampling_from_generation_config": [k for k in SETTINGS if getattr(args, k) is None],
-            "decoding": pipe.last_stats.get("decoding"),
-            "jacobi_window": pipe.last_stats.get("window"),
+            "sampling": stats["settings"],
+            "sampling_from_generation_config": [k for k in stats["settings"] if getattr(args, k) is None],
+            "decoding": stats["decoding"],
+            "jacobi_window": stats["window"],
             # What a seed reproduces: other decodings, windows or batch sizes draw other images (same distribution).
             "same_images_with": "the same seed, decoding, jacobi_window, batch_size and device",
-            "model_forwards": pipe.last_stats.get("forwards"),
+            "model_forwards": stats["forwards"],
             "seed": args.seed,
             "num_images": n,
             "classes": classes.tolist() if classes is not None else None,

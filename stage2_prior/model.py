@@ -15,6 +15,7 @@ decoder it was not trained for. Sampling lives in `stage2_prior.sampling`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -72,6 +73,22 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
+
+    @classmethod
+    def resolve(cls, generation_config, **given) -> SamplingConfig:
+        """The settings a sampling call uses, resolved and validated once: each one given (not None), else the
+        prior's recommendation in its generation_config, else plain sampling (no guidance, temperature 1, no
+        filtering). A value out of range is one VqgenError."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = given.get(f.name)
+            if value is None:
+                value = getattr(generation_config, f.name, None)
+            values[f.name] = f.default if value is None else value
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise VqgenError(f"sampling: {e}") from None
 
 
 @dataclass

@@ -13,6 +13,7 @@ pipeline from a VQ-VAE with another fingerprint, K or grid is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,8 +28,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
 from stage1_vqvae.model import VQVAE
-from stage2_prior.model import codes_meta_of, layout_of, load_prior
-from stage2_prior.sampling import SETTINGS, default_settings, sample_codes
+from stage2_prior.model import SamplingConfig, codes_meta_of, layout_of, load_prior
+from stage2_prior.sampling import sample_codes
 from vqgen.cli import VqgenError
 from vqgen.files import atomic_dir, commit_dir, write_json
 from vqgen.hub import resolve_folder, state_fingerprint, upload_folder
@@ -86,7 +87,7 @@ class VQGenPipeline:
         self.layout = layout_of(prior)
         self.codes_meta = codes_meta_of(prior)
         self.vqvae_fingerprint = vqvae_fingerprint or state_fingerprint(vqvae)
-        self.last_stats: dict = {}  # what the last call did: decoding and model forwards
+        self.last_stats: dict = {}  # what the last call did: its settings, decoding and model forwards
         self.codes_meta.check_vqvae(
             vqvae.config.codebook_size, vqvae.config.grid_size, self.vqvae_fingerprint, "the VQ-VAE"
         )
@@ -193,11 +194,6 @@ class VQGenPipeline:
 
     # -- sampling --------------------------------------------------------------------------------------
 
-    def sampling_settings(self, guidance_scale=None, temperature=None, top_k=None, top_p=None) -> dict:
-        """The settings a call with these arguments uses: each given one, else the prior's recommended one."""
-        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        return default_settings(self.prior, **given)
-
     def class_ids(self, classes) -> torch.Tensor:
         """Class ids or names (as in the prior's class names) -> (n,) int64 ids."""
         if self.layout.num_classes == 0:
@@ -251,11 +247,10 @@ class VQGenPipeline:
             decoding: "sequential", "jacobi" (speculative Jacobi decoding: the same distribution in fewer
                 forwards), or None to pick by batch size (`sample_codes`).
         """
-        explicit_guidance = guidance_scale is not None
-        settings = self.sampling_settings(guidance_scale, temperature, top_k, top_p)
-        guidance_scale, temperature, top_k, top_p = (settings[k] for k in SETTINGS)
-        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-            raise VqgenError("temperature must be >= 0, top_p in (0, 1] and top_k positive")
+        settings = SamplingConfig.resolve(
+            self.prior.generation_config,
+            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+        )  # fmt: skip
         if output_type not in ("pil", "pt"):
             raise VqgenError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         if classes is not None:
@@ -265,21 +260,18 @@ class VQGenPipeline:
             n = len(classes)
         else:
             n = 1 if num_images is None else num_images
-            if guidance_scale != 1.0 and explicit_guidance:  # a recommended default needs no warning
+            if guidance_scale not in (None, 1.0):  # a recommended default needs no warning
                 logger.warning(
                     "guidance_scale=%s is ignored: unconditional samples have no class to guide", guidance_scale
                 )
-            guidance_scale = 1.0
+            settings = dataclasses.replace(settings, guidance_scale=1.0)
         if n < 1:
             raise VqgenError("num_images must be positive")
         codes = sample_codes(
             self.prior,
             n,
             classes=classes,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            guidance_scale=guidance_scale,
+            settings=settings,
             generator=generator,
             batch_size=batch_size,
             progress=progress,

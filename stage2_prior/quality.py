@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             settings = {k: getattr(args, k) for k in ("guidance_scale", "temperature", "top_k", "top_p")}
             samples, asked = sample_pipeline(pipe, args.per_class, args.seed, **settings)
-            result = {"settings": pipe.sampling_settings(**settings), **judge.score(samples, asked)}
+            result = {"settings": pipe.last_stats["settings"], **judge.score(samples, asked)}
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

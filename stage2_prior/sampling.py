@@ -9,6 +9,7 @@ with a StaticCache and a torch.compile'd step (same samples; pays for many batch
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, PreTrainedModel, StaticCache
 
-from stage2_prior.model import TokenLayout, layout_of, prefix_ids
+from stage2_prior.model import SamplingConfig, TokenLayout, layout_of, prefix_ids
 
 # transformers renamed the KV cache argument and output field `past_key_values` -> `cache` (5.2x, with a
 # FutureWarning on the old name); use whichever this version has.
@@ -119,23 +120,6 @@ def decoder_for(model: PreTrainedModel, batch: int) -> CompiledDecoder:
     return decoders[key]
 
 
-SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p")
-FALLBACK = {"guidance_scale": 1.0, "temperature": 1.0, "top_k": None, "top_p": None}  # plain sampling
-
-
-def default_settings(model: PreTrainedModel, **given) -> dict:
-    """The sampling settings to use: each one given (not None), else the prior's recommended one from its
-    generation_config (chosen by a sweep on the validation split, docs/sampling.md), else plain sampling."""
-    config = model.generation_config
-    out = {}
-    for key in SETTINGS:
-        value = given.get(key)
-        out[key] = value if value is not None else getattr(config, key, None)
-        if out[key] is None:
-            out[key] = FALLBACK[key]
-    return out
-
-
 @torch.no_grad()
 def sample_codes(
     model: PreTrainedModel,
@@ -153,41 +137,42 @@ def sample_codes(
     decoding: str | None = None,
     window: int = 8,
     stats: dict | None = None,
+    settings: SamplingConfig | None = None,
 ) -> torch.Tensor:
     """Sample (n, h, w) code grids with the KV cache; never returns a special token.
 
-    Settings left None take the prior's recommended ones from its generation_config (`default_settings`).
-
     Args:
         classes: (n,) class ids for a conditional prior; None samples unconditionally (NULL token).
-        temperature: softmax temperature; 0 means greedy.
-        top_k, top_p: keep the k most likely codes / the smallest set holding mass top_p.
-        guidance_scale: classifier-free guidance; != 1 runs conditional and NULL prompts as one doubled batch
-            (ignored for unconditional samples, which have no class to guide).
+        temperature, top_k, top_p, guidance_scale: the sampling settings (`settings` instead: already resolved).
+            temperature 0 is greedy; top_k / top_p keep the k most likely codes / the smallest set holding mass
+            top_p; guidance != 1 runs conditional and NULL prompts as one doubled batch (ignored for
+            unconditional samples). Settings left None take the prior's recommendation (`SamplingConfig.resolve`).
         generator: a torch.Generator on the model's device for reproducible samples.
         progress: optional callable(tokens_done) for progress bars.
         prefix_codes: (n, L) codes that are kept as given (image completion); the rest is sampled.
         compile: decode with a StaticCache and a torch.compile'd step (`CompiledDecoder`). Same samples; pays
             when many batches are drawn in one process, since the first call compiles.
-        decoding: "sequential" (one forward per code) or "jacobi" (speculative Jacobi decoding: `window`
+        decoding: "sequential" (`sequential_decode`, one forward per code) or "jacobi" (`jacobi_decode`: `window`
             tokens verified per forward, the same distribution in fewer forwards). None: jacobi for batches of
             at most JACOBI_MAX_BATCH images (one), where a forward costs about the same whatever it carries,
             else sequential (docs/benchmarks.md).
         window: tokens fed per jacobi forward (the pending token and window - 1 drafts). 8 was the fastest of
             4, 8 and 16 at batch 1 on this CPU, in two runs (docs/benchmarks.md).
-        stats: a dict that receives "forwards" (model calls), "decoding" and "window" (jacobi's, else None).
+        stats: a dict that receives "forwards" (model calls), "decoding", "window" (jacobi's, else None) and
+            "settings" (the resolved settings).
     """
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+    if settings is None:
+        settings = SamplingConfig.resolve(model.generation_config, **given)
+    elif any(v is not None for v in given.values()):
+        raise ValueError("pass the sampling settings either as `settings` or one by one, not both")
     layout = layout_of(model)
     device = next(model.parameters()).device
-    settings = default_settings(model, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-    temperature, top_k, top_p, guidance_scale = (
-        settings[k] for k in ("temperature", "top_k", "top_p", "guidance_scale")
-    )
     if classes is not None:
         classes = torch.as_tensor(classes, dtype=torch.long)
         if classes.shape != (n,):
             raise ValueError(f"classes must have shape ({n},), got {tuple(classes.shape)}")
-    guided = classes is not None and guidance_scale != 1.0
+    guided = classes is not None and settings.guidance_scale != 1.0
     batch_size = batch_size or n
     if decoding is None:
         decoding = "jacobi" if min(batch_size, n) <= JACOBI_MAX_BATCH and not compile else "sequential"
@@ -214,41 +199,52 @@ def sample_codes(
                 codes[:, :start] = fixed
                 prompt = torch.cat([prompt, torch.cat([fixed, fixed]) if guided else fixed], dim=1)
             if decoding == "jacobi":
-                mix = dict(guided=guided, scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+                mix = dict(guided=guided, scale=settings.guidance_scale, temperature=settings.temperature,
+                           top_k=settings.top_k, top_p=settings.top_p)  # fmt: skip
                 forwards += jacobi_decode(model, layout, prompt, codes, start, window, generator, progress, **mix)
-                out.append(codes.view(m, layout.height, layout.width))  # (m, h, w)
-                continue
-            forwards += layout.num_codes - start
-            if compile:
-                decoder = decoder_for(model, prompt.shape[0])
-                last = decoder.prefill(model, prompt)  # (B, V)
             else:
-                step_out = model(input_ids=prompt, use_cache=True)
-                last = step_out.logits[:, -1]  # (B, V)
-            for t in range(start, layout.num_codes):
-                logits = last[:, : layout.codebook_size].float()  # only codes can be drawn
-                if guided:
-                    logits = guided_logits(logits[:m], logits[m:], guidance_scale)
-                if temperature == 0:
-                    token = logits.argmax(-1)
-                else:
-                    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                    token = draw(probs, generator)
-                codes[:, t] = token
-                if t + 1 < layout.num_codes:
-                    feed = (torch.cat([token, token]) if guided else token)[:, None]  # (B, 1)
-                    if compile:
-                        last = decoder.step(model, feed, torch.tensor([prompt.shape[1] + t - start], device=device))
-                    else:
-                        step_out = model(input_ids=feed, use_cache=True, **{CACHE: getattr(step_out, CACHE)})
-                        last = step_out.logits[:, -1]
-                if progress is not None:
-                    progress(m)
+                forwards += sequential_decode(model, layout, prompt, codes, start, settings, guided, generator,
+                                              progress, compile)  # fmt: skip
             out.append(codes.view(m, layout.height, layout.width))  # (m, h, w)
     model.train(was_training)
     if stats is not None:
-        stats.update(forwards=forwards, decoding=decoding, window=window if decoding == "jacobi" else None)
+        window_used = window if decoding == "jacobi" else None
+        stats.update(forwards=forwards, decoding=decoding, window=window_used, settings=dataclasses.asdict(settings))
     return torch.cat(out)
+
+
+def sequential_decode(
+    model, layout, prompt, codes, start: int, settings: SamplingConfig, guided: bool, generator, progress, compile
+) -> int:
+    """Fill codes[:, start:] (m, h*w) one code per forward through the KV cache (or the compiled step); the
+    prompt holds the conditional rows, then (guided) the NULL rows. Returns the number of forwards."""
+    m, device = codes.shape[0], codes.device
+    if compile:
+        decoder = decoder_for(model, prompt.shape[0])
+        last = decoder.prefill(model, prompt)  # (B, V)
+    else:
+        step_out = model(input_ids=prompt, use_cache=True)
+        last = step_out.logits[:, -1]  # (B, V)
+    for t in range(start, layout.num_codes):
+        logits = last[:, : layout.codebook_size].float()  # only codes can be drawn
+        if guided:
+            logits = guided_logits(logits[:m], logits[m:], settings.guidance_scale)
+        if settings.temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p).softmax(-1)
+            token = draw(probs, generator)
+        codes[:, t] = token
+        if t + 1 < layout.num_codes:
+            feed = (torch.cat([token, token]) if guided else token)[:, None]  # (B, 1)
+            if compile:
+                last = decoder.step(model, feed, torch.tensor([prompt.shape[1] + t - start], device=device))
+            else:
+                step_out = model(input_ids=feed, use_cache=True, **{CACHE: getattr(step_out, CACHE)})
+                last = step_out.logits[:, -1]
+        if progress is not None:
+            progress(m)
+    return layout.num_codes - start
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def test_evaluate_export_and_sample_end_to_end(stage1, tmp_path):
         ]
     )
     assert (comp / "completion.png").is_file()
+    # samples.json describes the completions, not the reconstruction drawn after them (temperature 0, 1 image).
+    comp_info = json.loads((comp / "samples.json").read_text())
+    assert comp_info["sampling"]["temperature"] != 0 and comp_info["model_forwards"] == 16 - 2 * 4
     half = sample(  # no --keep_rows: half of the code rows are kept
         ["--pipeline", str(pipe), "--complete", str(out / "00000_classa.png"), "--num_images", "2", "--seed", "3",
          "--output_dir", str(tmp_path / "o5b")]

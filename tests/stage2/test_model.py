@@ -121,3 +121,23 @@ def test_recommended_sampling_settings_travel_in_the_generation_config(tmp_path)
         temperature=1.0,
     )  # fmt: skip
     assert torch.equal(defaults, explicit) and not torch.equal(defaults, plain)
+
+
+def test_sampling_settings_resolve_given_over_recommended_over_plain_and_validate_once():
+    from stage2_prior.model import SamplingConfig
+
+    model = build_prior(
+        PriorConfig(n_layer=1, n_head=1, n_embd=8, dropout=0.0), LAYOUT, codes_meta(), "c",
+        SamplingConfig(guidance_scale=2.0, temperature=0.7, top_k=None, top_p=0.9),
+    )  # fmt: skip
+    resolved = SamplingConfig.resolve(model.generation_config, temperature=0.0, top_k=5)
+    assert resolved == SamplingConfig(guidance_scale=2.0, temperature=0.0, top_k=5, top_p=0.9)
+    assert SamplingConfig.resolve(object()) == SamplingConfig()  # nothing recommended: plain sampling
+    with pytest.raises(VqgenError, match="top_p must be in"):
+        SamplingConfig.resolve(model.generation_config, top_p=1.5)
+    # The sampler takes the resolved object as it is, and refuses a second way of saying it.
+    a = sample_codes(model, 3, classes=[0, 1, 2], settings=resolved, generator=torch.Generator().manual_seed(1))
+    b = sample_codes(model, 3, classes=[0, 1, 2], temperature=0.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        sample_codes(model, 3, classes=[0, 1, 2], settings=resolved, temperature=1.0)

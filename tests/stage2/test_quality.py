@@ -1,5 +1,7 @@
 """The sample-quality judge against references: Frechet, KID, precision/recall, its real references."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,15 +74,11 @@ def test_the_validation_sweep_samples_each_row_with_exactly_its_settings(monkeyp
     # A row left None fell back to the prior's recommendation: "no top-p" drew with the recommended top-p 0.95.
     from stage2_prior import quality
     from stage2_prior.model import SamplingConfig
-    from stage2_prior.pipeline import VQGenPipeline
 
     seen = []
 
     class FakePipe:
         layout = LAYOUT
-
-        def sampling_settings(self, **given):
-            return VQGenPipeline.sampling_settings(self, **given)
 
     fake = FakePipe()
     fake.prior = build_prior(
@@ -89,7 +87,7 @@ def test_the_validation_sweep_samples_each_row_with_exactly_its_settings(monkeyp
     )  # fmt: skip
 
     def fake_sample(pipe, per_class, seed, **settings):
-        seen.append(pipe.sampling_settings(**settings))
+        seen.append(dataclasses.asdict(SamplingConfig.resolve(pipe.prior.generation_config, **settings)))
         return torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
 
     class FakeJudge:
