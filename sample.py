@@ -81,6 +81,55 @@ def completion_prefix(args, pipe: VQGenPipeline, n: int) -> tuple[torch.Tensor, 
     return codes, codes.reshape(1, -1)[:, : rows * pipe.layout.width].expand(n, -1)  # (n, rows * w)
 
 
+def write_outputs(args, pipe, out: Path, result, classes, n: int, original, stats: dict, device, elapsed) -> None:
+    """The output folder, written atomically: the grid, one PNG per image, the completion strip, samples.json."""
+    images = result.images  # (n, C, H, W) in [0, 1]
+    tmp = atomic_dir(out)
+    names = pipe.class_names
+    per_row = args.per_class if args.per_class is not None else min(n, 10)
+    grid = make_grid(images, nrow=per_row, padding=2)
+    if args.per_class is not None:  # one row per class: name each row in a margin on the left
+        grid = labelled_rows(grid, [str(c) for c in (names or range(pipe.layout.num_classes))])
+    save_image(grid, tmp / "grid.png")
+    files = []
+    for i, img in enumerate(images):
+        name = f"{i:05d}.png"
+        if classes is not None:
+            label = names[classes[i]] if names else int(classes[i])
+            name = f"{i:05d}_class{safe_name(label)}.png"
+        save_image(img, tmp / name)
+        files.append(name)
+    if original is not None:
+        recon = pipe(classes=None, num_images=1, temperature=0, prefix_codes=original.reshape(1, -1), output_type="pt")
+        side = torch.cat([recon.images, images])  # the image's own reconstruction, then the completions
+        save_image(make_grid(side, nrow=len(side), padding=2), tmp / "completion.png")
+    write_json(
+        tmp / "samples.json",
+        {
+            "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite_output_dir")},
+            # What sampled: the flags given, the prior's recommended settings (generation_config) for the rest.
+            "sampling": stats["settings"],
+            "sampling_from_generation_config": [k for k in stats["settings"] if getattr(args, k) is None],
+            "decoding": stats["decoding"],
+            "jacobi_window": stats["window"],
+            # What a seed reproduces: other decodings, windows or batch sizes draw other images (same distribution).
+            "same_images_with": "the same seed, decoding, jacobi_window, batch_size and device",
+            "model_forwards": stats["forwards"],
+            "seed": args.seed,
+            "num_images": n,
+            "classes": classes.tolist() if classes is not None else None,
+            "class_names": names,
+            "files": files,
+            "vqvae_fingerprint": pipe.vqvae_fingerprint,
+            "prior_fingerprint": state_fingerprint(pipe.prior),
+            "device": str(device),
+            "seconds": elapsed,
+            "images_per_s": n / elapsed,
+        },
+    )
+    commit_dir(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=None, help="pipeline folder or Hub repo id (vqvae/, prior/)")
@@ -152,54 +201,10 @@ def main(argv: list[str] | None = None) -> Path:
             decoding=args.decoding,
             progress=bar.update,
         )
-    images = result.images  # (n, C, H, W) in [0, 1]
     elapsed = time.perf_counter() - t0
     stats = dict(pipe.last_stats)  # this call's (--complete's reconstruction below is a call of its own)
 
-    tmp = atomic_dir(out)
-    names = pipe.class_names
-    per_row = args.per_class if args.per_class is not None else min(n, 10)
-    grid = make_grid(images, nrow=per_row, padding=2)
-    if args.per_class is not None:  # one row per class: name each row in a margin on the left
-        grid = labelled_rows(grid, [str(c) for c in (names or range(pipe.layout.num_classes))])
-    save_image(grid, tmp / "grid.png")
-    files = []
-    for i, img in enumerate(images):
-        name = f"{i:05d}.png"
-        if classes is not None:
-            label = names[classes[i]] if names else int(classes[i])
-            name = f"{i:05d}_class{safe_name(label)}.png"
-        save_image(img, tmp / name)
-        files.append(name)
-    if original is not None:
-        recon = pipe(classes=None, num_images=1, temperature=0, prefix_codes=original.reshape(1, -1), output_type="pt")
-        side = torch.cat([recon.images, images])  # the image's own reconstruction, then the completions
-        save_image(make_grid(side, nrow=len(side), padding=2), tmp / "completion.png")
-    write_json(
-        tmp / "samples.json",
-        {
-            "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite_output_dir")},
-            # What sampled: the flags given, the prior's recommended settings (generation_config) for the rest.
-            "sampling": stats["settings"],
-            "sampling_from_generation_config": [k for k in stats["settings"] if getattr(args, k) is None],
-            "decoding": stats["decoding"],
-            "jacobi_window": stats["window"],
-            # What a seed reproduces: other decodings, windows or batch sizes draw other images (same distribution).
-            "same_images_with": "the same seed, decoding, jacobi_window, batch_size and device",
-            "model_forwards": stats["forwards"],
-            "seed": args.seed,
-            "num_images": n,
-            "classes": classes.tolist() if classes is not None else None,
-            "class_names": names,
-            "files": files,
-            "vqvae_fingerprint": pipe.vqvae_fingerprint,
-            "prior_fingerprint": state_fingerprint(pipe.prior),
-            "device": str(device),
-            "seconds": elapsed,
-            "images_per_s": n / elapsed,
-        },
-    )
-    commit_dir(tmp, out)
+    write_outputs(args, pipe, out, result, classes, n, original, stats, device, elapsed)
     print(f"wrote {n} images to {out} ({n / elapsed:.1f} images/s)")
     return out
 

@@ -190,13 +190,7 @@ def extract(
     if shard_rows < 1:
         raise VqgenError(f"--shard_rows must be positive, got {shard_rows}")
     cfg = model.config
-    channels, mode = (1 if data_cfg.channels == "L" else 3), ("L" if cfg.in_channels == 1 else "RGB")
-    if (data_cfg.resolution, channels) != (cfg.image_size, cfg.in_channels):
-        raise VqgenError(
-            f"the VQ-VAE takes {cfg.image_size}x{cfg.image_size} images with {cfg.in_channels} channel(s), but "
-            f"data.resolution={data_cfg.resolution} data.channels={data_cfg.channels} makes other images; drop "
-            f"those overrides or set data.resolution={cfg.image_size} data.channels={mode}"
-        )
+    check_geometry(cfg, data_cfg)
     model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
     h = w = cfg.grid_size
     dtype = np.int16 if cfg.codebook_size <= 32767 else np.int32
@@ -247,35 +241,43 @@ def extract(
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        tmp = atomic_dir(out)
-        splits = {}
-        for split, ds in dd.items():
-            files = [str(_shard_path(work, split, i)) for i in range(len(_shard_bounds(len(ds), shard_rows)))]
-            # Arrow written batch by batch from the parquet shards: memory stays flat.
-            splits[split] = datasets.Dataset.from_parquet(
-                files, features=features, cache_dir=str(work / "cache"), split=split
-            )
-        merged = datasets.DatasetDict(splits)
-        merged.save_to_disk(str(tmp / "data"))
-        CodesMeta(
-            codebook_size=cfg.codebook_size,
-            height=h,
-            width=w,
-            image_size=cfg.image_size,
-            channels=cfg.in_channels,
-            class_names=class_names,
-            splits={k: len(v) for k, v in merged.items()},
-            source=data_cfg.source,
-            data_config=to_dict(data_cfg),
-            vqvae_fingerprint=fingerprint,
-            vqvae_location=model_location,
-            codes_fingerprint=codes_fingerprint(merged),
-        ).save(tmp)
-        del merged, splits  # release the memory-mapped cache before the work folder goes
-        commit_dir(tmp, out)
-        shutil.rmtree(work, ignore_errors=True)
+        meta = dict(codebook_size=cfg.codebook_size, height=h, width=w, image_size=cfg.image_size,
+                    channels=cfg.in_channels, class_names=class_names, source=data_cfg.source,
+                    data_config=to_dict(data_cfg), vqvae_fingerprint=fingerprint,
+                    vqvae_location=model_location)  # fmt: skip
+        join_shards(work, out, {k: len(v) for k, v in dd.items()}, features, shard_rows, meta)
     accelerator.wait_for_everyone()
     return out
+
+
+def check_geometry(cfg, data_cfg) -> None:
+    """The images the data config makes must be the ones the VQ-VAE takes: one error naming the overrides."""
+    channels, mode = (1 if data_cfg.channels == "L" else 3), ("L" if cfg.in_channels == 1 else "RGB")
+    if (data_cfg.resolution, channels) != (cfg.image_size, cfg.in_channels):
+        raise VqgenError(
+            f"the VQ-VAE takes {cfg.image_size}x{cfg.image_size} images with {cfg.in_channels} channel(s), but "
+            f"data.resolution={data_cfg.resolution} data.channels={data_cfg.channels} makes other images; drop "
+            f"those overrides or set data.resolution={cfg.image_size} data.channels={mode}"
+        )
+
+
+def join_shards(work: Path, out: Path, lengths: dict, features, shard_rows: int, meta: dict) -> None:
+    """On the main process, once every shard is complete: the splits joined in source order into `out` (a temp
+    folder renamed into place) with their CodesMeta, then the work folder removed."""
+    tmp = atomic_dir(out)
+    splits = {}
+    for split, n in lengths.items():
+        files = [str(_shard_path(work, split, i)) for i in range(len(_shard_bounds(n, shard_rows)))]
+        # Arrow written batch by batch from the parquet shards: memory stays flat.
+        splits[split] = datasets.Dataset.from_parquet(files, features=features, cache_dir=str(work / "cache"),
+                                                      split=split)  # fmt: skip
+    merged = datasets.DatasetDict(splits)
+    merged.save_to_disk(str(tmp / "data"))
+    splits_n = {k: len(v) for k, v in merged.items()}
+    CodesMeta(**meta, splits=splits_n, codes_fingerprint=codes_fingerprint(merged)).save(tmp)
+    del merged, splits  # release the memory-mapped cache before the work folder goes
+    commit_dir(tmp, out)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
