@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from safetensors.torch import load_file
+from safetensors.torch import load_model
 
 from vqgen.cli import VqgenError
 
@@ -64,16 +64,10 @@ def load_safetensors_model(model: torch.nn.Module, model_id: str, *, map_locatio
                 "because that can run arbitrary code. Convert it to model.safetensors with a trusted script"
             )
         raise VqgenError(f"{folder} has no model.safetensors; is this a vqgen model folder?")
-    state = load_file(str(weights), device=str(map_location))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
+    try:  # strict: a missing, unexpected or misshapen tensor is an error, never a silent partial load
+        load_model(model, str(weights), strict=True, device=str(map_location))
+    except RuntimeError as e:
         raise VqgenError(f"{weights} does not match the model built from its config.json: {str(e)[:300]}") from None
-    if missing or unexpected:
-        raise VqgenError(
-            f"{weights} does not match the model built from its config.json: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
     model.eval()
     return model
 
