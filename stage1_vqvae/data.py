@@ -46,7 +46,7 @@ from stage1_vqvae.sources import (
     load_stream_source,
 )
 from vqgen.cli import VqgenError
-from vqgen.config import from_dict, parse_overrides
+from vqgen.config import from_dict, option, parse_overrides
 from vqgen.streaming import StreamBatches
 
 logger = logging.getLogger(__name__)
@@ -54,26 +54,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"  # "mnist" (built in, offline), a Hub dataset id, or a local folder
-    image_column: str | None = None  # default: the first column of feature type Image
-    label_column: str | None = None  # default: the first ClassLabel column; "none" to ignore labels
-    resolution: int = 28  # square side fed to the model
+    source: str = option("mnist", '"mnist" (built in, offline), a Hub dataset id, or a local folder')
+    image_column: str | None = option(None, "default: the first column of feature type Image")
+    label_column: str | None = option(None, 'default: the first ClassLabel column; "none" to ignore labels')
+    resolution: int = option(28, "square side fed to the model")
     channels: Literal["L", "RGB"] = "L"
-    resize_mode: Literal["crop", "pad", "stretch"] = "crop"  # crop: centre crop; pad: letterbox onto black
+    resize_mode: Literal["crop", "pad", "stretch"] = option("crop", "crop: centre crop; pad: letterbox onto black")
     train_split: str = "train"
-    validation_split: str = "validation"  # carved from train when the source has none (see holdout_place)
-    test_split: str = "test"  # carved from train when the source has none (see holdout_place)
-    validation_fraction: float = 0.05  # of train, when validation is carved (each image by a hash of its bytes)
-    test_fraction: float = 0.05  # of train, when test is carved (each image by a hash of its bytes)
-    max_samples: int | None = None  # cap on every split (quick runs and tests)
-    cache_dir: str | None = None  # where the built-in MNIST is converted; default ~/.cache/vqgen
-    cache_max_gb: float = 0.25  # decoded splits held in memory while they fit this (GiB, all splits together)
-    streaming: bool = False  # read the source as a datasets stream (Hub id, parquet/image/.tar folder)
-    shuffle_buffer: int = 10000  # streaming: rows in the shuffle buffer (shards are shuffled too)
-    streaming_holdout: int = 1000  # streaming: rows of the validation split held in memory to validate on
-    augment: Literal["none", "random_crop", "random_resized_crop"] = "none"  # train split only
-    crop_min_scale: float = 0.5  # random_resized_crop: smallest fraction of the image area kept
-    hflip: bool = False  # train split only: mirror half the images
+    validation_split: str = option("validation", "carved from train when the source has none (see holdout_place)")
+    test_split: str = option("test", "carved from train when the source has none (see holdout_place)")
+    validation_fraction: float = option(0.05, "of train, when validation is carved (each image by a hash of its bytes)")
+    test_fraction: float = option(0.05, "of train, when test is carved (each image by a hash of its bytes)")
+    max_samples: int | None = option(None, "cap on every split (quick runs and tests)")
+    cache_dir: str | None = option(None, "where the built-in MNIST is converted; default ~/.cache/vqgen")
+    cache_max_gb: float = option(0.25, "decoded splits held in memory while they fit this (GiB, all splits together)")
+    streaming: bool = option(False, "read the source as a datasets stream (Hub id, parquet/image/.tar folder)")
+    shuffle_buffer: int = option(10000, "streaming: rows in the shuffle buffer (shards are shuffled too)")
+    streaming_holdout: int = option(1000, "streaming: rows of the validation split held in memory to validate on")
+    augment: Literal["none", "random_crop", "random_resized_crop"] = option("none", "train split only")
+    crop_min_scale: float = option(0.5, "random_resized_crop: smallest fraction of the image area kept")
+    hflip: bool = option(False, "train split only: mirror half the images")
 
     def __post_init__(self):
         if self.resolution < 1:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqgen.cli import VqgenError
+from vqgen.config import option
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights, as torch.hub caches them
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -38,15 +39,17 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 @dataclass
 class LossConfig:
-    perceptual_weight: float = 0.0  # p; 0: off (the paper). LlamaGen and VQGAN use 1.0
-    perceptual_weights: str | None = None  # VGG16 weights file (.pth or .safetensors); null: the torch hub cache
-    lpips_weights: str | None = None  # optional LPIPS linear layers (the lpips package's weights/v0.1/vgg.pth)
-    adversarial_weight: float = 0.0  # a; 0: off (the paper). VQGAN: 0.8, LlamaGen: 0.5
-    disc_start: int = 0  # optimizer step at which the discriminator and the adversarial term start
-    disc_layers: int = 3  # PatchGAN depth: stride-2 4x4 convs after the first (pix2pix's n_layers)
-    disc_channels: int = 64  # width of the first discriminator conv (doubled per layer, up to 8x)
-    disc_learning_rate: float | None = None  # null: train.learning_rate
-    adaptive_weight: bool = True  # VQGAN's lambda balancing the adversarial gradient against the reconstruction's
+    perceptual_weight: float = option(0.0, "p; 0: off (the paper). LlamaGen and VQGAN use 1.0")
+    perceptual_weights: str | None = option(None, "VGG16 weights (.pth or .safetensors); null: the torch hub cache")
+    lpips_weights: str | None = option(None, "optional LPIPS linear layers (the lpips package's weights/v0.1/vgg.pth)")
+    adversarial_weight: float = option(0.0, "a; 0: off (the paper). VQGAN: 0.8, LlamaGen: 0.5")
+    disc_start: int = option(0, "optimizer step at which the discriminator and the adversarial term start")
+    disc_layers: int = option(3, "PatchGAN depth: stride-2 4x4 convs after the first (pix2pix's n_layers)")
+    disc_channels: int = option(64, "width of the first discriminator conv (doubled per layer, up to 8x)")
+    disc_learning_rate: float | None = option(None, "null: train.learning_rate")
+    adaptive_weight: bool = option(
+        True, "VQGAN's lambda: the adversarial gradient balanced against the reconstruction's"
+    )
 
     def __post_init__(self):
         for name in ("perceptual_weight", "adversarial_weight"):

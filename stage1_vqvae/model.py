@@ -38,32 +38,37 @@ from torch import nn
 
 from stage1_vqvae.quantizers import build_quantizer
 from vqgen.cli import VqgenError
+from vqgen.config import option
 from vqgen.hub import load_safetensors_model, resolve_folder
 
 
 @dataclass
 class VQVAEConfig:
-    in_channels: int = 1  # image channels (1 = L, 3 = RGB)
-    image_size: int = 28  # square input side; must be divisible by `downsample`
-    hidden_channels: int = 256  # width of every conv (paper: 256)
-    res_channels: int = 256  # hidden width inside a residual block (paper: 256)
-    num_res_blocks: int = 2  # residual blocks in encoder and decoder each (paper: 2)
-    downsample: int = 4  # total spatial reduction, a power of two: one 4x4 stride-2 conv per factor 2
-    codebook_size: int = 512  # K
-    codebook_dim: int = 64  # D
-    commitment_weight: float = 0.25  # beta, on ||z_e - sg[e]||^2 (never on the codebook term)
-    decay: float | None = 0.99  # EMA decay gamma; None learns the codebook by the codebook loss term
-    epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes
-    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
+    in_channels: int = option(1, "image channels (1 = L, 3 = RGB)")
+    image_size: int = option(28, "square input side; must be divisible by `downsample`")
+    hidden_channels: int = option(256, "width of every conv (paper: 256)")
+    res_channels: int = option(256, "hidden width inside a residual block (paper: 256)")
+    num_res_blocks: int = option(2, "residual blocks in encoder and decoder each (paper: 2)")
+    downsample: int = option(4, "total spatial reduction, a power of two: one 4x4 stride-2 conv per factor 2")
+    codebook_size: int = option(512, "K")
+    codebook_dim: int = option(64, "D")
+    commitment_weight: float = option(0.25, "beta, on ||z_e - sg[e]||^2 (never on the codebook term)")
+    decay: float | None = option(0.99, "EMA decay gamma; None learns the codebook by the codebook loss term")
+    epsilon: float = option(1e-5, "Laplace smoothing of EMA cluster sizes")
+    kmeans_init: bool = option(False, "initialise the codebook by k-means on the first training batch")
     kmeans_iters: int = 10
-    dead_code_window: int = 0  # restart codes unused for this many training forward passes (micro-batches; 0: never)
+    dead_code_window: int = option(
+        0, "restart codes unused for this many training forward passes (micro-batches); 0: never"
+    )
     # Options beyond the paper (its VQ above is the default and unchanged):
-    quantizer: Literal["vq", "fsq"] = "vq"  # fsq: finite scalar quantization (Mentzer et al. 2023), no codebook
-    fsq_levels: list[int] | None = None  # fsq: levels per dimension, e.g. [8, 5, 5, 5]; K is their product
-    lookup_dim: int | None = None  # look codes up in this many dimensions (projected down and back up)
-    l2_normalize: bool = False  # cosine-similarity lookup: l2-normalised inputs and codes (ViT-VQGAN)
-    straight_through: Literal["ste", "rotation"] = "ste"  # rotation: the rotation trick (Fifty et al. 2024)
-    codebook_transform: Literal["none", "linear"] = "none"  # linear: SimVQ, a frozen codebook under a learned map
+    quantizer: Literal["vq", "fsq"] = option("vq", "fsq: finite scalar quantization (Mentzer et al. 2023), no codebook")
+    fsq_levels: list[int] | None = option(None, "fsq: levels per dimension, e.g. [8, 5, 5, 5]; K is their product")
+    lookup_dim: int | None = option(None, "look codes up in this many dimensions (projected down and back up)")
+    l2_normalize: bool = option(False, "cosine-similarity lookup: l2-normalised inputs and codes (ViT-VQGAN)")
+    straight_through: Literal["ste", "rotation"] = option("ste", "rotation: the rotation trick (Fifty et al. 2024)")
+    codebook_transform: Literal["none", "linear"] = option(
+        "none", "linear: SimVQ, a frozen codebook under a learned linear map"
+    )
 
     def __post_init__(self):
         if self.codebook_size < 2:

@@ -32,7 +32,7 @@ from stage1_vqvae.evaluate import evaluate_model
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
 from stage1_vqvae.model import VQVAE, VQVAEConfig
 from vqgen.cli import run_cli
-from vqgen.config import to_dict
+from vqgen.config import option, to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, release_freed_memory, write_json
 from vqgen.hub import hub_id, upload_folder
 from vqgen.images import save_image_grid
@@ -61,13 +61,13 @@ TRIM_INTERVAL_S = 2.0  # decoding on the fly: hand freed heap back to the OS at 
 @dataclass
 class TrainConfig(BaseTrainConfig):
     output_dir: str = "runs/stage1"
-    batch_size: int = 128  # global batch of one optimizer step (paper: 128)
+    batch_size: int = option(128, "global batch of one optimizer step (paper: 128)")
     max_steps: int = 10000
-    learning_rate: float = 2e-4  # paper: Adam 2e-4
-    min_lr_ratio: float = 1.0  # cosine floor as a fraction of learning_rate; 1.0 = constant (the paper)
-    eval_every: int = 1000  # 0 disables periodic validation
-    checkpoint_every: int = 1000  # 0 disables checkpoints
-    channels_last: bool = True  # NHWC convolutions: ~1.4x faster on CPU
+    learning_rate: float = option(2e-4, "paper: Adam 2e-4")
+    min_lr_ratio: float = option(1.0, "cosine floor as a fraction of learning_rate; 1.0 = constant (the paper)")
+    eval_every: int = option(1000, "0 disables periodic validation")
+    checkpoint_every: int = option(1000, "0 disables checkpoints")
+    channels_last: bool = option(True, "NHWC convolutions: ~1.4x faster on CPU")
 
 
 @dataclass

@@ -10,18 +10,19 @@ import torch
 from stage2_prior.model import TokenLayout, grid_to_input_ids
 from vqgen.cli import VqgenError
 from vqgen.codes import CodesMeta, check_codes_fingerprint, load_code_dataset
+from vqgen.config import option
 from vqgen.streaming import StreamBatches
 
 
 @dataclass
 class CodeDataConfig:
-    codes: str = "runs/mnist/codes"  # extract output folder, or a Hub dataset id
-    conditional: bool = True  # condition on the label column when the codes have one
-    max_samples: int | None = None  # cap on every split (quick runs and tests)
-    cache_max_gb: float = 1.0  # token ids held in memory while they fit (GiB); larger splits stay memory-mapped
-    streaming: bool = False  # stream the codes' parquet files (a Hub id or a local folder); nothing is downloaded
-    shuffle_buffer: int = 10000  # streaming: sequences in the shuffle buffer
-    streaming_eval_rows: int = 5000  # streaming: validation uses the first rows of its split, held in memory
+    codes: str = option("runs/mnist/codes", "extract output folder, or a Hub dataset id")
+    conditional: bool = option(True, "condition on the label column when the codes have one")
+    max_samples: int | None = option(None, "cap on every split (quick runs and tests)")
+    cache_max_gb: float = option(1.0, "token ids held in memory while they fit (GiB); larger splits stay memory-mapped")
+    streaming: bool = option(False, "stream the codes' parquet files (a Hub id or a folder); nothing is downloaded")
+    shuffle_buffer: int = option(10000, "streaming: sequences in the shuffle buffer")
+    streaming_eval_rows: int = option(5000, "streaming: validation uses the first rows of its split, held in memory")
 
     def __post_init__(self):
         if self.cache_max_gb < 0 or self.shuffle_buffer < 1 or self.streaming_eval_rows < 1:

@@ -34,6 +34,7 @@ from transformers import (
 
 from vqgen.cli import VqgenError
 from vqgen.codes import CodesMeta
+from vqgen.config import option
 from vqgen.hub import resolve_folder
 
 
@@ -43,8 +44,8 @@ class PriorConfig:
     n_layer: int = 8
     n_head: int = 8
     n_embd: int = 256
-    dropout: float = 0.1  # residual, embedding and attention dropout
-    class_dropout: float = 0.1  # probability that a class token is replaced by NULL during training
+    dropout: float = option(0.1, "residual, embedding and attention dropout")
+    class_dropout: float = option(0.1, "probability that a class token is replaced by NULL during training")
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd"):
@@ -61,7 +62,7 @@ class SamplingConfig:
     """The prior's recommended sampling settings, written into its generation_config; sampling uses them when
     the caller gives none. Choose them with a sweep on the validation split (stage2_prior.quality --sweep)."""
 
-    guidance_scale: float = 1.0  # classifier-free guidance (1.0: none)
+    guidance_scale: float = option(1.0, "classifier-free guidance (1.0: none)")
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None

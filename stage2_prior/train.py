@@ -32,7 +32,7 @@ from stage2_prior.model import PriorConfig, SamplingConfig, TokenLayout, build_p
 from stage2_prior.sampling import sample_codes
 from vqgen.cli import VqgenError, run_cli
 from vqgen.codes import CodesMeta
-from vqgen.config import to_dict
+from vqgen.config import option, to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, write_json
 from vqgen.hub import hub_id, state_fingerprint, upload_folder
 from vqgen.images import save_image_grid
@@ -60,13 +60,13 @@ logger = logging.getLogger("stage2_prior.train")
 @dataclass
 class TrainConfig(BaseTrainConfig):
     output_dir: str = "runs/stage2"
-    batch_size: int = 64  # global sequences of one optimizer step
+    batch_size: int = option(64, "global sequences of one optimizer step")
     max_steps: int = 5000
     adam_beta2: float = 0.95
-    weight_decay: float = 0.1  # on 2-D weights only (no biases, no norms)
+    weight_decay: float = option(0.1, "on 2-D weights only (no biases, no norms)")
     warmup_steps: int = 100
     max_grad_norm: float | None = 1.0
-    sample_every_eval: bool = True  # decode a sample grid at each evaluation when the VQ-VAE is at hand
+    sample_every_eval: bool = option(True, "decode a sample grid at each evaluation when the VQ-VAE is at hand")
 
 
 @dataclass

@@ -4,7 +4,6 @@ unknown keys and wrong types are errors, and `--help` lists every key with its t
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
 import types
@@ -88,17 +87,12 @@ def type_name(tp: Any) -> str:
     return names.get(origin or tp, str(tp))
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the dataclass's source: the one place a field is documented."""
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M):
-            comments[m.group(1)] = m.group(2).strip()
-    return comments
+def option(default: Any, help: str) -> Any:
+    """A config field with its documentation: `field(default=..., metadata={"help": ...})`, the convention of
+    transformers' HfArgumentParser, which `--help` reads (a mutable default gets a factory)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def config_help(cls: type) -> str:
@@ -106,11 +100,10 @@ def config_help(cls: type) -> str:
     lines = []
     for section in dataclasses.fields(cls):
         scls = typing.get_type_hints(cls)[section.name]
-        hints, comments = typing.get_type_hints(scls), _field_comments(scls)
-        default = scls()
+        hints, default = typing.get_type_hints(scls), scls()
         for f in dataclasses.fields(scls):
             value = json.dumps(getattr(default, f.name))
-            note = f"  {comments[f.name]}" if f.name in comments else ""
+            note = f"  {f.metadata['help']}" if "help" in f.metadata else ""
             lines.append(f"  {section.name}.{f.name}={value}  ({type_name(hints[f.name])}){note}")
     return "\n".join(lines)
 

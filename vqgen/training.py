@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from vqgen.cli import VqgenError
-from vqgen.config import builtin_configs, config_help, load_config, to_dict
+from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
 from vqgen.files import write_json
 
 
@@ -37,27 +37,29 @@ def peak_accelerator_memory_gib(device: torch.device) -> float | None:
 class BaseTrainConfig:
     output_dir: str = "runs/run"
     seed: int = 0
-    batch_size: int = 64  # global batch of one optimizer step, over all processes and accumulation steps
+    batch_size: int = option(64, "global batch of one optimizer step, over all processes and accumulation steps")
     gradient_accumulation_steps: int = 1
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = option(1000, "optimizer steps")
     learning_rate: float = 1e-3
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of learning_rate; 1.0 = constant
+    min_lr_ratio: float = option(0.1, "cosine floor as a fraction of learning_rate; 1.0 = constant")
     max_grad_norm: float | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # null: what `accelerate launch` says
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = option(None, "null: what `accelerate launch` says")
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     log_every: int = 50
-    eval_every: int = 500  # 0 disables periodic validation
-    eval_max_batches: int | None = 20  # null: the whole validation split
-    checkpoint_every: int = 500  # 0 disables checkpoints
+    eval_every: int = option(500, "0 disables periodic validation")
+    eval_max_batches: int | None = option(20, "null: the whole validation split")
+    checkpoint_every: int = option(500, "0 disables checkpoints")
     checkpoints_total_limit: int = 2
-    num_workers: int | None = None  # DataLoader workers; null: 0 for data in memory, up to 4 when decoding on the fly
-    compile: bool = False  # torch.compile through Accelerate's dynamo plugin
-    push_to_hub: bool = False  # upload model/ when training ends (token from `hf auth login`)
-    hub_model_id: str | None = None  # the Hub repo for push_to_hub (owner/name)
+    num_workers: int | None = option(
+        None, "DataLoader workers; null: 0 for data in memory, up to 4 decoding on the fly"
+    )
+    compile: bool = option(False, "torch.compile through Accelerate's dynamo plugin")
+    push_to_hub: bool = option(False, "upload model/ when training ends (token from `hf auth login`)")
+    hub_model_id: str | None = option(None, "the Hub repo for push_to_hub (owner/name)")
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
@@ -204,7 +206,10 @@ STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is in
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (their state file exists), oldest first."""
+    """Complete checkpoints (their state file exists), oldest first.
+
+    Not accelerate's `load_state()` without a path: it takes the newest `checkpoint_*` folder by name, also one
+    that a kill left half-written, which the resume after a kill -9 must never pick (tested)."""
     if not Path(ckpt_root).is_dir():
         return []
     found = [(int(m.group(1)), p) for p in Path(ckpt_root).iterdir() if (m := CKPT_RE.match(p.name))]

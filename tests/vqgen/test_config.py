@@ -18,6 +18,8 @@ def test_training_help_lists_every_config_key_with_its_type_and_default(capsys):
     for line in ("train.max_steps=10000  (an integer)", "model.decay=0.99  (a number or null)"):
         assert line in text
     assert "data.channels=\"L\"  (one of ['L', 'RGB'])" in text
+    # Each key's documentation comes from its field's metadata (HfArgumentParser's convention), not its source.
+    assert "model.decay=0.99  (a number or null)  EMA decay gamma" in text
     assert "--resume_from_checkpoint" in text and "--output_dir" in text and "--push_to_hub" in text
 
 
