@@ -40,6 +40,7 @@ from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
     RunStats,
+    backward_and_step,
     build_accelerator,
     check_run,
     due,
@@ -209,14 +210,7 @@ def train_step(accelerator, model, optimizer, criterion, gan: list, x, step: int
         if criterion is not None:
             unwrapped_disc = accelerator.unwrap_model(gan[0]) if gan else None
             loss, logs = criterion.generator_loss(outputs, x, step, last_layer, unwrapped_disc)
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and tc.max_grad_norm:
-        accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-    lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = backward_and_step(accelerator, model, optimizer, loss, step, tc)
     if criterion is not None and criterion.adversarial_on(step):
         disc, disc_opt = gan
         with accelerator.autocast():

@@ -40,13 +40,13 @@ from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
     RunStats,
+    backward_and_step,
     build_accelerator,
     check_run,
     due,
     endless_batches,
     init_trackers,
     load_checkpoint,
-    lr_at,
     open_run,
     parse_train_args,
     prepare_run,
@@ -166,14 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 outputs = model(input_ids=input_ids, labels=labels_for(input_ids))
-            accelerator.backward(outputs.loss)
-            if accelerator.sync_gradients and tc.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = backward_and_step(accelerator, model, optimizer, outputs.loss, step, tc)
         stats.add(input_ids.shape[0] * layout.num_codes * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue

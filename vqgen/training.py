@@ -429,3 +429,16 @@ def open_run(accelerator, args, out: Path, cfg, resume_dir: Path | None, files: 
             write_json(out / name, obj)
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
+
+
+def backward_and_step(accelerator, model, optimizer, loss, step: int, tc: BaseTrainConfig) -> float:
+    """Inside `accumulate`: backward, clipping at sync, the LR of this optimizer step, the step. Returns the LR."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and tc.max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+    lr = lr_at(step, tc.learning_rate, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
