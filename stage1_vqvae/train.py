@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
     workers = tc.num_workers
     if workers is None:
         workers = 0 if in_memory else LazyImageSplit.default_workers(accelerator.num_processes)
-    train_dl, val_dl, position = train_loaders(
+    train_dl, val_dl, streaming = train_loaders(
         splits["train"], splits["validation"], accelerator, per_device, tc, workers
     )
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     gan = build_discriminator(cfg.loss, cfg.model.in_channels, tc.learning_rate)
     (model, optimizer, *gan), train_dl, val_dl = prepare_run(
-        accelerator, [model, optimizer, *gan], train_dl, val_dl, position is not None
+        accelerator, [model, optimizer, *gan], train_dl, val_dl, streaming
     )
     if gan:
         use_own_scaler(accelerator, gan[1])
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
     # every step). Not in memory, where the data is what sets the memory.
     last_trim = time.perf_counter() if not in_memory else None
     last_ckpt, val_metrics = resume_dir, {}
-    for batch in endless_batches(accelerator, train_dl, position, step, tc.gradient_accumulation_steps):
+    for batch in endless_batches(accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps):
         x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

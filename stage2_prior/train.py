@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
         before = CodesMeta.from_json_dict(json.loads((out / "codes_meta.json").read_text()), "codes_meta.json")
         before.check_same_vqvae(meta, f"code dataset {cfg.data.codes}")
     open_run(accelerator, args, out, cfg, resume_dir, {"codes_meta.json": dataclasses.asdict(meta)})
-    train_dl, val_dl, position = train_loaders(
+    train_dl, val_dl, streaming = train_loaders(
         splits["train"], splits["validation"], accelerator, per_device, tc, tc.num_workers or 0
     )
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
-    (model, optimizer), train_dl, val_dl = prepare_run(
-        accelerator, [model, optimizer], train_dl, val_dl, position is not None
-    )
+    (model, optimizer), train_dl, val_dl = prepare_run(accelerator, [model, optimizer], train_dl, val_dl, streaming)
     # Before the checkpoint restores the RNG: building the VQ-VAE draws from it, which after the restore would
     # shift every later draw (dropout) away from the uninterrupted run's.
     vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
     stats, guard = RunStats("tokens"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     last_ckpt, val = resume_dir, {}
     micro = step * tc.gradient_accumulation_steps
-    for batch in endless_batches(accelerator, train_dl, position, step, tc.gradient_accumulation_steps):
+    for batch in endless_batches(accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps):
         # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
         micro += 1

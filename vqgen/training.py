@@ -319,35 +319,31 @@ class NonFiniteGuard:
 
 
 def train_loaders(train, validation, accelerator, per_device: int, tc: BaseTrainConfig, workers: int):
-    """(train loader, validation loader, stream position or None): the one data path of both trainers.
+    """(train loader, validation loader, streaming): the one data path of both trainers.
 
     A map-style split gets a shuffled, seeded loader that the caller prepares; a stream (`StreamBatches`) gets its
-    own loader, not prepared (accelerate's batch dispatching would have rank 0 read for all), whose position is
-    checkpointed. Validation is map-style either way."""
+    own loader (`stream_loader`: not prepared, its position checkpointed). Validation is map-style either way."""
     from vqgen.streaming import StreamBatches, stream_loader
 
     if isinstance(train, StreamBatches):
         _, val_dl = make_loaders(None, validation, per_device, tc, workers)
-        train_dl, position = stream_loader(train, accelerator, per_device, workers)
-        return train_dl, val_dl, position
+        return stream_loader(train, accelerator, per_device, workers), val_dl, True
     train_dl, val_dl = make_loaders(train, validation, per_device, tc, workers)
     if len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(train)} rows, fewer than one batch of {per_device}")
-    return train_dl, val_dl, None
+    return train_dl, val_dl, False
 
 
-def endless_batches(accelerator, train_dl, position, step: int, accumulation: int):
+def endless_batches(accelerator, train_dl, streaming: bool, step: int, accumulation: int):
     """Training batches from optimizer step `step` on, epoch after epoch.
 
     Map-style: optimizer steps x accumulation = micro-batches consumed, and the seedable sampler makes epoch e's
     order a function of (seed, e), so skipping that many batches reproduces the uninterrupted run. The epoch is
     also set on the dataset itself (augmentation draws from it): accelerate forwards `set_epoch` to the dataset
-    only when one process runs. A stream restores its position from the checkpoint instead and never ends; each
-    batch's position is recorded as it is consumed."""
-    if position is not None:
-        for batch in train_dl:
-            position.update(batch["position"])
-            yield batch
+    only when one process runs. A stream's loader restores its position from the checkpoint instead and never
+    ends."""
+    if streaming:
+        yield from train_dl
         return
     epoch, skip = divmod(step * accumulation, len(train_dl))
     while True:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import gzip
-import json
 import pickle
 import shutil
 
@@ -24,7 +23,6 @@ from stage1_vqvae.data import (
 )
 from stage1_vqvae.sources import find_columns, holdout_place, load_mnist_pickle, load_source, mnist_pickle_path
 from vqgen.cli import VqgenError, user_message
-from vqgen.streaming import StreamPosition
 
 from helpers import (
     make_id_source,
@@ -302,20 +300,38 @@ def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers, au
         cfg.augment, cfg.hflip = "random_resized_crop", True
     stream = load_splits(cfg, splits=("train",), augment_train=augment)["train"]
     assert isinstance(stream, StreamingImages)
-    stream.configure(batch_size=3, rank=0, world=1)
-    position = StreamPosition(stream, workers)
-    it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+    from accelerate import PartialState
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from vqgen.streaming import StreamCheckpoint, stream_loader
+
+    class Run:  # what stream_loader asks of an Accelerator
+        process_index, num_processes, device = 0, 1, PartialState().device
+
+        def __init__(self):
+            self.saved = []
+
+        def register_for_checkpointing(self, obj):
+            self.saved.append(obj)
+
+    run = Run()
+    loader = stream_loader(stream, run, 3, workers)
+    assert isinstance(loader, StatefulDataLoader) and isinstance(run.saved[0], StreamCheckpoint)
+    it = iter(loader)
     for _ in range(5):
-        position.update(next(it)["position"])
+        next(it)
+    state = pickle.loads(pickle.dumps(run.saved[0].state_dict()))  # as a checkpoint saves it
     expected = [next(it)["images"] for _ in range(6)]  # crosses into the next epoch of 44 rows
     del it
-    state = json.loads(json.dumps(position.state_dict(), default=int))  # survives a round trip
-    state["workers"] = {int(k): v for k, v in state["workers"].items()}
-    again = load_splits(cfg, splits=("train",), augment_train=augment)["train"].configure(batch_size=3, rank=0, world=1)
-    StreamPosition(again, workers).load_state_dict(state)
-    it = iter(torch.utils.data.DataLoader(again, batch_size=None, num_workers=workers))
+    again = load_splits(cfg, splits=("train",), augment_train=augment)["train"]
+    run_b = Run()
+    resumed = stream_loader(again, run_b, 3, workers)
+    run_b.saved[0].load_state_dict(state)  # as load_checkpoint restores it, before the loop starts
+    it = iter(resumed)
     for want in expected:
         assert torch.equal(next(it)["images"], want)
+    with pytest.raises(VqgenError, match="checkpointed with train.num_workers"):
+        StreamCheckpoint(resumed, workers + 1).load_state_dict(state)
 
 
 def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):
