@@ -83,10 +83,11 @@ def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"),
     return CodesMeta(**{**fields, **kw})
 
 
-def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, check=None) -> None:
+def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, check=None) -> tuple[Path, Path]:
     """Run `train(args)` into out_a and out_b; make out_b look like a run that died after its earliest kept
     checkpoint (later checkpoints and the final model deleted); resume it; assert both final models are equal
-    bit for bit. `args(out)` gives the command line for an output folder; `check(out_b)` runs before the resume."""
+    bit for bit. `args(out)` gives the command line for an output folder; `check(out_b)` runs before the resume.
+    Returns both final model folders (uninterrupted, resumed)."""
 
     import torch
     from safetensors.torch import load_file
@@ -103,6 +104,7 @@ def resumed_equals_uninterrupted(train, out_a, out_b, args, later_checkpoints, c
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    return full, resumed
 
 
 def make_tar_shards(root, n_shards=3, per_shard=12, corrupt=None, size=20):

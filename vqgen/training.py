@@ -16,7 +16,8 @@ import torch
 
 from vqgen.cli import VqgenError
 from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
-from vqgen.files import write_json
+from vqgen.files import dump_yaml, write_json
+from vqgen.streaming import StreamBatches, stream_loader
 
 
 def steady_rate(t_end: float, t_warm: float | None, items: int) -> float | None:
@@ -323,8 +324,6 @@ def train_loaders(train, validation, accelerator, per_device: int, tc: BaseTrain
 
     A map-style split gets a shuffled, seeded loader that the caller prepares; a stream (`StreamBatches`) gets its
     own loader (`stream_loader`: not prepared, its position checkpointed). Validation is map-style either way."""
-    from vqgen.streaming import StreamBatches, stream_loader
-
     if isinstance(train, StreamBatches):
         _, val_dl = make_loaders(None, validation, per_device, tc, workers)
         return stream_loader(train, accelerator, per_device, workers), val_dl, True
@@ -415,8 +414,6 @@ def open_run(accelerator, args, out: Path, cfg, resume_dir: Path | None, files: 
     """Once the data has loaded (so a failed start leaves no run behind): the main process prepares the output
     folder and writes the resolved config (and `files`, name -> JSON); then every rank is seeded."""
     from accelerate.utils import set_seed
-
-    from vqgen.files import dump_yaml
 
     if accelerator.is_main_process:
         prepare_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
