@@ -17,7 +17,6 @@ error that says where to get it. The network's widths are read from the file, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +24,7 @@ from torch import nn
 
 from vqgen.cli import VqgenError
 from vqgen.config import option
-
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights, as torch.hub caches them
-VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
-# torchvision's vgg16().features: the conv layers' indices, the max-pools', and the ReLUs LPIPS taps.
-VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-VGG16_POOLS = (4, 9, 16, 23)  # (index 30, the last pool, follows the last tap and is not built)
-VGG16_TAPS = (3, 8, 15, 22, 29)
-# LPIPS's input scaling for images in [-1, 1] (its ScalingLayer).
-LPIPS_SHIFT = (-0.030, -0.088, -0.188)
-LPIPS_SCALE = (0.458, 0.448, 0.450)
+from vqgen.metrics.lpips import LPIPS, VGG16_CONVS, VGG16_POOLS, VGG16_TAPS  # noqa: F401 (the tests' layout)
 
 
 @dataclass
@@ -67,101 +57,13 @@ class LossConfig:
 # Perceptual loss
 
 
-def _load_state(path: Path, what: str) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
-    except Exception as e:  # a truncated or foreign file raises many types
-        raise VqgenError(f"{what} {path} cannot be read ({type(e).__name__}: {str(e)[:150]})") from None
+def PerceptualLoss(vgg_weights: str | None = None, lpips_weights: str | None = None) -> LPIPS:
+    """LPIPS's VGG16 distance (B,) between two image batches in [-1, 1], frozen; unit channel weights when no
+    linear layers are given (vqgen.metrics.lpips holds the network, shared with the LPIPS metric)."""
+    return LPIPS("vgg", vgg_weights, lpips_weights, lin_required=False, flags=FLAGS)
 
 
-def find_vgg16_weights(path: str | None) -> Path:
-    if path is not None:
-        found = Path(path).expanduser()
-        if not found.is_file():
-            raise VqgenError(
-                f"loss.perceptual_weights={path} does not exist. Get torchvision's VGG16 weights ({VGG16_URL}) on "
-                "a machine with internet and point loss.perceptual_weights to the file"
-            )
-        return found
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if not cached.is_file():
-        raise VqgenError(
-            f"loss.perceptual_weight > 0 needs VGG16 weights, and there are none in the torch hub cache ({cached}); "
-            f"vqgen downloads nothing. Fetch {VGG16_URL} into that folder, or set loss.perceptual_weights=FILE"
-        )
-    return cached
-
-
-class PerceptualLoss(nn.Module):
-    """LPIPS's VGG16 distance between two image batches in [-1, 1]: (B,) per-image distances. Frozen."""
-
-    def __init__(self, vgg_weights: str | None = None, lpips_weights: str | None = None):
-        super().__init__()
-        path = find_vgg16_weights(vgg_weights)
-        state = _load_state(path, "VGG16 weights file")
-        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-        layers: list[nn.Module] = []
-        for i in range(VGG16_TAPS[-1] + 1):
-            if i in VGG16_CONVS:
-                key = f"{i}.weight"
-                if key not in state or state[key].ndim != 4:
-                    raise VqgenError(
-                        f"{path} is not torchvision VGG16 weights (no conv tensor features.{key}); use {VGG16_URL}"
-                    )
-                out_ch, in_ch = state[key].shape[:2]
-                layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=1))
-            elif i in VGG16_POOLS:
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers.append(nn.ReLU())
-        self.features = nn.Sequential(*layers)
-        own = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= VGG16_TAPS[-1]}
-        self.features.load_state_dict(own)
-        widths = [self.features[i - 1].out_channels for i in VGG16_TAPS]
-        self.lin = None
-        if lpips_weights is not None:
-            lin = _load_state(Path(lpips_weights), "LPIPS weights file")
-            try:
-                self.lin = nn.ParameterList(
-                    [nn.Parameter(lin[f"lin{j}.model.1.weight"].reshape(1, w, 1, 1)) for j, w in enumerate(widths)]
-                )  # (1, C, 1, 1) per tap
-            except (KeyError, RuntimeError) as e:
-                raise VqgenError(
-                    f"{lpips_weights} does not hold LPIPS VGG linear layers matching {path} ({e})"
-                ) from None
-        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True):  # always frozen, always in eval mode
-        return super().train(False)
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # (B, 1, H, W) -> (B, 3, H, W): gray images as RGB
-        x = (x - self.shift) / self.scale
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in VGG16_TAPS:
-                out.append(x)
-        return out
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        total = 0
-        for j, (fa, fb) in enumerate(zip(self._taps(a.float()), self._taps(b.float()))):
-            # Unit-normalise over channels (LPIPS's normalize_tensor), then squared difference.
-            na = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            nb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            diff = (na - nb).pow(2)  # (B, C, h, w)
-            weighted = (diff * self.lin[j]).sum(1) if self.lin is not None else diff.sum(1)  # (B, h, w)
-            total = total + weighted.mean(dim=(1, 2))
-        return total  # (B,)
+FLAGS = ("loss.perceptual_weights", "loss.lpips_weights")
 
 
 # --------------------------------------------------------------------------------------------------

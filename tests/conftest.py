@@ -213,3 +213,31 @@ def stage1(tmp_path_factory, image_folder):
         model_location=str(model_dir),
     )
     return root, model_dir, codes
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random Inception-V3 in torch-fidelity's file format (its tensor names, .pth), so the equality tests run
+    offline. He-initialised convs; batch-norm statistics calibrated on 24 structured images (as a trained network's
+    are on its data), so the features vary from image to image as real Inception features do (FID ~100, KID ~0.1
+    between two image sets) rather than collapsing to a constant."""
+    from vqgen.metrics.inception import build_inception, tf1_resize
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = build_inception()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None  # a cumulative average over the calibration batch
+                m.reset_running_stats()
+        net.fc.weight.data.mul_(0.05)  # logits of a few units, as a trained classifier's (softmax stays finite)
+        rng = np.random.default_rng(0)
+        calibration = np.stack([make_digit_like(rng, c % 4, 32) for c in range(24)])  # (24, 32, 32)
+        x = torch.from_numpy(calibration)[:, None].expand(-1, 3, -1, -1).float()  # (24, 3, 32, 32)
+        with torch.no_grad():
+            net.train()((tf1_resize(x) - 128) / 128)
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
