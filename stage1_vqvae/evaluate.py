@@ -12,6 +12,11 @@ Sigma is fitted on the validation split (a grid search over NLL), never on the s
 
 MSE and PSNR are computed on images scaled to [0, 1]; PSNR is the mean of per-image PSNRs; SSIM uses an
 11x11 Gaussian window (sigma 1.5, K1=0.01, K2=0.03), averaged over channels and images.
+
+The field's tokenizer figures come too when their weight files are present (vqgen.metrics; nothing downloaded):
+rFID, the FID (torch-fidelity's Inception-V3 pool3) of the split's reconstructions, saved as uint8 images,
+against its originals, every image once; and LPIPS (v0.1, VGG backbone by default) between each image and its
+reconstruction, averaged. `--standard_metrics on` makes a missing weight file an error, `off` skips them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import LazyImageSplit, data_config_for, load_splits, to_model_input
 from stage1_vqvae.model import VQVAE
+from stage1_vqvae.sources import _cache_root
 from vqgen.cli import report_metrics, run_cli
+from vqgen.metrics import standard
+from vqgen.metrics.fidelity import ReferenceSplit
+from vqgen.metrics.scores import GaussianStats, frechet_distance
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -208,6 +217,51 @@ def full_evaluation(model, loaders: dict, split: str, accelerator=None) -> dict:
     return r
 
 
+@torch.no_grad()
+def reconstruction_fidelity(model, split, loader, accelerator, inception=None, lpips=None, cache_dir=None) -> dict:
+    """rFID and LPIPS of the reconstructions of every image of `split` (its prepared `loader`), gathered across
+    ranks (each image once). The originals' features are the split's cached reference statistics."""
+    if inception is None and lpips is None:
+        return {}
+    unwrapped = accelerator.unwrap_model(model) if accelerator else model
+    device = accelerator.device if accelerator else next(unwrapped.parameters()).device
+    was_training = unwrapped.training
+    unwrapped.eval()
+    ref = None
+    if inception is not None:
+        inception.to(device)
+        ref = ReferenceSplit.load_or_compute(split, loader, inception, accelerator, cache_dir)
+    if lpips is not None:
+        lpips.to(device).check_size(*split[0]["images"].shape[-2:])
+    pools, distances = [], []
+    for batch in loader:
+        u8 = batch["images"].to(device)
+        x = to_model_input(u8)
+        with torch.autocast(device.type, enabled=False):  # fp32, as evaluate_model scores
+            recon = unwrapped.decode_codes(unwrapped.encode(x)).float().clamp(-1, 1)  # (B, C, H, W)
+        rows = []
+        if inception is not None:  # the reconstruction as a saved image would hold it
+            rows.append(inception(((recon + 1) * 127.5).round().to(torch.uint8))["pool"])
+        if lpips is not None:
+            rows.append(lpips(x, recon))  # (B,)
+        if accelerator is not None:
+            rows = accelerator.gather_for_metrics(tuple(rows))
+        if inception is not None:
+            pools.append(rows[0].cpu())
+        if lpips is not None:
+            distances.append(rows[-1].double().cpu())
+    unwrapped.train(was_training)
+    out = {}
+    if inception is not None:
+        out["rfid"] = frechet_distance(GaussianStats.of(torch.cat(pools)), ref.stats)
+        out["rfid_num_images"] = len(ref.pool)
+        out["inception_weights_sha256"] = inception.digest
+    if lpips is not None:
+        out["lpips"] = float(torch.cat(distances).mean())
+        out["lpips_net"] = f"{lpips.net} (v0.1)"
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 
@@ -219,8 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers decoding images")
     parser.add_argument("--output_dir", default=None, help="also write metrics.json into this folder")
+    parser.add_argument("--update_card", action="store_true", help="write the figures into the model folder's card")
+    standard.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
+    metrics_cfg = standard.from_arguments(args)
     accelerator = Accelerator()  # under accelerate launch / torchrun every process scores its shard
+    # The metric networks first: a missing weight file under --standard_metrics on fails before any work.
+    inception, lpips = standard.load_inception(metrics_cfg), standard.load_lpips(metrics_cfg)
     model = VQVAE.from_pretrained(args.model).to(accelerator.device, memory_format=torch.channels_last)
     data_cfg = data_config_for(model.data_config, rest)
     with accelerator.main_process_first():
@@ -234,9 +293,28 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in splits.items()
     }
     result = full_evaluation(model, loaders, args.split, accelerator)
+    result.update(
+        reconstruction_fidelity(model, splits[args.split], loaders[args.split], accelerator, inception, lpips,
+                                _cache_root(data_cfg))
+    )  # fmt: skip
     if accelerator.is_main_process:
         report_metrics(result, args.output_dir)
+        if args.update_card:
+            update_card(args.model, data_cfg, result)
     return result
+
+
+def update_card(model: str, data_cfg, result: dict) -> None:
+    from pathlib import Path
+
+    from vqgen.cli import VqgenError
+    from vqgen.hub import add_eval_results, hub_id
+
+    readme = Path(model) / "README.md"
+    if not readme.is_file():
+        raise VqgenError(f"--update_card writes into a local model folder's README.md; {readme} does not exist")
+    dataset = "mnist" if data_cfg.source == "mnist" else (hub_id(data_cfg.source) or Path(data_cfg.source).name)
+    add_eval_results(readme, Path(model).name, "image-to-image", dataset, result["split"], result)
 
 
 def cli(argv: list[str] | None = None) -> None:

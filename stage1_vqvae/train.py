@@ -28,14 +28,17 @@ from accelerate import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from stage1_vqvae.data import DataConfig, ImageSplit, LazyImageSplit, load_splits, to_model_input
-from stage1_vqvae.evaluate import evaluate_model
+from stage1_vqvae.evaluate import evaluate_model, reconstruction_fidelity
 from stage1_vqvae.losses import LossConfig, PatchDiscriminator, VQGANLoss, check_discriminator
 from stage1_vqvae.model import VQVAE, VQVAEConfig
+from stage1_vqvae.sources import _cache_root
 from vqgen.cli import run_cli
 from vqgen.config import option, to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, release_freed_memory, write_json
-from vqgen.hub import hub_id, upload_folder
+from vqgen.hub import add_eval_results, hub_id, upload_folder
 from vqgen.images import save_image_grid
+from vqgen.metrics import standard
+from vqgen.metrics.standard import MetricsConfig
 from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
@@ -77,6 +80,7 @@ class Stage1Config:
     model: VQVAEConfig = field(default_factory=VQVAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)  # perceptual and adversarial terms; all 0: the paper
     train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # rFID/LPIPS of the final model (weights files)
 
     @staticmethod
     def derived_keys(raw: dict) -> dict:
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
     resume_dir = check_run(accelerator, args, out)
     # The perceptual network's weights are found (or missing: one error) before anything is written.
     criterion = VQGANLoss(cfg.loss, accelerator.device) if cfg.loss.enabled else None
+    fidelity_nets = load_fidelity_nets(cfg.metrics)  # rFID/LPIPS at the end: their files are found now, or not
 
     # Data. It loads before anything is written, so a failed start (a corrupt image, a missing folder, an
     # unreachable Hub) leaves no run behind and the same command works once the data is fixed.
@@ -182,6 +187,12 @@ def main(argv: list[str] | None = None) -> Path:
     summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
     summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
     summary["validation"] = val_metrics or validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
+    if any(net is not None for net in fidelity_nets):  # the field's figures of the final model, on validation
+        summary["validation"] = dict(summary["validation"])
+        summary["validation"].update(
+            reconstruction_fidelity(model, splits["validation"], val_dl, accelerator, *fidelity_nets,
+                                    _cache_root(cfg.data))
+        )  # fmt: skip
     if accelerator.is_main_process:
         repo_id = tc.hub_model_id if tc.push_to_hub else None
         save_final_model(accelerator.unwrap_model(model), out / "model", cfg, summary["validation"], out, repo_id)
@@ -294,6 +305,14 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
     return metrics
 
 
+METRICS_FLAGS = {k: f"metrics.{k}" for k in ("inception_weights", "lpips_backbone", "lpips_weights")}
+
+
+def load_fidelity_nets(cfg: MetricsConfig) -> tuple:
+    """(Inception, LPIPS) for the final model's rFID/LPIPS, each None when off or (auto) its file is missing."""
+    return standard.load_inception(cfg, METRICS_FLAGS), standard.load_lpips(cfg, METRICS_FLAGS)
+
+
 def save_final_model(
     model: VQVAE, final: Path, cfg: Stage1Config, metrics: dict, run_dir: Path, repo_id: str | None = None
 ) -> None:
@@ -311,6 +330,8 @@ def save_final_model(
     }
     model.data_config = to_dict(cfg.data)
     model.save_pretrained(tmp, model_card_kwargs=card)
+    dataset = "mnist" if cfg.data.source == "mnist" else (hub_id(cfg.data.source) or Path(cfg.data.source).name)
+    add_eval_results(tmp / "README.md", final.parent.name, "image-to-image", dataset, "validation", metrics)
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))
     commit_dir(tmp, final)
 

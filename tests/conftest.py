@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # so that tests/vqgen/ never shadows the vqgen package.
 sys.path.append(str(Path(__file__).resolve().parent))
 os.environ.setdefault("VQGEN_CACHE", str(ROOT / "runs" / ".cache"))
+# The torch hub cache is where the metric weights are looked up: an empty one keeps the tests hermetic (a machine
+# with Inception weights would otherwise score every tiny model); tests that want weights make their own.
+os.environ["TORCH_HOME"] = str(ROOT / "runs" / ".cache" / "torch-empty")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

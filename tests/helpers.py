@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -195,3 +196,18 @@ def tiny_prior(layout=LAYOUT, arch="gpt2", **meta):
 
 def weights(folder):
     return load_file(str(folder / "model.safetensors"))
+
+
+def lpips_reference(tmp_path, net: str):
+    """The lpips package with a random backbone (nothing downloaded) and its shipped v0.1 linear layers, and the
+    same weights as files for vqgen: (lpips.LPIPS, torchvision-format backbone path, linear layers path)."""
+    lpips = pytest.importorskip("lpips", reason="lpips is a test dependency ([dev])")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    backbone = {}
+    for name, tensor in ref.net.state_dict().items():  # slice{k}.{index}.weight -> features.{index}.weight
+        backbone["features." + name.split(".", 1)[1]] = tensor
+    torch.save(backbone, tmp_path / f"{net}-backbone.pth")
+    lin = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth")
+    return ref, str(tmp_path / f"{net}-backbone.pth"), lin

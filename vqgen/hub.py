@@ -106,3 +106,40 @@ def upload_folder(
             f"hf upload {repo_id} {folder} --repo-type {repo_type}"
         ) from None
     return str(getattr(info, "commit_url", info))
+
+
+# The figures a card's model-index carries (the Hub's results widget and leaderboards read them), by the key a
+# metrics dict uses: (metric type, display name).
+CARD_METRICS = {
+    "psnr": ("psnr", "PSNR (dB)"), "ssim": ("ssim", "SSIM"), "usage": ("codebook_usage", "codebook usage"),
+    "bits_per_dim": ("bits_per_dim", "bits/dim"), "rfid": ("rfid", "rFID"), "lpips": ("lpips", "LPIPS"),
+    "fid": ("fid", "FID"), "kid": ("kid", "KID"), "inception_score": ("inception_score", "Inception Score"),
+    "precision": ("precision", "precision (k=3)"), "recall": ("recall", "recall (k=3)"),
+}  # fmt: skip
+
+
+def add_eval_results(readme: Path, model_name: str, task: str, dataset: str, split: str, metrics: dict) -> None:
+    """Write `metrics` (the CARD_METRICS among them) into the card's model-index for (task, dataset, split),
+    replacing earlier results for the same dataset and split and keeping the others."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    card = ModelCard.load(readme)
+    kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.dataset_split) != (dataset, split)]
+    new = [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=kind,
+            metric_name=name,
+            metric_value=round(float(metrics[key]), 6),
+        )  # fmt: skip
+        for key, (kind, name) in CARD_METRICS.items()
+        if isinstance(metrics.get(key), (int, float))
+    ]
+    if not new:
+        return
+    card.data.model_name = card.data.model_name or model_name
+    card.data.eval_results = kept + new
+    card.save(readme)

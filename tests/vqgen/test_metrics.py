@@ -16,6 +16,8 @@ from vqgen.metrics.inception import InceptionFeatures, tf1_resize
 from vqgen.metrics.lpips import LPIPS
 from vqgen.metrics.weights import INCEPTION, cache_path
 
+from helpers import lpips_reference
+
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
 
@@ -132,23 +134,9 @@ def test_too_few_images_for_a_metric_is_one_clear_error():
         scores.inception_score(torch.rand(5, 1008))
 
 
-def _lpips_files(tmp_path, net):
-    """The lpips package with a random backbone (nothing downloaded) and its shipped v0.1 linear layers; the same
-    weights written as torchvision's and the package's files for vqgen."""
-    lpips = pytest.importorskip("lpips", reason="lpips is a test dependency ([dev])")
-    torch.manual_seed(0)
-    ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-    backbone = {}
-    for name, tensor in ref.net.state_dict().items():  # slice{k}.{index}.weight -> features.{index}.weight
-        backbone["features." + name.split(".", 1)[1]] = tensor
-    torch.save(backbone, tmp_path / f"{net}-backbone.pth")
-    lin = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth")
-    return ref, str(tmp_path / f"{net}-backbone.pth"), lin
-
-
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_equals_the_lpips_package(tmp_path, net):
-    ref, backbone, lin = _lpips_files(tmp_path, net)
+    ref, backbone, lin = lpips_reference(tmp_path, net)
     ours = LPIPS(net, backbone, lin)
     for size, channels in ((32, 3), (64, 1)):
         a = image_set(3, size, channels, 0.2, 0).float() / 127.5 - 1

@@ -27,14 +27,13 @@ from safetensors.torch import load_file, save_file
 from vqgen.cli import VqgenError
 from vqgen.metrics import scores
 from vqgen.metrics.inception import InceptionFeatures
-from vqgen.metrics.weights import file_digest
 
 logger = logging.getLogger(__name__)
 KEYS = ("pool", "logits_unbiased")
 
 
 def extractor_id(extractor: InceptionFeatures) -> str:
-    return "inception-" + file_digest(extractor.weights_path)[:16]
+    return "inception-" + extractor.digest[:16]
 
 
 @torch.no_grad()
@@ -153,23 +152,34 @@ def check_like(samples_shape: tuple, ref_shape: tuple) -> None:
         )  # fmt: skip
 
 
-def draw_like(labels: torch.Tensor, asked: torch.Tensor | None, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of n random rows of `labels`, with the class counts of `asked` (N,) when given."""
-    if asked is None:
-        if len(labels) < n:
-            raise VqgenError(f"{n} real images are needed for a size-matched reference, the split holds {len(labels)}")
-        return torch.randperm(len(labels), generator=generator)[:n]
-    if (labels < 0).any():
+def draw_like(
+    labels: torch.Tensor, asked: torch.Tensor | None, n: int, generator: torch.Generator, fit: bool = False
+) -> torch.Tensor:
+    """Indices of n random rows of `labels`, with the class counts of `asked` (N,) when given. `fit` scales the
+    counts down evenly when a class has too few rows (the precision/recall subset of a small split) instead of
+    raising."""
+    if asked is not None and (labels < 0).any():
         raise VqgenError(
             "the samples are class-conditional but the reference split has no labels; score them against a "
             "labelled split, or unconditionally (--unconditional)"
         )
-    picks = []
-    for c, k in enumerate(torch.bincount(asked).tolist()):
-        rows = (labels == c).nonzero().flatten()
-        if len(rows) < k:
-            raise VqgenError(f"{k} samples of class {c} asked, but the real images hold only {len(rows)} of it")
-        picks.append(rows[torch.randperm(len(rows), generator=generator)[:k]])
+    counts = torch.bincount(asked).tolist() if asked is not None else [n]
+    if asked is None:
+        pools = [torch.arange(len(labels))]
+    else:
+        pools = [(labels == c).nonzero().flatten() for c in range(len(counts))]
+    scale = min([1.0] + [len(p) / k for p, k in zip(pools, counts) if k > 0])
+    if scale < 1 and not fit:
+        short = next(c for c, (p, k) in enumerate(zip(pools, counts)) if len(p) < k)
+        what = f"of class {short} " if asked is not None else ""
+        raise VqgenError(
+            f"{counts[short]} real images {what}are needed for a size-matched reference, the split holds "
+            f"{len(pools[short])}; lower the number of samples"
+        )
+    if scale < 1:
+        m = sum(int(k * scale) for k in counts)
+        logger.info("precision/recall compare with %d real images (the split holds too few for %d)", m, n)
+    picks = [p[torch.randperm(len(p), generator=generator)[: int(k * scale)]] for p, k in zip(pools, counts) if k > 0]
     return torch.cat(picks)
 
 
@@ -197,13 +207,13 @@ def score_samples(
     """Every figure of sample features {"pool", "logits_unbiased"} against `ref`, with real references.
 
     FID and KID compare with the whole split; precision and recall with a random subset of it of the samples'
-    size and class counts (k-NN radii depend on the set size). `real_pool(draw_index) -> {"pool", "logits"}`
+    size and class counts (k-NN radii depend on the set size). `real_pool(draw_index) -> (pool, logits)`
     gives the features of a set of real images drawn like the samples (None: no reference)."""
     n = len(samples["pool"])
     kid = min(scores.KID_SUBSET_SIZE, n, len(ref.pool)) if kid_subset_size is None else kid_subset_size
     if kid < scores.KID_SUBSET_SIZE and kid_subset_size is None:
         logger.warning("KID with subsets of %d images (torch-fidelity's default is 1000): %d samples", kid, n)
-    pr_real = ref.pool[draw_like(ref.labels, asked, n, torch.Generator().manual_seed(1))]
+    pr_real = ref.pool[draw_like(ref.labels, asked, n, torch.Generator().manual_seed(1), fit=True)]
     out = {"num_samples": n, "num_reference": len(ref.pool), "kid_subset_size": kid}
     out.update(sample_metrics(samples["pool"], samples["logits_unbiased"], ref, pr_real, kid))
     if real_pool is not None and draws > 0:

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import inception as tv
 
 from vqgen.cli import VqgenError
-from vqgen.metrics.weights import INCEPTION, load_state, require_weights
+from vqgen.metrics.weights import INCEPTION, file_digest, load_state, require_weights
 
 SIZE = 299
 
@@ -101,6 +101,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         path = require_weights(INCEPTION, None if weights is None else str(weights), flag)
         self.weights_path = path
+        self.digest = file_digest(path)  # the extractor's identity in cache keys and reports
         self.net = build_inception()
         state = load_state(path, "Inception weights file")
         try:

@@ -118,6 +118,17 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True):  # always frozen, always in eval mode
         return super().train(False)
 
+    def check_size(self, height: int, width: int) -> None:
+        """One clear error when images are too small for the backbone's pools (AlexNet needs about 32 px)."""
+        try:
+            with torch.no_grad():
+                self._taps(torch.zeros(1, 3, height, width, device=self.shift.device))
+        except RuntimeError:
+            raise VqgenError(
+                f"LPIPS-{self.net} cannot score {height}x{width} images: its pooling needs larger ones; use the VGG "
+                "backbone (lpips_net vgg, from 16 px)"
+            ) from None
+
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # (B, 1, H, W) -> (B, 3, H, W): gray images as RGB

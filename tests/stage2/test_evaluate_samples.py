@@ -1,0 +1,128 @@
+"""Sample metrics of any pipeline or folder: the figures equal torch-fidelity's on the same images, the real
+reference is drawn like the samples, two processes draw and score the same samples as one, bad input is one
+error before any work."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stage1_vqvae.data import DataConfig, ImageSplit
+from stage1_vqvae.model import VQVAE
+from stage1_vqvae.sources import load_source
+from stage2_prior.evaluate_samples import main as evaluate_samples
+from stage2_prior.model import load_prior
+from stage2_prior.pipeline import VQGenPipeline
+from vqgen.cli import VqgenError
+from vqgen.metrics.fidelity import draw_like
+
+from helpers import run_two_processes, train2
+
+torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images.expand(-1, 3, -1, -1).contiguous()  # gray as RGB, as torch-fidelity reads it
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def write_folder(folder, images):
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img[0].numpy(), mode="L").save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(stage1, tmp_path_factory):
+    _, vqvae_dir, codes = stage1
+    root = tmp_path_factory.mktemp("samples-pipe")
+    prior = train2(root / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
+    return VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior)).save_pretrained(root / "pipe")
+
+
+def test_a_folder_is_scored_exactly_as_torch_fidelity_scores_it(image_folder, inception_weights, tmp_path):
+    rng = np.random.default_rng(0)
+    fake = torch.from_numpy(rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8))  # noise: far from the data
+    folder = write_folder(tmp_path / "samples", fake)
+    args = ["--samples", str(folder), f"data.source={image_folder}", "data.resolution=16", "data.channels=L",
+            "--inception_weights", str(inception_weights), "--kid_subset_size", "8", "--reference_draws", "2",
+            f"data.cache_dir={tmp_path / 'cache'}", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    got = evaluate_samples(args)
+    cfg = DataConfig(source=str(image_folder), resolution=16, channels="L")
+    real = ImageSplit(load_source(cfg)["test"], cfg).images  # (8, 1, 16, 16): the whole scored split
+    want = torch_fidelity.calculate_metrics(
+        input1=Images(fake), input2=Images(real), cuda=False, fid=True, kid=True, isc=True, prc=True,
+        kid_subset_size=8, feature_extractor="inception-v3-compat", save_cpu_ram=True, verbose=False,
+        feature_extractor_weights_path=str(inception_weights),
+    )  # fmt: skip
+    pairs = {"fid": "frechet_inception_distance", "kid": "kernel_inception_distance_mean",
+             "inception_score": "inception_score_mean", "precision": "precision", "recall": "recall"}  # fmt: skip
+    for ours, theirs in pairs.items():  # (precision/recall: the split has 8 < 12 images, so all of them)
+        assert got[ours] == pytest.approx(want[theirs], rel=1e-4, abs=1e-9), ours
+    # The real reference: 2 sets of 12 training images, scored the same way, far better than noise.
+    assert got["fid_real_reference"]["draws"] == 2 and got["fid_real_reference"]["mean"] < got["fid"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["fid"] == got["fid"]
+    assert got["class_conditional"] is False and got["num_samples"] == 12
+
+
+def test_reference_draws_take_the_samples_class_counts_and_refuse_what_the_split_cannot_give():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3)
+    asked = torch.tensor([0, 0, 0, 1, 1, 2])
+    picks = draw_like(labels, asked, 6, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[picks], minlength=3).tolist() == [3, 2, 1] and len(set(picks.tolist())) == 6
+    many = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    with pytest.raises(VqgenError, match="4 real images of class 2 are needed.*holds 3"):
+        draw_like(labels, many, 12, torch.Generator().manual_seed(0))
+    fitted = draw_like(labels, many, 12, torch.Generator().manual_seed(0), fit=True)  # scaled to 3 per class
+    assert torch.bincount(labels[fitted]).tolist() == [3, 3, 3]
+    with pytest.raises(VqgenError, match="no labels"):
+        draw_like(torch.full((9,), -1), asked, 6, torch.Generator())
+
+
+@pytest.mark.slow
+def test_two_processes_draw_and_score_the_same_samples_as_one(pipeline_dir, inception_weights, tmp_path):
+    args = ["--pipeline", str(pipeline_dir), "--num_samples", "12", "--batch_size", "4", "--kid_subset_size", "6",
+            "--inception_weights", str(inception_weights), "--reference_draws", "1"]  # fmt: skip
+    one = evaluate_samples([*args, "--output_dir", str(tmp_path / "one"), "--update_card"])
+    proc = run_two_processes("stage2_prior.evaluate_samples", *args, "--output_dir", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one["class_conditional"] is True and one["num_samples"] == two["num_samples"] == 12
+    for key in ("fid", "kid", "inception_score", "precision", "recall"):
+        # The same images; features differ in the last bits with the thread count (1 per process here), which
+        # KID's float32 difference of kernel sums (torch-fidelity's arithmetic) shows at 1e-5.
+        rel = 1e-4 if key == "kid" else 1e-6
+        assert two[key] == pytest.approx(one[key], rel=rel), key
+        assert two[f"{key}_real_reference"]["mean"] == pytest.approx(one[f"{key}_real_reference"]["mean"], rel=rel)
+    from huggingface_hub import ModelCard
+
+    results = {r.metric_type: r.metric_value for r in ModelCard.load(pipeline_dir / "README.md").data.eval_results}
+    assert results["fid"] == pytest.approx(one["fid"], rel=1e-5)
+
+
+def test_bad_input_is_one_error_before_any_sample_is_drawn(pipeline_dir, inception_weights, tmp_path, monkeypatch):
+    w = ["--inception_weights", str(inception_weights)]
+    with pytest.raises(VqgenError, match="at least 10"):
+        evaluate_samples(["--pipeline", str(pipeline_dir), "--num_samples", "4", *w])
+    with pytest.raises(VqgenError, match="not a multiple of the 2 classes; use 10"):
+        evaluate_samples(["--pipeline", str(pipeline_dir), "--num_samples", "11", *w])
+    with pytest.raises(VqgenError, match="--kid_subset_size 50 is more than the 12 samples"):
+        evaluate_samples(["--pipeline", str(pipeline_dir), "--num_samples", "12", "--kid_subset_size", "50", *w])
+    with pytest.raises(VqgenError, match=r"weights-inception-2015-12-05-6726825d\.pth.*downloads nothing"):
+        evaluate_samples(["--pipeline", str(pipeline_dir), "--num_samples", "12", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(VqgenError, match="x.png is not a readable image"):
+        evaluate_samples(["--samples", str(tmp_path / "bad"), *w])
+    with pytest.raises(VqgenError, match="not both"):
+        evaluate_samples(["--samples", str(tmp_path), "--pipeline", str(pipeline_dir), *w])
