@@ -1,6 +1,6 @@
 """`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
 
-    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo] [--repeats 7]
+    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics] [--repeats 7]
 
 Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
 timed interleaved with each benchmark's own calls; FLOPs are counted with torch.utils.flop_counter. Prints a
@@ -460,7 +460,9 @@ def bench_jacobi(repeats: int, pipeline: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo")
+    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics")
+    parser.add_argument("--metrics_images", type=int, default=None,
+                        help="images per set of the metrics row (default: 10000 on a GPU, 1000 on a CPU)")  # fmt: skip
     parser.add_argument("--pipeline", default=str(ROOT / "runs" / "demo" / "pipeline"), help="a trained pipeline")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
@@ -487,6 +489,11 @@ def main(argv: list[str] | None = None) -> None:
         bench_extraction(args.repeats)
     if "demo" in which:
         bench_demo()
+    if "metrics" in which:  # vqgen.metrics against torch-fidelity on the same images (benchmarks/metrics.py)
+        from benchmarks.metrics import bench as bench_metrics
+
+        n = args.metrics_images or (10000 if torch.cuda.is_available() else 1000)
+        bench_metrics(n, 100, None, row=row)
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -86,8 +86,10 @@ def laplacian_variance(x: torch.Tensor) -> torch.Tensor:
 
 def score(model_dir: Path, data: Path) -> dict:
     from stage1_vqvae.data import DataConfig, load_splits, to_model_input
-    from stage1_vqvae.evaluate import evaluate_model
+    from stage1_vqvae.evaluate import evaluate_model, reconstruction_fidelity
     from stage1_vqvae.model import VQVAE
+    from vqgen.metrics import standard
+    from vqgen.metrics.standard import MetricsConfig
 
     model = VQVAE.from_pretrained(model_dir).eval()
     test = load_splits(DataConfig(source=str(data), resolution=64, channels="RGB"), splits=("test",))["test"]
@@ -100,6 +102,10 @@ def score(model_dir: Path, data: Path) -> dict:
             recon = model.decode_codes(model.encode(x)).clamp(-1, 1)
             ratios.append(laplacian_variance((recon + 1) / 2) / laplacian_variance((x + 1) / 2).clamp_min(1e-8))
     metrics["sharpness"] = torch.cat(ratios).median().item()
+    # The field's figures when their weight files are in the torch hub cache (else one warning, and "n/a").
+    cfg = MetricsConfig(standard="auto")
+    nets = (standard.load_inception(cfg), standard.load_lpips(cfg))
+    metrics.update(reconstruction_fidelity(model, test, loader, None, *nets))
     return metrics
 
 
@@ -122,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
             "loss.disc_layers=2",
         ],  # fmt: skip
     }
-    print("| option | test PSNR (dB) | SSIM | usage | sharpness | train s |\n|---|---|---|---|---|---|", flush=True)
+    print(
+        "| option | test PSNR (dB) | SSIM | usage | sharpness | rFID | LPIPS | train s |\n" + "|---" * 8 + "|",
+        flush=True,
+    )
     results = {}
     for name in args.only.split(","):
         extra = list(options[name])
@@ -137,13 +146,15 @@ def main(argv: list[str] | None = None) -> None:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else "failed"
-            print(f"| {name} | not run: {reason} | | | | |", flush=True)
+            print(f"| {name} | not run: {reason} | | | | | | |", flush=True)
             continue
         seconds = json.loads((out / "train_summary.json").read_text())["wall_time_s"]
         m = score(out / "model", data)
         results[name] = {**m, "train_seconds": seconds}
+        rfid, lpips = (f"{m[k]:.{d}f}" if k in m else "n/a" for k, d in (("rfid", 2), ("lpips", 4)))
         print(
-            f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['usage']:.0%} | {m['sharpness']:.2f} | {seconds:.0f} |",
+            f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['usage']:.0%} | {m['sharpness']:.2f} | {rfid} | "
+            f"{lpips} | {seconds:.0f} |",
             flush=True,
         )
     (WORK / "results.json").write_text(json.dumps(results, indent=2))

@@ -126,3 +126,26 @@ def test_bad_input_is_one_error_before_any_sample_is_drawn(pipeline_dir, incepti
         evaluate_samples(["--samples", str(tmp_path / "bad"), *w])
     with pytest.raises(VqgenError, match="not both"):
         evaluate_samples(["--samples", str(tmp_path), "--pipeline", str(pipeline_dir), *w])
+
+
+def test_images_of_another_size_or_channel_count_are_scored_with_one_warning_each(caplog):
+    from vqgen.metrics.fidelity import check_like
+
+    with caplog.at_level("WARNING"):
+        check_like((1, 16, 16), (1, 16, 16))
+        assert caplog.text == ""
+        check_like((3, 32, 32), (1, 16, 16))
+    assert "32x32 and the reference images 16x16" in caplog.text and "3 channel(s)" in caplog.text
+
+
+def test_the_demo_reports_the_standard_figures_or_the_line_that_says_what_is_missing(tmp_path, monkeypatch):
+    from stage2_prior import demo
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    missing = demo.standard_figures(tmp_path, {})
+    assert isinstance(missing, str) and "weights-inception-2015-12-05-6726825d.pth" in missing
+    assert "error: " + missing in demo.standard_table({}, missing)
+    figures = {"fid": 12.5, "fid_real_reference": {"mean": 2.0, "std": 0.5}, "kid": 0.01, "inception_score": 2.2,
+               "precision": 0.71, "recall": 0.42}  # fmt: skip
+    row = demo.standard_table({"rfid": 3.25, "lpips": 0.125}, figures).splitlines()[-1]
+    assert row == "| 3.25 | 0.1250 | 12.50 | 2.00 +- 0.50 | 0.0100 | 2.20 | 0.71 | 0.42 |"

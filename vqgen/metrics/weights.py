@@ -27,21 +27,21 @@ class WeightFile:
 
 INCEPTION = WeightFile(
     "weights-inception-2015-12-05-6726825d.pth",
-    "Inception-V3 (TF 2015-12-05, torch-fidelity's conversion; FID/KID/IS/precision-recall)",
+    "torch-fidelity's Inception-V3 of TF 2015-12-05, for FID, KID, IS and precision/recall",
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-    "about 95.6 MB (23.9M parameters)",
+    "about 95.6 MB",
     "6726825d",
 )
 VGG16 = WeightFile(
     "vgg16-397923af.pth",
-    "torchvision's ImageNet VGG16 (LPIPS-VGG backbone)",
+    "torchvision's ImageNet VGG16, the LPIPS-VGG backbone",
     "https://download.pytorch.org/models/vgg16-397923af.pth",
     "527.8 MB",
     "397923af",
 )
 ALEXNET = WeightFile(
     "alexnet-owt-7be5be79.pth",
-    "torchvision's ImageNet AlexNet (LPIPS-Alex backbone)",
+    "torchvision's ImageNet AlexNet, the LPIPS-Alex backbone",
     "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
     "233.1 MB",
     "7be5be79",
@@ -50,14 +50,14 @@ ALEXNET = WeightFile(
 LPIPS_LIN = {
     "vgg": WeightFile(
         "lpips-v0.1-vgg.pth",
-        "LPIPS v0.1 linear layers for VGG (the lpips package's weights/v0.1/vgg.pth)",
+        "LPIPS v0.1's linear layers for VGG, the lpips package's weights/v0.1/vgg.pth",
         "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
         "7,289 bytes",
         "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
     ),
     "alex": WeightFile(
         "lpips-v0.1-alex.pth",
-        "LPIPS v0.1 linear layers for AlexNet (the lpips package's weights/v0.1/alex.pth)",
+        "LPIPS v0.1's linear layers for AlexNet, the lpips package's weights/v0.1/alex.pth",
         "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
         "6,009 bytes",
         "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
@@ -70,10 +70,11 @@ def cache_path(spec: WeightFile) -> Path:
 
 
 def missing_message(spec: WeightFile, flag: str) -> str:
+    digest = spec.sha256 if len(spec.sha256) == 64 else f"begins {spec.sha256}"
     return (
-        f"{spec.name} is needed ({spec.what}) and is not in the torch hub cache ({cache_path(spec).parent}); vqgen "
-        f"downloads nothing. Fetch {spec.url} ({spec.size}, sha256 {spec.sha256}...) on a machine with internet and "
-        f"put it in that folder, or pass {flag}=FILE"
+        f"{spec.name} ({spec.what}) is needed and is not in the torch hub cache ({cache_path(spec).parent}); vqgen "
+        f"downloads nothing. Fetch {spec.url} ({spec.size}; sha256 {digest}) on a machine with internet and put it "
+        f"in that folder, or pass {flag}=FILE"
     )
 
 
