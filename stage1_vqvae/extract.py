@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from vqgen.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from vqgen.config import to_dict
 from vqgen.files import atomic_dir, commit_dir, release_freed_memory
 from vqgen.hub import hub_id, state_fingerprint, upload_folder
+from vqgen.preemption import EXIT_PREEMPTED, Stopper, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,12 @@ def _check_shard(path: Path, rows: int, features: datasets.Features) -> None:
         )
 
 
-def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows, workers):
+class _Stopped(Exception):
+    """A stop signal arrived: the shard in progress was finished and written, no other was begun."""
+
+
+def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows, workers,
+                   stopper=None):  # fmt: skip
     """Each rank encodes the shards i with i % world == rank that are not on disk yet; a shard is written to a
     temp file and renamed, so a file that exists is complete."""
     from tqdm.auto import tqdm
@@ -120,6 +127,7 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
             batch_sampler=_ShardBatches(shards, batch_size),
             num_workers=workers,
             pin_memory=accelerator.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them
         )
         batches_left = iter(loader)
         for i, lo, hi in shards:
@@ -140,6 +148,8 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
             tmp = path.with_suffix(f".tmp-{rank}")
             datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
             os.replace(tmp, path)
+            if stopper is not None and stopper.received is not None:
+                raise _Stopped(signal.Signals(stopper.received).name)
     bar.close()
 
 
@@ -226,9 +236,15 @@ def extract(
             logger.info("resuming the extraction in %s: %d complete shards kept", work, _complete_shards(work))
     accelerator.wait_for_everyone()
     try:
-        _encode_shards(
-            dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows, num_workers
-        )
+        with Stopper(["SIGTERM", "SIGUSR1"]) as stopper:  # a signal finishes the shard in progress, then stops
+            _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accelerator, batch_size, shard_rows,
+                           num_workers, stopper)  # fmt: skip
+    except _Stopped as e:
+        logger.warning(
+            "stopped by %s with %d complete shards in %s; the same command resumes from them (exit code %d)",
+            e, _complete_shards(work), work, EXIT_PREEMPTED,
+        )  # fmt: skip
+        raise SystemExit(EXIT_PREEMPTED) from None
     except BaseException as e:
         if not _complete_shards(work):
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: nothing stays behind

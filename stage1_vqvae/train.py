@@ -54,7 +54,9 @@ from vqgen.training import (
     open_run,
     parse_train_args,
     prepare_run,
+    run_stopper,
     save_checkpoint,
+    stop_run,
     train_loaders,
 )
 
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     tc, out = cfg.train, Path(cfg.train.output_dir)
     # Every rank computes the same (all-reduced) codebook, so DDP need not broadcast buffers each step.
     accelerator, per_device = build_accelerator(tc, out, [DistributedDataParallelKwargs(broadcast_buffers=False)])
+    stopper = run_stopper(tc)
     resume_dir = check_run(accelerator, args, out)
     # The perceptual network's weights are found (or missing: one error) before anything is written.
     criterion = VQGANLoss(cfg.loss, accelerator.device) if cfg.loss.enabled else None
@@ -153,33 +156,40 @@ def main(argv: list[str] | None = None) -> Path:
     # every step). Not in memory, where the data is what sets the memory.
     last_trim = time.perf_counter() if not in_memory else None
     last_ckpt, val_metrics = resume_dir, {}
-    for batch in endless_batches(accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps):
-        x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
-        if tc.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(model, *gan[:1]):
-            outputs, loss, extra_logs, lr = train_step(accelerator, model, optimizer, criterion, gan, x, step, tc,
-                                                       last_layer)  # fmt: skip
-        stats.add(x.shape[0] * accelerator.num_processes)
-        if last_trim is not None and time.perf_counter() - last_trim >= TRIM_INTERVAL_S:
-            release_freed_memory()
-            last_trim = time.perf_counter()
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        bar.update(1)
-        guard.observe(loss, step)
-        last, log_now, eval_now, save_now = due(step, tc)
-        if log_now or eval_now or save_now:
-            guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-        if log_now:
-            log_training(accelerator, bar, step, outputs, loss, lr, extra_logs, stats)
-        if eval_now:
-            val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
-        if save_now:
-            last_ckpt = save_checkpoint(accelerator, step)
-        if last:
-            break
+    with stopper:  # the stop signals are caught while the loop runs (vqgen.preemption)
+        for batch in endless_batches(
+            accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps, tc.max_steps
+        ):
+            x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model, *gan[:1]):
+                outputs, loss, extra_logs, lr = train_step(accelerator, model, optimizer, criterion, gan, x, step, tc,
+                                                           last_layer)  # fmt: skip
+            stats.add(x.shape[0] * accelerator.num_processes)
+            if last_trim is not None and time.perf_counter() - last_trim >= TRIM_INTERVAL_S:
+                release_freed_memory()
+                last_trim = time.perf_counter()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            guard.observe(loss, step)
+            last, log_now, eval_now, save_now = due(step, tc)
+            stop = stopper.should_stop(accelerator) and not last  # every rank agrees (one all-reduced flag)
+            save_now = save_now or stop
+            if log_now or eval_now or save_now:
+                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
+            if log_now:
+                log_training(accelerator, bar, step, outputs, loss, lr, extra_logs, stats)
+            if eval_now:
+                val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
+            if save_now:
+                last_ckpt = save_checkpoint(accelerator, step, stopper.note() if stop else None)
+            if stop:
+                stop_run(accelerator, stopper, step, last_ckpt)
+            if last:
+                break
     bar.close()
 
     # Save: the final model (with its card), the summary.

@@ -50,7 +50,9 @@ from vqgen.training import (
     open_run,
     parse_train_args,
     prepare_run,
+    run_stopper,
     save_checkpoint,
+    stop_run,
     train_loaders,
 )
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage2Config, argv)
     tc, out = cfg.train, Path(cfg.train.output_dir)
     accelerator, per_device = build_accelerator(tc, out, ())
+    stopper = run_stopper(tc)
     resume_dir = check_run(accelerator, args, out)
 
     # Data. It loads before anything is written (see stage 1).
@@ -155,40 +158,47 @@ def main(argv: list[str] | None = None) -> Path:
     stats, guard = RunStats("tokens"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     last_ckpt, val = resume_dir, {}
     micro = step * tc.gradient_accumulation_steps
-    for batch in endless_batches(accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps):
-        # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
-        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
-        micro += 1
-        input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
-        input_ids = apply_class_dropout(input_ids, layout, cfg.model.class_dropout, g)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                outputs = model(input_ids=input_ids, labels=labels_for(input_ids))
-            lr = backward_and_step(accelerator, model, optimizer, outputs.loss, step, tc)
-        stats.add(input_ids.shape[0] * layout.num_codes * accelerator.num_processes)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        bar.update(1)
-        guard.observe(outputs.loss, step)
-        last, log_now, eval_now, save_now = due(step, tc)
-        if log_now or eval_now or save_now:
-            guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-        if log_now:
-            loss = outputs.loss.item()
-            accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
-                             "train/tokens_per_s": stats.rate()}, step=step)  # fmt: skip
-            bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
-        if eval_now:
-            val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
-            accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
-            logger.info("step %d validation: %s", step, val)
-            if vqvae is not None:
-                log_samples(accelerator, model, vqvae, layout, step, out)
-        if save_now:
-            last_ckpt = save_checkpoint(accelerator, step)
-        if last:
-            break
+    with stopper:  # the stop signals are caught while the loop runs (vqgen.preemption)
+        for batch in endless_batches(
+            accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps, tc.max_steps
+        ):
+            # Class dropout from a generator keyed by (seed, micro-batch, rank): identical after a resume.
+            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro * 131 + accelerator.process_index)
+            micro += 1
+            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
+            input_ids = apply_class_dropout(input_ids, layout, cfg.model.class_dropout, g)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = model(input_ids=input_ids, labels=labels_for(input_ids))
+                lr = backward_and_step(accelerator, model, optimizer, outputs.loss, step, tc)
+            stats.add(input_ids.shape[0] * layout.num_codes * accelerator.num_processes)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            guard.observe(outputs.loss, step)
+            last, log_now, eval_now, save_now = due(step, tc)
+            stop = stopper.should_stop(accelerator) and not last  # every rank agrees (one all-reduced flag)
+            save_now = save_now or stop
+            if log_now or eval_now or save_now:
+                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
+            if log_now:
+                loss = outputs.loss.item()
+                accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
+                                 "train/tokens_per_s": stats.rate()}, step=step)  # fmt: skip
+                bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
+            if eval_now:
+                val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
+                accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
+                logger.info("step %d validation: %s", step, val)
+                if vqvae is not None:
+                    log_samples(accelerator, model, vqvae, layout, step, out)
+            if save_now:
+                last_ckpt = save_checkpoint(accelerator, step, stopper.note() if stop else None)
+            if stop:
+                stop_run(accelerator, stopper, step, last_ckpt)
+            if last:
+                break
     bar.close()
 
     # Save: the final prior (with its card), the summary.

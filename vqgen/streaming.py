@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vqgen.cli import VqgenError
+from vqgen.preemption import ignore_stop_signals
 
 
 class StreamBatches(torch.utils.data.IterableDataset):
@@ -109,6 +110,7 @@ def stream_loader(dataset: StreamBatches, accelerator, per_device: int, workers:
         # Its own generator: a DataLoader without one draws its base seed from the global RNG whenever an
         # iterator starts, which a resumed run does where the uninterrupted one did not (dropout would shift).
         generator=torch.Generator().manual_seed(dataset.seed),
+        worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them on a signal
     )
     accelerator.register_for_checkpointing(StreamCheckpoint(loader, workers))  # before load_checkpoint
     return loader

@@ -4,6 +4,7 @@ Accelerator, loaders, trackers, checkpoints, output-folder checks and the non-fi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 from vqgen.cli import VqgenError
 from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
 from vqgen.files import dump_yaml, write_json
+from vqgen.preemption import EXIT_PREEMPTED, Stopper, ignore_stop_signals, parse_duration, signal_numbers
 from vqgen.streaming import StreamBatches, stream_loader
 
 
@@ -59,6 +61,12 @@ class BaseTrainConfig:
         None, "DataLoader workers; null: 0 for data in memory, up to 4 decoding on the fly"
     )
     compile: bool = option(False, "torch.compile through Accelerate's dynamo plugin")
+    stop_signals: list[str] = option(
+        ["SIGTERM", "SIGUSR1"], "signals that finish the step, save a checkpoint and exit 75 (docs/cluster.md)"
+    )
+    max_time: str | float | None = option(
+        None, "wall-clock budget (seconds or HH:MM:SS): save and exit 75 before the step that would pass it"
+    )
     push_to_hub: bool = option(False, "upload model/ when training ends (token from `hf auth login`)")
     hub_model_id: str | None = option(None, "the Hub repo for push_to_hub (owner/name)")
 
@@ -72,6 +80,8 @@ class BaseTrainConfig:
             raise ValueError(f"eval_max_batches must be positive or null (all), got {self.eval_max_batches}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (owner/name)")
+        parse_duration(self.max_time)  # a bad budget or signal name fails at the start, not at the stop
+        signal_numbers(self.stop_signals)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
@@ -97,7 +107,9 @@ def train_arg_parser(doc: str, cfg_cls: type):
     )
     parser.add_argument("--config", default=None, help=f"a YAML file, or a built-in config: {builtin_configs()}")
     parser.add_argument("--output_dir", default=None, help="same as train.output_dir=...")
-    parser.add_argument("--resume_from_checkpoint", default=None, metavar="latest|PATH", help="continue a run")
+    parser.add_argument("--resume_from_checkpoint", default=None, metavar="auto|latest|PATH",
+                        help="continue a run: auto (the newest complete checkpoint, or a fresh start when there is "
+                        "none), latest (an error when there is none), or a checkpoint folder")  # fmt: skip
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace a run already in output_dir")
     parser.add_argument("--push_to_hub", action="store_true", help="same as train.push_to_hub=true")
     parser.add_argument("--hub_model_id", default=None, help="same as train.hub_model_id=...")
@@ -179,12 +191,14 @@ def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_wo
             drop_last=True,
             num_workers=workers,
             generator=torch.Generator().manual_seed(tc.seed),
+            worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them
         )
     val_dl = torch.utils.data.DataLoader(
         validation,
         batch_size=per_device,  # the training batch: a larger one would set the peak memory of big images
         num_workers=workers,
         generator=torch.Generator().manual_seed(tc.seed),
+        worker_init_fn=ignore_stop_signals if workers else None,
     )
     return train_dl, val_dl
 
@@ -218,9 +232,13 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
-    """`latest` -> newest complete checkpoint; a path -> that checkpoint; None -> None."""
+    """`latest` -> newest complete checkpoint; `auto` -> the same, or None when there is none (a fresh start);
+    a path -> that checkpoint; None -> None."""
     if resume in (None, "", "none"):
         return None
+    if resume == "auto":
+        ckpts = list_checkpoints(ckpt_root)
+        return ckpts[-1][1] if ckpts else None
     if resume == "latest":
         ckpts = list_checkpoints(ckpt_root)
         if not ckpts:
@@ -268,8 +286,9 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise VqgenError(f"cannot write to output_dir {out} ({e.strerror}). Choose a writable folder") from None
 
 
-def save_checkpoint(accelerator, step: int) -> Path:
-    """accelerate's save_state into checkpoints/checkpoint_<step>; the state file written last marks it complete."""
+def save_checkpoint(accelerator, step: int, note: dict | None = None) -> Path:
+    """accelerate's save_state into checkpoints/checkpoint_<step>; the state file written last marks it complete
+    (`note`: why the run stopped there, when a signal or the time budget stopped it)."""
     final = Path(accelerator.project_dir) / "checkpoints" / f"checkpoint_{step}"
     if accelerator.is_main_process and final.exists():
         shutil.rmtree(final)  # an incomplete save of this step from a killed run
@@ -277,7 +296,7 @@ def save_checkpoint(accelerator, step: int) -> Path:
     accelerator.project_configuration.iteration = step  # names the folder by step, also after a resume
     accelerator.save_state()
     if accelerator.is_main_process:
-        write_json(final / STATE_FILE, {"step": step})
+        write_json(final / STATE_FILE, {"step": step, **(note or {})})
     accelerator.wait_for_everyone()
     return final
 
@@ -333,14 +352,16 @@ def train_loaders(train, validation, accelerator, per_device: int, tc: BaseTrain
     return train_dl, val_dl, False
 
 
-def endless_batches(accelerator, train_dl, streaming: bool, step: int, accumulation: int):
+def endless_batches(accelerator, train_dl, streaming: bool, step: int, accumulation: int, max_steps: int):
     """Training batches from optimizer step `step` on, epoch after epoch.
 
     Map-style: optimizer steps x accumulation = micro-batches consumed, and the seedable sampler makes epoch e's
     order a function of (seed, e), so skipping that many batches reproduces the uninterrupted run. The epoch is
     also set on the dataset itself (augmentation draws from it): accelerate forwards `set_epoch` to the dataset
     only when one process runs. A stream's loader restores its position from the checkpoint instead and never
-    ends."""
+    ends. Nothing when `step` is already `max_steps` (a finished run resumed: a requeue after the last save)."""
+    if step >= max_steps:
+        return
     if streaming:
         yield from train_dl
         return
@@ -403,8 +424,21 @@ def prepare_run(accelerator, objects: list, train_dl, val_dl, streaming: bool):
 
 def check_run(accelerator, args, out: Path) -> Path | None:
     """The checkpoint to resume from, if any, with the output folder checked by every rank (read-only, so every
-    rank stops with the same error) before anything is written."""
+    rank stops with the same error) before anything is written.
+
+    `auto` without a complete checkpoint starts afresh: in an empty folder, or over a start that a signal or a kill
+    ended before its first checkpoint; a folder that holds a finished model and no checkpoint is refused."""
     resume_dir = resolve_resume(args.resume_from_checkpoint, out / "checkpoints")
+    if args.resume_from_checkpoint == "auto" and resume_dir is None:
+        if (out / "model").exists():
+            raise VqgenError(
+                f"--resume_from_checkpoint auto: {out} holds a finished model and no checkpoint to continue. Pass "
+                "--overwrite_output_dir to train it again, or choose another --output_dir",
+                every_rank=True,
+            )
+        args.overwrite_output_dir = True  # nothing to continue: what is there is a start that never checkpointed
+        if accelerator.is_main_process:
+            logging.getLogger(__name__).info("--resume_from_checkpoint auto: no checkpoint in %s, from step 0", out)
     check_output_dir(out, resume=resume_dir is not None, overwrite=args.overwrite_output_dir)
     accelerator.wait_for_everyone()  # every rank has checked before the main process writes there
     return resume_dir
@@ -422,6 +456,26 @@ def open_run(accelerator, args, out: Path, cfg, resume_dir: Path | None, files: 
             write_json(out / name, obj)
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
+
+
+def run_stopper(tc: BaseTrainConfig) -> Stopper:
+    """Signals and the time budget of a training run (vqgen.preemption): the budget counts from now, the signals
+    are caught inside `with stopper:` around the training loop."""
+    return Stopper(tc.stop_signals, tc.max_time)
+
+
+def stop_run(accelerator, stopper: Stopper, step: int, checkpoint: Path) -> None:
+    """After the stop's checkpoint: say where it is and how to continue, and exit with EXIT_PREEMPTED (75)."""
+    accelerator.wait_for_everyone()
+    message = (
+        f"stopped at step {step} ({stopper.reason}); complete checkpoint {checkpoint}. The same command with "
+        f"--resume_from_checkpoint auto continues it (exit code {EXIT_PREEMPTED})"
+    )
+    logging.getLogger(__name__).warning(message)
+    if not accelerator.is_main_process:  # every rank's log says it (a rank's logger is quiet below warnings)
+        print(f"[rank {accelerator.process_index}] {message}", flush=True)
+    accelerator.end_training()
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def backward_and_step(accelerator, model, optimizer, loss, step: int, tc: BaseTrainConfig) -> float:
