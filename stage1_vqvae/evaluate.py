@@ -33,7 +33,7 @@ from stage1_vqvae.model import VQVAE
 from stage1_vqvae.sources import _cache_root
 from vqgen.cli import report_metrics, run_cli
 from vqgen.metrics import standard
-from vqgen.metrics.fidelity import ReferenceSplit
+from vqgen.metrics.fidelity import ReferenceSplit, eval_batch_size
 from vqgen.metrics.scores import GaussianStats, frechet_distance
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
@@ -289,7 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
         lazy = any(isinstance(v, LazyImageSplit) for v in splits.values())
         workers = LazyImageSplit.default_workers(accelerator.num_processes) if lazy else 0
     loaders = {
-        k: accelerator.prepare(DataLoader(v, batch_size=args.batch_size, num_workers=workers))
+        k: accelerator.prepare(
+            DataLoader(
+                v, batch_size=eval_batch_size(len(v), args.batch_size, accelerator.num_processes), num_workers=workers
+            )
+        )  # fmt: skip
         for k, v in splits.items()
     }
     result = full_evaluation(model, loaders, args.split, accelerator)

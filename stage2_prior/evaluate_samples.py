@@ -43,7 +43,16 @@ from stage1_vqvae.data import DataConfig, data_config_for, load_splits
 from stage1_vqvae.sources import _cache_root
 from vqgen.cli import VqgenError, report_metrics, run_cli
 from vqgen.metrics import scores, standard
-from vqgen.metrics.fidelity import KEYS, ReferenceSplit, check_like, draw_like, features_of, gather_rows, score_samples
+from vqgen.metrics.fidelity import (
+    KEYS,
+    ReferenceSplit,
+    check_like,
+    draw_like,
+    eval_batch_size,
+    features_of,
+    gather_rows,
+    score_samples,
+)
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -218,7 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():
         splits = load_splits(data_cfg, splits=("train", args.split))
     real_pool = real_draws(splits["train"], asked, n, args.reference_draws, args.batch_size, accelerator, extractor)
-    loader = accelerator.prepare(DataLoader(splits[args.split], batch_size=args.batch_size))
+    scored = splits[args.split]
+    loader = accelerator.prepare(
+        DataLoader(scored, batch_size=eval_batch_size(len(scored), args.batch_size, accelerator.num_processes))
+    )
     ref = ReferenceSplit.load_or_compute(splits[args.split], loader, extractor, accelerator, _cache_root(data_cfg))
     if asked is not None and (ref.labels < 0).any():
         draw_like(ref.labels, asked, n, torch.Generator())  # the error: class-conditional needs a labelled split

@@ -92,8 +92,14 @@ class Stopper:
     def __enter__(self) -> Stopper:  # caught while the training loop runs, and only then
         return self.install()
 
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is SystemExit and exc.code == EXIT_PREEMPTED:
+            # On the way out with a complete checkpoint: a second signal must not turn exit 75 into a kill.
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous = {}
+        else:
+            self.uninstall()
 
     def _note(self, signum, frame) -> None:  # a handler must not raise: the step (or the save) runs on
         if self.received is None:

@@ -29,6 +29,15 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_t
 ENV["PATH"] = os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")  # the environment's `accelerate`
 
 
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """A run stopped in this process leaves the stop signals ignored (its way out); the next test gets them back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def start(*cmd: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
@@ -119,6 +128,11 @@ def signalled_then_resumed(module: str, args, reference_args, sig=signal.SIGTERM
     proc = start("-m", module, *args)
     wait_for(out / "checkpoints" / "checkpoint_5" / "trainer_state.json", proc)
     os.kill(proc.pid, sig)
+    time.sleep(0.05)  # a second signal, during the step or the save: it changes nothing
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass  # already saved and gone
     code, err = finish(proc)
     assert code == EXIT_PREEMPTED, err[-3000:]
     step = newest_step(out)

@@ -65,6 +65,13 @@ def extract(extractor: InceptionFeatures, loader, accelerator=None, transform=No
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def eval_batch_size(n: int, batch_size: int, num_processes: int) -> int:
+    """The batch of a prepared evaluation loader over n rows: at most each rank's share. Accelerate pads a short
+    last batch to the full batch size with repeated rows (dropped again by `gather_for_metrics`), so 3 images in
+    batches of 256 would cost 256 Inception forwards per rank."""
+    return max(1, min(batch_size, -(-n // num_processes)))
+
+
 def gather_rows(accelerator, row_ids: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor:
     """(total, ...) in global row order from each rank's (n_r,) row ids and (n_r, ...) values (padded to the
     longest rank's count for the collective, the padding dropped)."""
