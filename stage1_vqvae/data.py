@@ -121,6 +121,7 @@ def to_mode(img: Image.Image, channels: str) -> Image.Image:
 
 
 COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")
+GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
 
 
 def augment_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -144,7 +145,7 @@ class ImageTransform:
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
-        self.warned = False  # said once that colour becomes gray
+        self.warned = False  # said once that colour becomes gray (or gray is repeated to RGB)
         r = cfg.resolution
         if cfg.resize_mode == "crop":
             ops = [v2.Resize(r, antialias=True), v2.CenterCrop(r)]
@@ -160,6 +161,13 @@ class ImageTransform:
             logger.warning(
                 "colour (%s) images are converted to grayscale because data.channels=L; set data.channels=RGB "
                 "to keep the colour",
+                img.mode,
+            )
+            self.warned = True
+        if cfg.channels == "RGB" and img.mode in GRAY_MODES and not self.warned:
+            logger.warning(
+                "grayscale (%s) images are repeated to 3 channels because data.channels=RGB: the model learns three "
+                "copies of one channel (and may tint its reconstructions); set data.channels=L for gray images",
                 img.mode,
             )
             self.warned = True

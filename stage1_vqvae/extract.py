@@ -262,6 +262,8 @@ def extract(
                     data_config=to_dict(data_cfg), vqvae_fingerprint=fingerprint,
                     vqvae_location=model_location)  # fmt: skip
         join_shards(work, out, {k: len(v) for k, v in dd.items()}, features, shard_rows, meta)
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in dd.items())
+        print(f"saved the {h}x{w} codes of {sizes} images to {out}", flush=True)
     accelerator.wait_for_everyone()
     return out
 
@@ -327,8 +329,10 @@ def publish_codes(codes_dir: Path, repo_id: str, *, token: str | None = None, pr
             upload_folder(Path(staging), repo_id, repo_type="dataset", token=token, private=private)
         info = dd.push_to_hub(repo_id, token=token, private=private, commit_message="Upload codes with vqgen")
     except Exception as e:  # offline, HTTP or connection errors of any transport: one clear line
+        cause = str(e).split(" (", 1)[1].split(")", 1)[0] if isinstance(e, VqgenError) and " (" in str(e) else None
+        cause = cause or f"{type(e).__name__}: {str(e)[:120]}"  # the upload's own cause, not "VqgenError"
         raise VqgenError(
-            f"could not push the codes to the Hub dataset {repo_id} ({type(e).__name__}). The local copy in "
+            f"could not push the codes to the Hub dataset {repo_id} ({cause}). The local copy in "
             f"{codes_dir} is complete; check your network and token, then run the same command again: it "
             "publishes the existing codes without extracting them again"
         ) from None

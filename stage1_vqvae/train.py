@@ -8,7 +8,8 @@
     # two CPU processes (what `accelerate launch --cpu` cannot start without mpirun):
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stage1_vqvae.train --config ...
 
-Config keys are overridden as dotted `section.key=value` (sections: data, model, train; all listed below).
+Config keys are overridden as dotted `section.key=value` (sections: data, model, loss, train, metrics; all
+listed below).
 `train.batch_size` is the global batch of one optimizer step; each process gets batch_size / (processes *
 gradient_accumulation_steps). The run folder holds config.yaml (resolved), checkpoints/checkpoint_<step>,
 logs/ (tensorboard), samples/ and model/ (save_pretrained: model.safetensors, config.json, README.md,
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         repo_id = tc.hub_model_id if tc.push_to_hub else None
         save_final_model(accelerator.unwrap_model(model), out / "model", cfg, summary["validation"], out, repo_id)
+        write_json(out / "train_summary.json", summary)  # before the push: a failed push keeps the summary
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
-        write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")

@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
     pipe = VQGenPipeline(VQVAE.from_pretrained(args.vqvae), load_prior(args.prior))
     pipe.save_pretrained(out)
+    print(f"saved the pipeline (VQ-VAE + prior, {pipe.layout.num_classes} classes) to {out}")
     if args.push_to_hub:
-        print(pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None))
+        print(pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, local_copy=out))
     return out
 
 

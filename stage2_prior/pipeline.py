@@ -184,13 +184,17 @@ class VQGenPipeline:
             repo_id=repo_id,
         )
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None, api=None) -> str:
-        """save_pretrained into a temporary folder, with the card naming `repo_id`, and upload it."""
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token: str | None = None, api=None, local_copy=None
+    ) -> str:
+        """save_pretrained into a temporary folder, with the card naming `repo_id`, and upload it. `local_copy`:
+        where the caller saved the pipeline too (named by the error if the upload fails)."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "pipeline")
             card = self.model_card("samples.png" if (folder / "samples.png").is_file() else None, repo_id=repo_id)
             card.save(folder / "README.md")
-            return upload_folder(folder, repo_id, private=private, token=token, api=api)
+            keep = "" if local_copy is None else local_copy
+            return upload_folder(folder, repo_id, private=private, token=token, api=api, local_copy=keep)
 
     # -- sampling --------------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stage2_prior.train --config ...   # 2 CPU processes
 
 Reads the code dataset written by `stage1_vqvae.extract` (a local folder or a Hub dataset id). Config keys are
-overridden as dotted `section.key=value` (sections: data, model, train; all listed below). The run folder holds
-config.yaml, codes_meta.json, checkpoints/checkpoint_<step>, logs/, samples/ and model/ (save_pretrained:
+overridden as dotted `section.key=value` (sections: data, model, train, sampling; all listed below). The run
+folder holds config.yaml, codes_meta.json, checkpoints/checkpoint_<step>, logs/, samples/ and model/ (save_pretrained:
 model.safetensors, config.json with the token layout and the codes' contract, generation_config.json, README.md).
 """
 
@@ -56,6 +56,10 @@ from vqgen.training import (
     train_loaders,
 )
 
+# GPT-2 and Llama priors tie lm_head to the token embedding: accelerate's save_state drops the duplicate and warns
+# at every checkpoint. The tie is the model's own and is restored at load (resume is tested bit for bit), so that
+# one message is filtered out of accelerate's log.
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
 logger = logging.getLogger("stage2_prior.train")
 
 
@@ -212,9 +216,9 @@ def main(argv: list[str] | None = None) -> Path:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         repo_id = tc.hub_model_id if tc.push_to_hub else None
         save_final_prior(unwrapped, state_dict, out / "model", cfg, summary["validation"], out, repo_id)
+        write_json(out / "train_summary.json", summary)  # before the push: a failed push keeps the summary
         if tc.push_to_hub:
             logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
-        write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the prior to {out / 'model'}")

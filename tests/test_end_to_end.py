@@ -303,6 +303,7 @@ def test_pushes_without_a_network_end_in_one_line_and_leave_no_temp_folders(tmp_
     )  # fmt: skip
     assert_one_error_line(proc, "could not push", "hf upload me/vq")
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "train_summary.json").is_file()  # written before the push
 
 
 def assert_hub_ready(card_text: str, tmp_path, image_dir=None):

@@ -91,8 +91,12 @@ def upload_folder(
     token: str | None = None,
     commit_message: str = "Upload with vqgen",
     api: HfApi | None = None,
+    local_copy: Path | str | None = None,
 ) -> str:
-    """Create the repo if needed and upload `folder`; returns the commit URL. The token is never logged."""
+    """Create the repo if needed and upload `folder`; returns the commit URL. The token is never logged.
+
+    `local_copy`: the folder the user keeps when `folder` is a temporary one (its message names what still
+    exists after the failure); None when `folder` itself stays."""
     api = api or HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
@@ -100,10 +104,16 @@ def upload_folder(
             folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message
         )
     except Exception as e:  # offline mode, HTTP errors, connection errors of any transport: one clear line
+        cause = f"{type(e).__name__}: {str(e)[:120]}"
+        keep = folder if local_copy is None else local_copy
+        if keep == "":  # an object pushed from memory: nothing on disk to retry with
+            fix = f"save it with save_pretrained(FOLDER), then run: hf upload {repo_id} FOLDER --repo-type {repo_type}"
+        else:
+            fix = (
+                f"the local copy in {keep} is complete; retry with: hf upload {repo_id} {keep} --repo-type {repo_type}"
+            )
         raise VqgenError(
-            f"could not push to the Hub {repo_type} repo {repo_id} ({type(e).__name__}: {str(e)[:120]}). The "
-            f"local copy in {folder} is complete; check your network and token, then retry with: "
-            f"hf upload {repo_id} {folder} --repo-type {repo_type}"
+            f"could not push to the Hub {repo_type} repo {repo_id} ({cause}). Check your network and token; {fix}"
         ) from None
     return str(getattr(info, "commit_url", info))
 

@@ -243,8 +243,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
         ckpts = list_checkpoints(ckpt_root)
         if not ckpts:
             raise VqgenError(
-                f"--resume_from_checkpoint latest: {ckpt_root} holds no complete checkpoint. "
-                "Drop the flag to start a new run",
+                f"--resume_from_checkpoint latest: {ckpt_root} holds no complete checkpoint. To start a new run "
+                "there, pass --overwrite_output_dir instead (or --resume_from_checkpoint auto, which resumes when "
+                "there is a checkpoint and starts afresh when there is none)",
                 every_rank=True,
             )
         return ckpts[-1][1]
@@ -458,9 +459,28 @@ def open_run(accelerator, args, out: Path, cfg, resume_dir: Path | None, files: 
     set_seed(cfg.train.seed)
 
 
+def check_schedule(tc: BaseTrainConfig) -> None:
+    """Say at the start when a short run's intervals do not fit it: a checkpoint interval at or past max_steps
+    (a kill before the end loses everything) and a warmup at or past max_steps (the LR never reaches its peak)."""
+    log = logging.getLogger(__name__)
+    if tc.checkpoint_every and tc.checkpoint_every >= tc.max_steps:
+        log.warning(
+            "train.checkpoint_every=%d is not below train.max_steps=%d: this run saves a checkpoint only at its end, "
+            "and a kill before then loses it all; set train.checkpoint_every=%d (a quarter of the run)",
+            tc.checkpoint_every, tc.max_steps, max(1, tc.max_steps // 4),
+        )  # fmt: skip
+    if tc.warmup_steps >= tc.max_steps:
+        log.warning(
+            "train.warmup_steps=%d is not below train.max_steps=%d: the learning rate never leaves warmup (it ends "
+            "at %.2g of train.learning_rate); set train.warmup_steps=%d (a tenth of the run) for a short run",
+            tc.warmup_steps, tc.max_steps, tc.max_steps / tc.warmup_steps, max(0, tc.max_steps // 10),
+        )  # fmt: skip
+
+
 def run_stopper(tc: BaseTrainConfig) -> Stopper:
     """Signals and the time budget of a training run (vqgen.preemption): the budget counts from now, the signals
-    are caught inside `with stopper:` around the training loop."""
+    are caught inside `with stopper:` around the training loop. Also says whether the schedule fits the run."""
+    check_schedule(tc)
     return Stopper(tc.stop_signals, tc.max_time)
 
 

@@ -433,3 +433,13 @@ def test_colour_images_under_channels_l_are_said_to_become_gray(caplog):
         transform(Image.new("RGB", (4, 4), (200, 10, 10)))
         transform(Image.new("RGB", (4, 4), (200, 10, 10)))
     assert caplog.text.count("data.channels=RGB") == 1
+
+
+def test_gray_images_under_channels_rgb_are_said_to_be_repeated(caplog):
+    from stage1_vqvae.data import ImageTransform
+
+    transform = ImageTransform(DataConfig(resolution=4, channels="RGB"))
+    with caplog.at_level("WARNING"):
+        out = [transform(Image.new("L", (4, 4), 90)) for _ in range(2)]
+        transform(Image.new("RGB", (4, 4), (200, 10, 10)))
+    assert caplog.text.count("set data.channels=L") == 1 and out[0].shape == (3, 4, 4)

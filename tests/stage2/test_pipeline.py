@@ -58,6 +58,18 @@ def test_the_pipeline_object_samples_saves_loads_and_pushes(stage1, tmp_path, fa
     assert "me/pipe" in (remote / "README.md").read_text()
     assert VQGenPipeline.from_pretrained(remote).vqvae_fingerprint == pipe.vqvae_fingerprint
 
+    # A failed push names a folder that still exists: the caller's copy, or how to make one (not the temp folder).
+    api = fake_hub()
+
+    def down(*a, **kw):
+        raise ConnectionError("no route to host")
+
+    api.create_repo = down
+    with pytest.raises(VqgenError, match=r"ConnectionError: no route to host.*save_pretrained\(FOLDER\)"):
+        pipe.push_to_hub("me/pipe", api=api)
+    with pytest.raises(VqgenError, match=f"local copy in {folder} is complete.*hf upload me/pipe {folder}"):
+        pipe.push_to_hub("me/pipe", api=api, local_copy=folder)
+
 
 @pytest.mark.slow  # subprocesses or a compilation: seconds each
 def test_cli_errors_print_one_line_without_traceback(tmp_path):

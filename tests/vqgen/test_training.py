@@ -88,3 +88,24 @@ def test_the_two_trainers_keep_one_skeleton_in_one_order():
         seen = calls_in_order(module)
         firsts = [seen.index(name) for name in skeleton]  # every step present ...
         assert firsts == sorted(firsts), (module.__name__, seen)  # ... and in the skeleton's order
+
+
+def test_a_short_run_is_told_when_its_checkpoint_interval_or_warmup_does_not_fit(caplog):
+    from vqgen.training import BaseTrainConfig, check_schedule
+
+    with caplog.at_level("WARNING"):
+        check_schedule(BaseTrainConfig(max_steps=1000, checkpoint_every=250, warmup_steps=100))
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        check_schedule(BaseTrainConfig(max_steps=200, checkpoint_every=1000, warmup_steps=500))
+    assert "checkpoint only at its end" in caplog.text and "train.checkpoint_every=50" in caplog.text
+    assert "never leaves warmup" in caplog.text and "0.4 of train.learning_rate" in caplog.text
+    assert caplog.text.count("WARNING") == 2
+
+
+def test_latest_without_a_checkpoint_names_the_flags_that_start_a_new_run(tmp_path):
+    from vqgen.cli import VqgenError
+    from vqgen.training import resolve_resume
+
+    with pytest.raises(VqgenError, match="--overwrite_output_dir instead.*--resume_from_checkpoint auto"):
+        resolve_resume("latest", tmp_path / "checkpoints")
