@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage1_vqvae", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
-    stats, guard = RunStats("images"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
+    stats, guard = RunStats("images", step), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     # Decoding on the fly, glibc's heap creeps up with the number of batches (fragmentation: +0.04 GiB from 20 to
     # 40 batches at 256 px); handing the freed memory back now and then keeps the peak flat. At most every
     # TRIM_INTERVAL_S: each trim makes the next steps fault their pages in again (-22% img/s on the demo when done
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
                 guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
             if log_now:
                 log_training(accelerator, bar, step, outputs, loss, lr, extra_logs, stats)
+                stats.project(step, tc, accelerator.device)
             if eval_now:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
             if save_now:

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
-    stats, guard = RunStats("tokens"), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
+    stats, guard = RunStats("tokens", step), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     last_ckpt, val = resume_dir, {}
     micro = step * tc.gradient_accumulation_steps
     with stopper:  # the stop signals are caught while the loop runs (vqgen.preemption)
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
                 accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
                                  "train/tokens_per_s": stats.rate()}, step=step)  # fmt: skip
                 bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
+                stats.project(step, tc, accelerator.device)
             if eval_now:
                 val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
                 accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)

@@ -109,3 +109,48 @@ def test_latest_without_a_checkpoint_names_the_flags_that_start_a_new_run(tmp_pa
 
     with pytest.raises(VqgenError, match="--overwrite_output_dir instead.*--resume_from_checkpoint auto"):
         resolve_resume("latest", tmp_path / "checkpoints")
+
+
+def test_the_projected_wall_time_is_said_once_and_a_long_cpu_run_is_warned_about(caplog):
+    from vqgen.training import BaseTrainConfig, RunStats
+
+    for max_steps, warned in ((2000, False), (20000, True)):
+        stats = RunStats("images", start_step=0)
+        stats.clock = iter([50.0, 60.0]).__next__  # the first log at step 50 after 50 s: 1 s a step
+        stats.t0 = 0.0
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            total = stats.project(50, BaseTrainConfig(max_steps=max_steps), torch.device("cpu"))
+            assert stats.project(100, BaseTrainConfig(max_steps=max_steps), torch.device("cpu")) is None  # once
+        assert total == max_steps and f"train.max_steps={max_steps} on cpu" in caplog.text
+        assert ("which has no GPU" in caplog.text) is warned
+        if warned:
+            assert "5 h 33 min" in caplog.text and caplog.text.count("which has no GPU") == 1
+    stats = RunStats("images", start_step=0)
+    stats.clock, stats.t0 = (lambda: 50.0), 0.0
+    with caplog.at_level("INFO"):
+        caplog.clear()
+        stats.project(50, BaseTrainConfig(max_steps=20000), torch.device("cuda"))
+    assert "which has no GPU" not in caplog.text  # an accelerator: the projection only
+
+
+def test_both_trainers_say_once_when_a_cpu_run_would_pass_the_threshold(tmp_path, image_folder, stage1, monkeypatch,
+                                                                         caplog):  # fmt: skip
+    import vqgen.training
+    from stage1_vqvae.train import main as train1
+
+    from helpers import train2
+
+    _, _, codes = stage1
+    runs = {
+        "stage 1": lambda out: train1(stage1_args(out, image_folder, "train.max_steps=4", "train.log_every=2")),
+        "stage 2": lambda out: train2(out, codes, "train.max_steps=4", "train.log_every=2"),
+    }
+    for name, run in runs.items():
+        for threshold, said in ((3600.0, 0), (1e-6, 1)):  # a 4-step tiny run: well under an hour, over 1 us
+            monkeypatch.setattr(vqgen.training, "CPU_WARN_S", threshold)
+            caplog.clear()
+            with caplog.at_level("INFO"):
+                run(tmp_path / f"{name}-{threshold}")
+            assert caplog.text.count("projected wall time for train.max_steps=4 on cpu") == 1, name
+            assert caplog.text.count("which has no GPU") == said, name
