@@ -312,13 +312,14 @@ def update_card(model: str, data_cfg, result: dict) -> None:
     from pathlib import Path
 
     from vqgen.cli import VqgenError
-    from vqgen.hub import add_eval_results, hub_id
+    from vqgen.hub import add_eval_results, dataset_label
 
     readme = Path(model) / "README.md"
     if not readme.is_file():
         raise VqgenError(f"--update_card writes into a local model folder's README.md; {readme} does not exist")
-    dataset = "mnist" if data_cfg.source == "mnist" else (hub_id(data_cfg.source) or Path(data_cfg.source).name)
-    add_eval_results(readme, Path(model).name, "image-to-image", dataset, result["split"], result)
+    add_eval_results(
+        readme, Path(model).name, "image-to-image", dataset_label(data_cfg.source), result["split"], result
+    )
 
 
 def cli(argv: list[str] | None = None) -> None:

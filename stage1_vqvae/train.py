@@ -36,14 +36,14 @@ from stage1_vqvae.sources import _cache_root
 from vqgen.cli import run_cli
 from vqgen.config import option, to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, release_freed_memory, write_json
-from vqgen.hub import add_eval_results, hub_id, upload_folder
+from vqgen.hub import add_eval_results, dataset_label, hub_id, upload_folder
 from vqgen.images import save_image_grid
 from vqgen.metrics import standard
 from vqgen.metrics.standard import MetricsConfig
+from vqgen.progress import RunStats
 from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
-    RunStats,
     backward_and_step,
     build_accelerator,
     check_run,
@@ -342,7 +342,7 @@ def save_final_model(
     }
     model.data_config = to_dict(cfg.data)
     model.save_pretrained(tmp, model_card_kwargs=card)
-    dataset = "mnist" if cfg.data.source == "mnist" else (hub_id(cfg.data.source) or Path(cfg.data.source).name)
+    dataset = dataset_label(cfg.data.source)
     add_eval_results(tmp / "README.md", final.parent.name, "image-to-image", dataset, "validation", metrics)
     dump_yaml(tmp / "training_config.yaml", to_dict(cfg))
     commit_dir(tmp, final)

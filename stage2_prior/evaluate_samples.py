@@ -256,14 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def update_card(folder: Path, data_cfg, split: str, result: dict) -> None:
-    from vqgen.hub import add_eval_results, hub_id
+    from vqgen.hub import add_eval_results, dataset_label
 
     readme = folder / "README.md"
     if not readme.is_file():
         raise VqgenError(f"--update_card writes into a local pipeline folder's README.md; {readme} does not exist")
-    dataset = "mnist" if data_cfg.source == "mnist" else (hub_id(data_cfg.source) or Path(data_cfg.source).name)
-    task = "image-generation"
-    add_eval_results(readme, folder.name, task, dataset, split, result)
+    add_eval_results(readme, folder.name, "image-generation", dataset_label(data_cfg.source), split, result)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -36,10 +36,10 @@ from vqgen.config import option, to_dict
 from vqgen.files import atomic_dir, commit_dir, dump_yaml, write_json
 from vqgen.hub import hub_id, state_fingerprint, upload_folder
 from vqgen.images import save_image_grid
+from vqgen.progress import RunStats
 from vqgen.training import (
     BaseTrainConfig,
     NonFiniteGuard,
-    RunStats,
     backward_and_step,
     build_accelerator,
     check_run,

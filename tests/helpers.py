@@ -211,3 +211,16 @@ def lpips_reference(tmp_path, net: str):
     torch.save(backbone, tmp_path / f"{net}-backbone.pth")
     lin = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth")
     return ref, str(tmp_path / f"{net}-backbone.pth"), lin
+
+
+class RGBImages(torch.utils.data.Dataset):
+    """uint8 (3, H, W) tensors as torch-fidelity reads its inputs: gray repeated to RGB, as its PIL convert does."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]

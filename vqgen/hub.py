@@ -128,6 +128,12 @@ CARD_METRICS = {
 }  # fmt: skip
 
 
+def dataset_label(source: str) -> str:
+    """How a card names a data source: the built-in MNIST as `mnist`, a Hub dataset by its id, a local folder by its
+    name (a local path means nothing on the Hub, and may reveal a user's file system)."""
+    return "mnist" if source == "mnist" else (hub_id(source) or Path(source).name)
+
+
 def add_eval_results(readme: Path, model_name: str, task: str, dataset: str, split: str, metrics: dict) -> None:
     """Write `metrics` (the CARD_METRICS among them) into the card's model-index for (task, dataset, split),
     replacing earlier results for the same dataset and split and keeping the others."""

@@ -13,20 +13,9 @@ from stage1_vqvae.model import VQVAE
 from stage1_vqvae.sources import load_source
 from vqgen.cli import VqgenError
 
-from helpers import lpips_reference, run_two_processes
+from helpers import RGBImages, lpips_reference, run_two_processes
 
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images.expand(-1, 3, -1, -1).contiguous()  # gray as RGB, as torch-fidelity reads it
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def evaluate_args(model_dir, out, weights, backbone, lin, *extra):
@@ -53,7 +42,7 @@ def test_rfid_and_lpips_equal_torch_fidelity_and_lpips_on_the_whole_split(stage1
         want_lpips = ref_lpips(x.expand(-1, 3, -1, -1), recon.expand(-1, 3, -1, -1)).mean().item()
     recon_u8 = ((recon + 1) * 127.5).round().to(torch.uint8)
     want = torch_fidelity.calculate_metrics(
-        input1=Images(recon_u8), input2=Images(originals), cuda=False, fid=True, verbose=False, save_cpu_ram=True,
+        input1=RGBImages(recon_u8), input2=RGBImages(originals), cuda=False, fid=True, verbose=False, save_cpu_ram=True,
         feature_extractor_weights_path=str(inception_weights),
     )["frechet_inception_distance"]  # fmt: skip
     assert got["rfid"] == pytest.approx(want, rel=1e-4) and got["rfid"] > 0

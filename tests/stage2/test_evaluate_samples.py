@@ -18,20 +18,9 @@ from stage2_prior.pipeline import VQGenPipeline
 from vqgen.cli import VqgenError
 from vqgen.metrics.fidelity import draw_like
 
-from helpers import run_two_processes, train2
+from helpers import RGBImages, run_two_processes, train2
 
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images.expand(-1, 3, -1, -1).contiguous()  # gray as RGB, as torch-fidelity reads it
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def write_folder(folder, images):
@@ -60,7 +49,7 @@ def test_a_folder_is_scored_exactly_as_torch_fidelity_scores_it(image_folder, in
     cfg = DataConfig(source=str(image_folder), resolution=16, channels="L")
     real = ImageSplit(load_source(cfg)["test"], cfg).images  # (8, 1, 16, 16): the whole scored split
     want = torch_fidelity.calculate_metrics(
-        input1=Images(fake), input2=Images(real), cuda=False, fid=True, kid=True, isc=True, prc=True,
+        input1=RGBImages(fake), input2=RGBImages(real), cuda=False, fid=True, kid=True, isc=True, prc=True,
         kid_subset_size=8, feature_extractor="inception-v3-compat", save_cpu_ram=True, verbose=False,
         feature_extractor_weights_path=str(inception_weights),
     )  # fmt: skip

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from vqgen.cli import VqgenError
 from vqgen.metrics import scores
@@ -16,7 +15,7 @@ from vqgen.metrics.inception import InceptionFeatures, tf1_resize
 from vqgen.metrics.lpips import LPIPS
 from vqgen.metrics.weights import INCEPTION, cache_path
 
-from helpers import lpips_reference
+from helpers import RGBImages, lpips_reference
 
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
@@ -33,19 +32,6 @@ def image_set(n: int, size: int, channels: int, shift: float, seed: int) -> torc
         img = base[None].repeat(channels, 1, 1) + 20 * torch.randn(channels, size, size, generator=g)
         out.append(img.clamp(0, 255).round().to(torch.uint8))
     return torch.stack(out)
-
-
-class AsRGB(Dataset):
-    """What torch-fidelity reads: uint8 (3, H, W) tensors; gray repeated to RGB as its PIL convert("RGB") does."""
-
-    def __init__(self, images):
-        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i].contiguous()
 
 
 def relative(a: float, b: float) -> float:
@@ -72,12 +58,12 @@ def test_fid_kid_is_precision_recall_equal_torch_fidelity(inception_weights, siz
         "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(inception_weights)
     )
     f_fake, f_real = features_of(ours, fake), features_of(ours, real)
-    t_pool, t_logits = theirs(AsRGB(fake).images.contiguous())
+    t_pool, t_logits = theirs(RGBImages(fake).images.contiguous())
     assert torch.allclose(f_fake["pool"], t_pool, rtol=1e-4, atol=1e-6)
     assert torch.allclose(f_fake["logits_unbiased"], t_logits, rtol=1e-4, atol=1e-6)
 
     want = torch_fidelity.calculate_metrics(
-        input1=AsRGB(fake), input2=AsRGB(real), cuda=False, fid=True, kid=True, isc=True, prc=True,
+        input1=RGBImages(fake), input2=RGBImages(real), cuda=False, fid=True, kid=True, isc=True, prc=True,
         kid_subset_size=10, feature_extractor="inception-v3-compat",  # (its default for prc is VGG16)
         feature_extractor_weights_path=str(inception_weights), save_cpu_ram=True, verbose=False,
     )  # fmt: skip

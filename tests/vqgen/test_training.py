@@ -112,7 +112,8 @@ def test_latest_without_a_checkpoint_names_the_flags_that_start_a_new_run(tmp_pa
 
 
 def test_the_projected_wall_time_is_said_once_and_a_long_cpu_run_is_warned_about(caplog):
-    from vqgen.training import BaseTrainConfig, RunStats
+    from vqgen.progress import RunStats
+    from vqgen.training import BaseTrainConfig
 
     for max_steps, warned in ((2000, False), (20000, True)):
         stats = RunStats("images", start_step=0)
@@ -136,7 +137,7 @@ def test_the_projected_wall_time_is_said_once_and_a_long_cpu_run_is_warned_about
 
 def test_both_trainers_say_once_when_a_cpu_run_would_pass_the_threshold(tmp_path, image_folder, stage1, monkeypatch,
                                                                          caplog):  # fmt: skip
-    import vqgen.training
+    import vqgen.progress
     from stage1_vqvae.train import main as train1
 
     from helpers import train2
@@ -148,7 +149,7 @@ def test_both_trainers_say_once_when_a_cpu_run_would_pass_the_threshold(tmp_path
     }
     for name, run in runs.items():
         for threshold, said in ((3600.0, 0), (1e-6, 1)):  # a 4-step tiny run: well under an hour, over 1 us
-            monkeypatch.setattr(vqgen.training, "CPU_WARN_S", threshold)
+            monkeypatch.setattr(vqgen.progress, "CPU_WARN_S", threshold)
             caplog.clear()
             with caplog.at_level("INFO"):
                 run(tmp_path / f"{name}-{threshold}")
