@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise VqgenError("pass --pipeline (to draw samples) or --samples (a folder of images), not both")
     if args.update_card and args.pipeline is None:
         raise VqgenError("--update_card writes into a pipeline folder's card: it needs --pipeline")
-    check_counts(args.num_samples if args.pipeline else 10, args.kid_subset_size)
+    if args.pipeline:  # a folder's count is known once it is read
+        check_counts(args.num_samples, args.kid_subset_size)
     accelerator = Accelerator()
     cfg = standard.from_arguments(args)
     cfg.standard = "on"  # this command exists for these figures: a missing Inception file is an error

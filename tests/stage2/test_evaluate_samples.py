@@ -60,6 +60,8 @@ def test_a_folder_is_scored_exactly_as_torch_fidelity_scores_it(image_folder, in
     # The real reference: 2 sets of 12 training images, scored the same way, far better than noise.
     assert got["fid_real_reference"]["draws"] == 2 and got["fid_real_reference"]["mean"] < got["fid"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["fid"] == got["fid"]
+    with pytest.raises(VqgenError, match="--kid_subset_size 13 is more than the 12 samples"):  # the folder's count
+        evaluate_samples([*args[: args.index("--kid_subset_size")], "--kid_subset_size", "13"])
     assert got["class_conditional"] is False and got["num_samples"] == 12
 
 
