@@ -321,8 +321,10 @@ METRICS_FLAGS = {k: f"metrics.{k}" for k in ("inception_weights", "lpips_backbon
 
 
 def load_fidelity_nets(cfg: MetricsConfig) -> tuple:
-    """(Inception, LPIPS) for the final model's rFID/LPIPS, each None when off or (auto) its file is missing."""
-    return standard.load_inception(cfg, METRICS_FLAGS), standard.load_lpips(cfg, METRICS_FLAGS)
+    """(Inception, LPIPS) for the final model's rFID/LPIPS, each None when off or (auto) its file is missing: said
+    at INFO here, since every run on a machine without the files would otherwise start with two warnings."""
+    level = logging.INFO
+    return standard.load_inception(cfg, METRICS_FLAGS, level), standard.load_lpips(cfg, METRICS_FLAGS, level)
 
 
 def save_final_model(

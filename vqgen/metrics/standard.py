@@ -62,29 +62,29 @@ def from_arguments(args) -> MetricsConfig:
     )
 
 
-def _available(cfg: MetricsConfig, specs: list, what: str, flags: dict) -> bool:
+def _available(cfg: MetricsConfig, specs: list, what: str, flags: dict, level: int) -> bool:
     """Whether every file of `specs` [(WeightFile, path, key)] is there; under `auto` a missing one is logged."""
     for spec, path, key in specs:
         if find_weights(spec, path, flags[key]) is None:
             if cfg.standard == "on":
                 raise VqgenError(missing_message(spec, flags[key]))
-            logger.warning("%s not computed: %s", what, missing_message(spec, flags[key]))
+            logger.log(level, "%s not computed: %s", what, missing_message(spec, flags[key]))
             return False
     return True
 
 
-def load_inception(cfg: MetricsConfig, flags: dict = FLAGS):
-    """The Inception feature extractor, or None (standard off, or auto without the file)."""
+def load_inception(cfg: MetricsConfig, flags: dict = FLAGS, level: int = logging.WARNING):
+    """The Inception feature extractor, or None (standard off, or auto without the file, said at `level`)."""
     if cfg.standard == "off":
         return None
-    if not _available(cfg, [(INCEPTION, cfg.inception_weights, "inception_weights")], "FID/KID/IS", flags):
+    if not _available(cfg, [(INCEPTION, cfg.inception_weights, "inception_weights")], "FID/KID/IS", flags, level):
         return None
     from vqgen.metrics.inception import InceptionFeatures
 
     return InceptionFeatures(cfg.inception_weights, flag=flags["inception_weights"])
 
 
-def load_lpips(cfg: MetricsConfig, flags: dict = FLAGS):
+def load_lpips(cfg: MetricsConfig, flags: dict = FLAGS, level: int = logging.WARNING):
     """The LPIPS metric network (with its linear layers), or None."""
     if cfg.standard == "off":
         return None
@@ -92,7 +92,7 @@ def load_lpips(cfg: MetricsConfig, flags: dict = FLAGS):
         (BACKBONES[cfg.lpips_net].file, cfg.lpips_backbone, "lpips_backbone"),
         (LPIPS_LIN[cfg.lpips_net], cfg.lpips_weights, "lpips_weights"),
     ]
-    if not _available(cfg, specs, "LPIPS", flags):
+    if not _available(cfg, specs, "LPIPS", flags, level):
         return None
     from vqgen.metrics.lpips import LPIPS
 
