@@ -198,19 +198,10 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
     summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
-    summary["validation"] = val_metrics or validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
-    if any(net is not None for net in fidelity_nets):  # the field's figures of the final model, on validation
-        summary["validation"] = dict(summary["validation"])
-        summary["validation"].update(
-            reconstruction_fidelity(model, splits["validation"], val_dl, accelerator, *fidelity_nets,
-                                    _cache_root(cfg.data))
-        )  # fmt: skip
+    summary["validation"] = final_figures(accelerator, model, val_dl, splits["validation"], cfg, step, val_metrics,
+                                          fidelity_nets)  # fmt: skip
     if accelerator.is_main_process:
-        repo_id = tc.hub_model_id if tc.push_to_hub else None
-        save_final_model(accelerator.unwrap_model(model), out / "model", cfg, summary["validation"], out, repo_id)
-        write_json(out / "train_summary.json", summary)  # before the push: a failed push keeps the summary
-        if tc.push_to_hub:
-            logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
+        publish(accelerator.unwrap_model(model), cfg, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
@@ -315,6 +306,28 @@ def validate(model, val_dl, accelerator, step: int, out: Path, max_batches: int 
                 tracker.log_images({"val/reconstructions": grid.numpy()}, step=step, dataformats="HWC")
         logger.info("step %d validation: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
+
+
+def final_figures(accelerator, model, val_dl, validation, cfg: Stage1Config, step: int, val_metrics: dict,
+                  fidelity_nets: tuple) -> dict:  # fmt: skip
+    """The final model's validation figures: the last periodic ones (or a pass now), and rFID/LPIPS when their
+    networks were found at the start."""
+    out, tc = Path(cfg.train.output_dir), cfg.train
+    figures = dict(val_metrics or validate(model, val_dl, accelerator, step, out, tc.eval_max_batches))
+    if any(net is not None for net in fidelity_nets):  # the field's figures, on the validation split
+        cache = _cache_root(cfg.data)
+        figures.update(reconstruction_fidelity(model, validation, val_dl, accelerator, *fidelity_nets, cache))
+    return figures
+
+
+def publish(model: VQVAE, cfg: Stage1Config, summary: dict) -> None:
+    """Main process: the final model with its card, the summary, then the push (a failed push keeps both)."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
+    repo_id = tc.hub_model_id if tc.push_to_hub else None
+    save_final_model(model, out / "model", cfg, summary["validation"], out, repo_id)
+    write_json(out / "train_summary.json", summary)
+    if tc.push_to_hub:
+        logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
 
 
 METRICS_FLAGS = {k: f"metrics.{k}" for k in ("inception_weights", "lpips_backbone", "lpips_weights")}

@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
     # leave a sharded model that cannot be saved from one rank).
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        repo_id = tc.hub_model_id if tc.push_to_hub else None
-        save_final_prior(unwrapped, state_dict, out / "model", cfg, summary["validation"], out, repo_id)
-        write_json(out / "train_summary.json", summary)  # before the push: a failed push keeps the summary
-        if tc.push_to_hub:
-            logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
+        publish(accelerator.unwrap_model(model, keep_torch_compile=False), state_dict, cfg, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"saved the prior to {out / 'model'}")
@@ -278,6 +273,16 @@ python sample.py --pipeline pipeline --num_images 16
 `python -m stage2_prior.export`, which checks that the two belong together, then sample with
 `python sample.py --pipeline` or `VQGenPipeline.from_pretrained`.
 {% endif %}"""
+
+
+def publish(model, state_dict: dict, cfg: Stage2Config, summary: dict) -> None:
+    """Main process: the final prior with its card, the summary, then the push (a failed push keeps both)."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
+    repo_id = tc.hub_model_id if tc.push_to_hub else None
+    save_final_prior(model, state_dict, out / "model", cfg, summary["validation"], out, repo_id)
+    write_json(out / "train_summary.json", summary)
+    if tc.push_to_hub:
+        logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
 
 
 def save_final_prior(
