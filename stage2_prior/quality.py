@@ -34,6 +34,7 @@ from torch import nn
 
 from vqgen.cli import VqgenError, run_cli
 from vqgen.files import write_json
+from vqgen.metrics import fidelity
 
 
 class SmallClassifier(nn.Module):
@@ -150,16 +151,9 @@ def class_balanced_draw(labels: torch.Tensor, per_class: int, generator: torch.G
 
 def draw_like(labels: torch.Tensor, asked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Indices of random rows with the class counts of `asked` (N,): a real set laid out like the samples,
-    whatever classes they were asked for (100 threes get 100 real threes)."""
-    picks = []
-    for c, n in enumerate(torch.bincount(asked).tolist()):
-        if n == 0:
-            continue
-        rows = (labels == c).nonzero().flatten()
-        if len(rows) < n:
-            raise VqgenError(f"{n} samples of class {c} asked, but the real images hold only {len(rows)} of it")
-        picks.append(rows[torch.randperm(len(rows), generator=generator)[:n]])
-    return torch.cat(picks)
+    whatever classes they were asked for (100 threes get 100 real threes). vqgen.metrics' draw, shared with the
+    Inception metrics."""
+    return fidelity.draw_like(labels, asked, len(asked), generator)
 
 
 class Judge:

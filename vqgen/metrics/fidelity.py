@@ -178,10 +178,14 @@ def draw_like(
     scale = min([1.0] + [len(p) / k for p, k in zip(pools, counts) if k > 0])
     if scale < 1 and not fit:
         short = next(c for c, (p, k) in enumerate(zip(pools, counts)) if len(p) < k)
-        what = f"of class {short} " if asked is not None else ""
+        if asked is None:
+            raise VqgenError(
+                f"{n} real images are needed for a size-matched reference, the split holds {len(labels)}; lower "
+                "the number of samples"
+            )
         raise VqgenError(
-            f"{counts[short]} real images {what}are needed for a size-matched reference, the split holds "
-            f"{len(pools[short])}; lower the number of samples"
+            f"{counts[short]} samples of class {short} asked, but the real images hold only {len(pools[short])} of "
+            "it; lower the number of samples"
         )
     if scale < 1:
         m = sum(int(k * scale) for k in counts)
