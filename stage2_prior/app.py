@@ -1,0 +1,390 @@
+"""Try a pipeline in the browser: a Gradio page over `VQGenPipeline` (generate, complete, inspect).
+
+    python -m stage2_prior.app --pipeline runs/mnist/pipeline            # http://127.0.0.1:7860
+    vqgen-app --pipeline user/vqgen-mnist --port 7861
+    python -m stage2_prior.app --pipeline user/vqgen-mnist --export_space runs/space \\
+        [--push_to_hub --hub_space_id user/vqgen-mnist-demo]             # a Hub Space folder (stage2_prior.space)
+
+Gradio is an optional extra (`pip install "vqgen[app]"`), imported only here and only when a page is built.
+
+- Generate: a class (by name; hidden for unconditional pipelines), how many images, and the sampling settings,
+  prefilled from the prior's generation_config (its recommended settings). The grid comes with the settings, the
+  seed and the `sample.py` command that draws the same images.
+- Complete: an image (uploaded or drawn) is encoded to codes, its first code rows kept and the rest sampled by the
+  prior; the completions stand beside the image and its reconstruction.
+- Inspect: an image's code grid as a heat map, its reconstruction, PSNR, and the prior's bits per code for it.
+
+The work lives in `AppModel` (plain Python, tested directly); `build_app` only lays out the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from stage2_prior.model import SamplingConfig, code_nll, grid_to_input_ids
+from stage2_prior.pipeline import VQGenPipeline
+from vqgen.cli import VqgenError, run_cli
+
+MAX_IMAGES = 64  # one sampling batch (the pipeline's batch_size is BATCH): the page never waits on more
+BATCH = 100
+MAX_PIXELS = 40_000_000  # a larger upload is refused before it is decoded (decompression bombs)
+ANY_CLASS = "(any: unconditional)"
+INSTALL = 'the app needs gradio, an optional extra: pip install "vqgen[app]" (or pip install gradio)'
+
+
+def require_gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise VqgenError(INSTALL) from None
+    return gradio
+
+
+def read_image(path: str | os.PathLike | None, what: str = "the upload") -> Image.Image:
+    """An uploaded file as a PIL image, or one VqgenError that says what is wrong with it."""
+    if path is None:
+        raise VqgenError(f"{what}: no image given; upload one (PNG, JPEG, ...) or draw one")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise VqgenError(f"{what} is {img.width}x{img.height} pixels; images up to {MAX_PIXELS:,} are read")
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VqgenError(
+            f"{what} is not an image this app can read ({type(e).__name__}); upload a PNG or JPEG"
+        ) from None
+
+
+def heat_map(codes: torch.Tensor, codebook_size: int, scale: int) -> Image.Image:
+    """(h, w) code indices -> an RGB heat map, each cell `scale` px, index 0 dark blue to K-1 yellow."""
+    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+    t = codes.double().numpy() / max(codebook_size - 1, 1) * (len(anchors) - 1)  # (h, w) in [0, 4]
+    lo = np.clip(np.floor(t).astype(int), 0, len(anchors) - 2)
+    rgb = anchors[lo] + (anchors[lo + 1] - anchors[lo]) * (t - lo)[..., None]  # (h, w, 3)
+    cells = np.repeat(np.repeat(rgb.round().astype(np.uint8), scale, axis=0), scale, axis=1)  # (h*s, w*s, 3)
+    return Image.fromarray(cells, mode="RGB")
+
+
+class AppModel:
+    """A pipeline and what the page does with it, free of any UI (the tests call these directly too)."""
+
+    def __init__(self, pipe: VQGenPipeline, source: str = "PIPELINE"):
+        self.pipe = pipe
+        self.source = source  # what `sample.py --pipeline` is given to reproduce a result
+        self.defaults = SamplingConfig.resolve(pipe.prior.generation_config)
+
+    @property
+    def class_choices(self) -> list[str]:
+        return list(self.pipe.class_names or [])
+
+    def _generator(self, seed) -> torch.Generator:
+        return torch.Generator(device=self.pipe.device).manual_seed(int(seed))
+
+    def _class_ids(self, name: str | None, n: int) -> torch.Tensor | None:
+        if not self.pipe.layout.num_classes or name in (None, "", ANY_CLASS):
+            return None
+        return self.pipe.class_ids([name] * n)
+
+    def settings(self, guidance_scale, temperature, top_k, top_p) -> dict:
+        """The page's fields as sampling settings: top-k 0 and top-p 1 are "off"."""
+        top_k = None if not top_k else int(top_k)
+        top_p = None if top_p is None or float(top_p) >= 1 else float(top_p)
+        return {"guidance_scale": float(guidance_scale), "temperature": float(temperature), "top_k": top_k,
+                "top_p": top_p}  # fmt: skip
+
+    def generate(self, class_name, num_images, settings: dict, seed, decoding="sequential", progress=None):
+        """(PIL images, what made them: settings, seed, decoding and the sample.py command for the same images)."""
+        n = int(num_images)
+        if not 1 <= n <= MAX_IMAGES:
+            raise VqgenError(f"number of images must be between 1 and {MAX_IMAGES}")
+        classes = self._class_ids(class_name, n)
+        if classes is None:
+            settings = {**settings, "guidance_scale": 1.0}  # nothing to guide towards
+        out = self.pipe(classes=classes, num_images=n, generator=self._generator(seed), batch_size=BATCH,
+                        decoding=decoding, progress=progress, **settings)  # fmt: skip
+        return out.images, self.record(class_name if classes is not None else None, n, settings, seed, decoding)
+
+    def record(self, class_name, n: int, settings: dict, seed, decoding: str) -> dict:
+        flags = [f"--pipeline {self.source}"]
+        flags.append(f"--classes {','.join([class_name] * n)}" if class_name else f"--num_images {n}")
+        flags += [f"--{k} {v}" for k, v in settings.items() if v is not None and not (k == "guidance_scale" and
+                  class_name is None)]  # fmt: skip
+        flags += [f"--seed {int(seed)}", f"--decoding {decoding}", f"--batch_size {BATCH}"]
+        return {"class": class_name, "num_images": n, **settings, "seed": int(seed), "decoding": decoding,
+                "batch_size": BATCH, "sample_py": "python sample.py " + " ".join(flags)}  # fmt: skip
+
+    def encode(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the model's input (1, C, H, W) in [-1, 1], its codes (1, h, w)), preprocessed as the training data."""
+        from stage1_vqvae.data import DataConfig, ImageTransform, to_model_input
+
+        h, w = self.pipe.layout.height, self.pipe.layout.width
+        if image.width < w or image.height < h:
+            raise VqgenError(
+                f"the image is {image.width}x{image.height}; this model needs at least {w}x{h} pixels "
+                f"(it makes {self.pipe.vqvae.config.image_size}x{self.pipe.vqvae.config.image_size} images)"
+            )
+        data = dict(self.pipe.codes_meta.data_config)
+        cfg = self.pipe.vqvae.config
+        data.update(resolution=cfg.image_size, channels="L" if cfg.in_channels == 1 else "RGB")
+        x = to_model_input(ImageTransform(DataConfig(**data))(image).unsqueeze(0).to(self.pipe.device))
+        return x, self.pipe.vqvae.encode(x)
+
+    @torch.no_grad()
+    def complete(self, image: Image.Image, keep_rows, num, class_name, seed, progress=None):
+        """(the image as the model sees it, its reconstruction, completions, details with every code grid)."""
+        h, w = self.pipe.layout.height, self.pipe.layout.width
+        rows, n = int(keep_rows), int(num)
+        if not 0 <= rows <= h:
+            raise VqgenError(f"rows kept must be between 0 and {h} (the code grid's rows)")
+        if not 1 <= n <= MAX_IMAGES:
+            raise VqgenError(f"number of completions must be between 1 and {MAX_IMAGES}")
+        x, codes = self.encode(image)
+        prefix = codes.reshape(1, -1)[:, : rows * w].expand(n, -1)  # (n, rows * w): the kept rows, raster order
+        classes = self._class_ids(class_name, n)
+        out = self.pipe(classes=classes, num_images=n, prefix_codes=prefix, generator=self._generator(seed),
+                        batch_size=BATCH, decoding="sequential", progress=progress)  # fmt: skip
+        recon = _pil(self.pipe.vqvae.decode_codes(codes).clamp(-1, 1))
+        details = {"keep_rows": rows, "seed": int(seed), "class": class_name if classes is not None else None,
+                   "codes": codes[0].tolist(), "completion_codes": out.codes.tolist()}  # fmt: skip
+        return _pil(x), recon, out.images, details
+
+    @torch.no_grad()
+    def inspect(self, image: Image.Image, class_name=None) -> tuple[Image.Image, Image.Image, Image.Image, dict]:
+        """(the image as the model sees it, the code grid as a heat map, the reconstruction, {psnr_db,
+        bits_per_code, codes, ...})."""
+        x, codes = self.encode(image)
+        recon = self.pipe.vqvae.decode_codes(codes).clamp(-1, 1)
+        mse = float(((recon - x) / 2).pow(2).mean())  # on [0, 1] pixels
+        classes = self._class_ids(class_name, 1)
+        ids = grid_to_input_ids(codes, self.pipe.layout, classes)  # (1, 2 + h*w); NULL class when None
+        nats = float(code_nll(self.pipe.prior, ids)[0])
+        layout = self.pipe.layout
+        details = {
+            "psnr_db": 10 * math.log10(1 / max(mse, 1e-12)),
+            "bits_per_code": nats / layout.num_codes / math.log(2),
+            "uniform_bits_per_code": math.log2(layout.codebook_size),
+            "conditioned_on": class_name if classes is not None else "nothing (the prior's unconditional NULL class)",
+            "codes_used": len(codes.unique()),
+            "codes": codes[0].tolist(),
+        }
+        scale = max(1, 256 // max(layout.height, layout.width))
+        return _pil(x), heat_map(codes[0].cpu(), layout.codebook_size, scale), _pil(recon), details
+
+
+def _pil(x: torch.Tensor) -> Image.Image:
+    """(1, C, H, W) in [-1, 1] -> a PIL image (L or RGB)."""
+    arr = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    return Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
+
+
+def drawn_image(value) -> Image.Image | None:
+    """A Sketchpad/ImageEditor value (dict with "composite") -> its composite on black (the pen is white), or None
+    when nothing was drawn."""
+    if not value or value.get("composite") is None:
+        return None
+    img = value["composite"]
+    img = read_image(img, "the drawing") if isinstance(img, (str, os.PathLike)) else img
+    if img.mode in ("RGBA", "LA"):
+        base = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(base, img.convert("RGBA")).convert("RGB")
+    if not img.getbbox():
+        return None
+    return img
+
+
+def load_model(pipeline: str, device: str | None = None) -> AppModel:
+    """The pipeline (a folder or a Hub repo id) on `device`, or on Accelerate's device."""
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    return AppModel(VQGenPipeline.from_pretrained(pipeline).to(device), source=str(pipeline))
+
+
+def _progress(gr_progress, total: int):
+    """A pipeline progress callback (codes done) that moves Gradio's progress bar."""
+    done = [0]
+
+    def update(m: int) -> None:
+        done[0] += m
+        gr_progress((min(done[0], total), total), desc="sampling codes", unit="codes")
+
+    return update
+
+
+def build_app(model: AppModel):
+    """The page: three tabs over `model`. Errors the page can explain (VqgenError) show as a message on it."""
+    gr = require_gradio()
+    pipe, layout, d = model.pipe, model.pipe.layout, model.defaults
+    classes = model.class_choices
+    size = pipe.vqvae.config.image_size
+
+    def errors_on_page(fn):
+        @functools.wraps(fn)  # Gradio reads the signature (through __wrapped__) to find the progress argument
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except VqgenError as e:
+                raise gr.Error(str(e), print_exception=False) from None  # said on the page; no traceback
+
+        return run
+
+    @errors_on_page
+    def generate(
+        class_name, n, guidance, temperature, top_k, top_p, seed, decoding,
+        progress=gr.Progress(),  # noqa: B008 (Gradio's idiom: it fills this argument with the page's bar)
+    ):  # fmt: skip
+        settings = model.settings(guidance, temperature, top_k, top_p)
+        track = _progress(progress, int(n) * layout.num_codes)
+        images, record = model.generate(class_name, n, settings, seed, decoding, progress=track)
+        return images, record
+
+    @errors_on_page
+    def complete(
+        upload, drawing, keep_rows, num, class_name, seed,
+        progress=gr.Progress(),  # noqa: B008
+    ):  # fmt: skip
+        image = read_image(upload) if upload is not None else drawn_image(drawing)
+        if image is None:
+            raise VqgenError("no image given: upload one or draw one")
+        track = _progress(progress, int(num) * layout.num_codes)
+        original, recon, completions, details = model.complete(image, keep_rows, num, class_name, seed, track)
+        return [(original, "the image"), (recon, "its reconstruction")], completions, details
+
+    @errors_on_page
+    def inspect(upload, class_name):
+        seen, heat, recon, details = model.inspect(read_image(upload), class_name)
+        summary = (
+            f"PSNR {details['psnr_db']:.2f} dB; the prior gives {details['bits_per_code']:.3f} bits per code "
+            f"(uniform: {details['uniform_bits_per_code']:.1f}); {details['codes_used']} distinct codes"
+        )
+        return seen, heat, recon, summary, details
+
+    with gr.Blocks(title="vqgen") as demo:
+        kind = f"{len(classes)} classes" if classes else "unconditional"
+        gr.Markdown(
+            f"# vqgen: {model.source}\n{size}x{size} images from {layout.height}x{layout.width} codes "
+            f"(K={layout.codebook_size}), {kind}."
+        )
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    g_class = gr.Dropdown(
+                        classes,
+                        value=classes[0] if classes else None,
+                        label="class",
+                        visible=bool(classes),
+                        elem_id="class",
+                    )
+                    g_n = gr.Slider(1, MAX_IMAGES, value=10, step=1, label="number of images", elem_id="num_images")
+                    gr.Markdown(
+                        "Settings prefilled from the prior's generation config (its recommended ones). "
+                        "top-k 0 and top-p 1 are off."
+                    )
+                    g_guidance = gr.Number(d.guidance_scale, label="guidance scale", visible=bool(classes), minimum=0)
+                    g_temp = gr.Number(d.temperature, label="temperature (0: greedy)", minimum=0)
+                    g_topk = gr.Number(d.top_k or 0, label="top-k", precision=0, minimum=0)
+                    g_topp = gr.Number(d.top_p or 1.0, label="top-p", minimum=0.01, maximum=1)
+                    g_seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
+                    g_dec = gr.Radio(
+                        ["sequential", "jacobi"],
+                        value="sequential",
+                        label="decoding",
+                        info="jacobi: the same distribution in fewer model calls",
+                    )
+                    g_go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    g_out = gr.Gallery(label="samples", columns=5, format="png", elem_id="grid", buttons=["download"])
+                    g_rec = gr.JSON(label="what made them (run sample_py for the same images)", elem_id="record")
+            g_go.click(
+                generate,
+                [g_class, g_n, g_guidance, g_temp, g_topk, g_topp, g_seed, g_dec],
+                [g_out, g_rec],
+                api_name="generate",
+            )
+        with gr.Tab("Complete"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    c_up = gr.File(label="upload an image", file_types=["image"], type="filepath")
+                    c_draw = gr.Sketchpad(
+                        label="or draw one (white on black)",
+                        type="pil",
+                        image_mode="RGBA",
+                        canvas_size=(256, 256),
+                        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff"),
+                    )
+                    c_rows = gr.Slider(0, layout.height, value=layout.height // 2, step=1, label="code rows kept")
+                    c_n = gr.Slider(1, 16, value=4, step=1, label="completions")
+                    c_class = gr.Dropdown([ANY_CLASS, *classes], value=ANY_CLASS, label="class", visible=bool(classes))
+                    c_seed = gr.Number(0, label="seed", precision=0)
+                    c_go = gr.Button("Complete", variant="primary")
+                with gr.Column(scale=2):
+                    c_orig = gr.Gallery(
+                        label="the image as the model sees it, and its reconstruction", columns=2, format="png"
+                    )
+                    c_out = gr.Gallery(label="completions", columns=4, format="png")
+                    c_det = gr.JSON(label="codes: the image's and each completion's")
+            c_go.click(
+                complete, [c_up, c_draw, c_rows, c_n, c_class, c_seed], [c_orig, c_out, c_det], api_name="complete"
+            )
+        with gr.Tab("Inspect"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    i_up = gr.File(label="upload an image", file_types=["image"], type="filepath")
+                    i_class = gr.Dropdown(
+                        [ANY_CLASS, *classes], value=ANY_CLASS, label="bits per code given", visible=bool(classes)
+                    )
+                    i_go = gr.Button("Inspect", variant="primary")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        i_seen = gr.Image(label="the image as the model sees it", format="png")
+                        i_heat = gr.Image(label="code indices (dark: 0, yellow: K-1)", format="png")
+                        i_recon = gr.Image(label="reconstruction", format="png")
+                    i_sum = gr.Markdown()
+                    i_det = gr.JSON(label="details")
+            i_go.click(inspect, [i_up, i_class], [i_seen, i_heat, i_recon, i_sum, i_det], api_name="inspect")
+    return demo
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="Gradio's temporary public link")
+    parser.add_argument("--device", default=None, help="default: Accelerate's device (cuda when available)")
+    parser.add_argument("--export_space", default=None, metavar="DIR", help="write a Hub Space folder and exit")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="with --export_space")
+    parser.add_argument("--push_to_hub", action="store_true", help="with --export_space: upload it as a Space")
+    parser.add_argument("--hub_space_id", default=None, help="the Space repo for --push_to_hub (owner/name)")
+    parser.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    if args.export_space:
+        from stage2_prior.space import export_space
+
+        return export_space(args.pipeline, Path(args.export_space), overwrite=args.overwrite_output_dir,
+                            push_to=args.hub_space_id if args.push_to_hub else None, private=args.hub_private_repo,
+                            push_requested=args.push_to_hub)  # fmt: skip
+    if args.push_to_hub or args.hub_space_id:
+        raise VqgenError("--push_to_hub and --hub_space_id go with --export_space DIR")
+    require_gradio()  # before the pipeline loads: a missing extra is the first thing said
+    demo = build_app(load_model(args.pipeline, args.device))
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return demo
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()
