@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Optional: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only torch where that index is reachable.
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast lint bench bench-data bench-photos ablation install clean
+.PHONY: demo test test-fast lint bench bench-data bench-photos bench-own-cpu ablation install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-photos: $(STAMP)
 	# Real photographs offline: the image files inside the scikit-image and scikit-learn wheels (dev-only).
 	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
 	$(BIN)/python -m experiments.photos
+
+bench-own-cpu: $(STAMP)
+	# The README's own-images walkthrough with configs/own-cpu/, timed command by command, on photo crops in three
+	# class folders (the same wheels' files); then test PSNR, usage, bits per code and the samples' judge (~15 min).
+	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
+	$(BIN)/python -m experiments.own_cpu --sweep
 
 ablation: $(STAMP)
 	# Each quantizer option through the whole pipeline at the demo's budget, 2 seeds (about an hour on 2 cores).

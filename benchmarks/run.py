@@ -1,6 +1,6 @@
 """`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
 
-    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics] [--repeats 7]
+    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics,app] [--repeats 7]
 
 Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
 timed interleaved with each benchmark's own calls; FLOPs are counted with torch.utils.flop_counter. Prints a
@@ -460,7 +460,7 @@ def bench_jacobi(repeats: int, pipeline: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics")
+    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics,app")
     parser.add_argument("--metrics_images", type=int, default=None,
                         help="images per set of the metrics row (default: 10000 on a GPU, 1000 on a CPU)")  # fmt: skip
     parser.add_argument("--pipeline", default=str(ROOT / "runs" / "demo" / "pipeline"), help="a trained pipeline")
@@ -494,6 +494,13 @@ def main(argv: list[str] | None = None) -> None:
 
         n = args.metrics_images or (10000 if torch.cuda.is_available() else 1000)
         bench_metrics(n, 100, None, row=row)
+    if "app" in which:  # the Gradio page on the demo pipeline: start and a 10-image grid (benchmarks/app.py)
+        from benchmarks.app import bench as bench_app
+
+        if (Path(args.pipeline) / "pipeline.json").is_file():
+            bench_app(args.pipeline, args.repeats, row)
+        else:
+            print(f"no pipeline at {args.pipeline}: run `make demo` first for the app's rows", file=sys.stderr)
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

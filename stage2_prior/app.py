@@ -221,34 +221,55 @@ def _progress(gr_progress, total: int):
     return update
 
 
-def build_app(model: AppModel):
-    """The page: three tabs over `model`. Errors the page can explain (VqgenError) show as a message on it."""
-    gr = require_gradio()
-    pipe, layout, d = model.pipe, model.pipe.layout, model.defaults
-    classes = model.class_choices
-    size = pipe.vqvae.config.image_size
+def _on_page(gr, fn):
+    """`fn` with its VqgenErrors shown as a message on the page (gr.Error), without a traceback in the log."""
 
-    def errors_on_page(fn):
-        @functools.wraps(fn)  # Gradio reads the signature (through __wrapped__) to find the progress argument
-        def run(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except VqgenError as e:
-                raise gr.Error(str(e), print_exception=False) from None  # said on the page; no traceback
+    @functools.wraps(fn)  # Gradio reads the signature (through __wrapped__) to find the progress argument
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VqgenError as e:
+            raise gr.Error(str(e), print_exception=False) from None
 
-        return run
+    return run
 
-    @errors_on_page
+
+def _generate_tab(gr, model: AppModel) -> None:
+    layout, d, classes = model.pipe.layout, model.defaults, model.class_choices
+
     def generate(
         class_name, n, guidance, temperature, top_k, top_p, seed, decoding,
         progress=gr.Progress(),  # noqa: B008 (Gradio's idiom: it fills this argument with the page's bar)
     ):  # fmt: skip
         settings = model.settings(guidance, temperature, top_k, top_p)
         track = _progress(progress, int(n) * layout.num_codes)
-        images, record = model.generate(class_name, n, settings, seed, decoding, progress=track)
-        return images, record
+        return model.generate(class_name, n, settings, seed, decoding, progress=track)
 
-    @errors_on_page
+    with gr.Row():
+        with gr.Column(scale=1):
+            first = classes[0] if classes else None
+            klass = gr.Dropdown(classes, value=first, label="class", visible=bool(classes), elem_id="class")
+            n = gr.Slider(1, MAX_IMAGES, value=10, step=1, label="number of images", elem_id="num_images")
+            gr.Markdown("Settings prefilled from the prior's generation config (its recommended ones). "
+                        "top-k 0 and top-p 1 are off.")  # fmt: skip
+            guidance = gr.Number(d.guidance_scale, label="guidance scale", visible=bool(classes), minimum=0)
+            temperature = gr.Number(d.temperature, label="temperature (0: greedy)", minimum=0)
+            top_k = gr.Number(d.top_k or 0, label="top-k", precision=0, minimum=0)
+            top_p = gr.Number(d.top_p or 1.0, label="top-p", minimum=0.01, maximum=1)
+            seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
+            decoding = gr.Radio(["sequential", "jacobi"], value="sequential", label="decoding",
+                                info="jacobi: the same distribution in fewer model calls")  # fmt: skip
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            grid = gr.Gallery(label="samples", columns=5, format="png", elem_id="grid", buttons=["download"])
+            record = gr.JSON(label="what made them (run sample_py for the same images)", elem_id="record")
+    inputs = [klass, n, guidance, temperature, top_k, top_p, seed, decoding]
+    go.click(_on_page(gr, generate), inputs, [grid, record], api_name="generate")
+
+
+def _complete_tab(gr, model: AppModel) -> None:
+    layout, classes = model.pipe.layout, model.class_choices
+
     def complete(
         upload, drawing, keep_rows, num, class_name, seed,
         progress=gr.Progress(),  # noqa: B008
@@ -260,7 +281,26 @@ def build_app(model: AppModel):
         original, recon, completions, details = model.complete(image, keep_rows, num, class_name, seed, track)
         return [(original, "the image"), (recon, "its reconstruction")], completions, details
 
-    @errors_on_page
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="upload an image", file_types=["image"], type="filepath")
+            pen = gr.Brush(colors=["#ffffff"], default_color="#ffffff")
+            drawing = gr.Sketchpad(label="or draw one (white on black)", type="pil", image_mode="RGBA",
+                                   canvas_size=(256, 256), brush=pen)  # fmt: skip
+            rows = gr.Slider(0, layout.height, value=layout.height // 2, step=1, label="code rows kept")
+            num = gr.Slider(1, 16, value=4, step=1, label="completions")
+            klass = gr.Dropdown([ANY_CLASS, *classes], value=ANY_CLASS, label="class", visible=bool(classes))
+            seed = gr.Number(0, label="seed", precision=0)
+            go = gr.Button("Complete", variant="primary")
+        with gr.Column(scale=2):
+            shown = gr.Gallery(label="the image as the model sees it, and its reconstruction", columns=2, format="png")
+            completions = gr.Gallery(label="completions", columns=4, format="png")
+            details = gr.JSON(label="codes: the image's and each completion's")
+    inputs = [upload, drawing, rows, num, klass, seed]
+    go.click(_on_page(gr, complete), inputs, [shown, completions, details], api_name="complete")
+
+
+def _inspect_tab(gr, model: AppModel) -> None:
     def inspect(upload, class_name):
         seen, heat, recon, details = model.inspect(read_image(upload), class_name)
         summary = (
@@ -269,89 +309,38 @@ def build_app(model: AppModel):
         )
         return seen, heat, recon, summary, details
 
+    classes = model.class_choices
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="upload an image", file_types=["image"], type="filepath")
+            klass = gr.Dropdown([ANY_CLASS, *classes], value=ANY_CLASS, label="bits per code given",
+                                visible=bool(classes))  # fmt: skip
+            go = gr.Button("Inspect", variant="primary")
+        with gr.Column(scale=2):
+            with gr.Row():
+                seen = gr.Image(label="the image as the model sees it", format="png")
+                heat = gr.Image(label="code indices (dark: 0, yellow: K-1)", format="png")
+                recon = gr.Image(label="reconstruction", format="png")
+            summary = gr.Markdown()
+            details = gr.JSON(label="details")
+    go.click(_on_page(gr, inspect), [upload, klass], [seen, heat, recon, summary, details], api_name="inspect")
+
+
+def build_app(model: AppModel):
+    """The page: three tabs over `model`. Errors the page can explain (VqgenError) show as a message on it."""
+    gr = require_gradio()
+    layout, classes = model.pipe.layout, model.class_choices
+    size = model.pipe.vqvae.config.image_size
     with gr.Blocks(title="vqgen") as demo:
         kind = f"{len(classes)} classes" if classes else "unconditional"
-        gr.Markdown(
-            f"# vqgen: {model.source}\n{size}x{size} images from {layout.height}x{layout.width} codes "
-            f"(K={layout.codebook_size}), {kind}."
-        )
+        gr.Markdown(f"# vqgen: {model.source}\n{size}x{size} images from {layout.height}x{layout.width} codes "
+                    f"(K={layout.codebook_size}), {kind}.")  # fmt: skip
         with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    g_class = gr.Dropdown(
-                        classes,
-                        value=classes[0] if classes else None,
-                        label="class",
-                        visible=bool(classes),
-                        elem_id="class",
-                    )
-                    g_n = gr.Slider(1, MAX_IMAGES, value=10, step=1, label="number of images", elem_id="num_images")
-                    gr.Markdown(
-                        "Settings prefilled from the prior's generation config (its recommended ones). "
-                        "top-k 0 and top-p 1 are off."
-                    )
-                    g_guidance = gr.Number(d.guidance_scale, label="guidance scale", visible=bool(classes), minimum=0)
-                    g_temp = gr.Number(d.temperature, label="temperature (0: greedy)", minimum=0)
-                    g_topk = gr.Number(d.top_k or 0, label="top-k", precision=0, minimum=0)
-                    g_topp = gr.Number(d.top_p or 1.0, label="top-p", minimum=0.01, maximum=1)
-                    g_seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-                    g_dec = gr.Radio(
-                        ["sequential", "jacobi"],
-                        value="sequential",
-                        label="decoding",
-                        info="jacobi: the same distribution in fewer model calls",
-                    )
-                    g_go = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=2):
-                    g_out = gr.Gallery(label="samples", columns=5, format="png", elem_id="grid", buttons=["download"])
-                    g_rec = gr.JSON(label="what made them (run sample_py for the same images)", elem_id="record")
-            g_go.click(
-                generate,
-                [g_class, g_n, g_guidance, g_temp, g_topk, g_topp, g_seed, g_dec],
-                [g_out, g_rec],
-                api_name="generate",
-            )
+            _generate_tab(gr, model)
         with gr.Tab("Complete"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    c_up = gr.File(label="upload an image", file_types=["image"], type="filepath")
-                    c_draw = gr.Sketchpad(
-                        label="or draw one (white on black)",
-                        type="pil",
-                        image_mode="RGBA",
-                        canvas_size=(256, 256),
-                        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff"),
-                    )
-                    c_rows = gr.Slider(0, layout.height, value=layout.height // 2, step=1, label="code rows kept")
-                    c_n = gr.Slider(1, 16, value=4, step=1, label="completions")
-                    c_class = gr.Dropdown([ANY_CLASS, *classes], value=ANY_CLASS, label="class", visible=bool(classes))
-                    c_seed = gr.Number(0, label="seed", precision=0)
-                    c_go = gr.Button("Complete", variant="primary")
-                with gr.Column(scale=2):
-                    c_orig = gr.Gallery(
-                        label="the image as the model sees it, and its reconstruction", columns=2, format="png"
-                    )
-                    c_out = gr.Gallery(label="completions", columns=4, format="png")
-                    c_det = gr.JSON(label="codes: the image's and each completion's")
-            c_go.click(
-                complete, [c_up, c_draw, c_rows, c_n, c_class, c_seed], [c_orig, c_out, c_det], api_name="complete"
-            )
+            _complete_tab(gr, model)
         with gr.Tab("Inspect"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    i_up = gr.File(label="upload an image", file_types=["image"], type="filepath")
-                    i_class = gr.Dropdown(
-                        [ANY_CLASS, *classes], value=ANY_CLASS, label="bits per code given", visible=bool(classes)
-                    )
-                    i_go = gr.Button("Inspect", variant="primary")
-                with gr.Column(scale=2):
-                    with gr.Row():
-                        i_seen = gr.Image(label="the image as the model sees it", format="png")
-                        i_heat = gr.Image(label="code indices (dark: 0, yellow: K-1)", format="png")
-                        i_recon = gr.Image(label="reconstruction", format="png")
-                    i_sum = gr.Markdown()
-                    i_det = gr.JSON(label="details")
-            i_go.click(inspect, [i_up, i_class], [i_seen, i_heat, i_recon, i_sum, i_det], api_name="inspect")
+            _inspect_tab(gr, model)
     return demo
 
 

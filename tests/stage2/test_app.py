@@ -208,3 +208,24 @@ def test_the_page_in_headless_chromium_generates_the_grid_for_a_class_and_seed(l
     assert '"class":"b"' in shown["record"] and '"seed":5,' in shown["record"]
     with Image.open(tmp_path / "page.png") as shot:
         assert shot.size[0] >= 1000 and len(shot.getcolors(1 << 20) or range(1000)) > 50  # a rendered page
+
+
+def test_a_drawing_is_its_strokes_on_black_and_an_empty_canvas_is_no_image():
+    from stage2_prior.app import drawn_image
+
+    canvas = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # the Sketchpad's transparent canvas
+    assert drawn_image({"background": None, "layers": [], "composite": canvas}) is None
+    assert drawn_image(None) is None
+    canvas.paste((255, 255, 255, 255), (8, 8, 24, 12))  # one white stroke
+    img = drawn_image({"composite": canvas})
+    arr = np.asarray(img)
+    assert img.mode == "RGB" and arr[10, 10].tolist() == [255, 255, 255] and arr[0, 0].tolist() == [0, 0, 0]
+
+
+def test_the_cli_refuses_push_flags_without_a_space_folder(pipeline_dir):
+    from stage2_prior.app import main
+
+    with pytest.raises(VqgenError, match="go with --export_space"):
+        main(["--pipeline", str(pipeline_dir), "--push_to_hub", "--hub_space_id", "me/x"])
+    with pytest.raises(VqgenError, match="needs --hub_space_id"):
+        main(["--pipeline", str(pipeline_dir), "--export_space", "unused", "--push_to_hub"])

@@ -127,6 +127,7 @@ def test_the_projected_wall_time_is_said_once_and_a_long_cpu_run_is_warned_about
         assert ("which has no GPU" in caplog.text) is warned
         if warned:
             assert "5 h 33 min" in caplog.text and caplog.text.count("which has no GPU") == 1
+            assert "the CPU recipe configs/own-cpu/" in caplog.text  # the way out, by name
     stats = RunStats("images", start_step=0)
     stats.clock, stats.t0 = (lambda: 50.0), 0.0
     with caplog.at_level("INFO"):
