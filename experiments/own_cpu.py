@@ -167,7 +167,7 @@ def judge_samples(folder: Path, work: Path, per_class: int, seed: int) -> dict:
     start = time.perf_counter()
     samples, asked = sample_pipeline(pipe, per_class, seed=seed)
     seconds = time.perf_counter() - start
-    save_grid(samples, asked, work / "samples_grid.png", columns=10)
+    save_grid(samples, asked, split_tensors(folder, "test"), work / "samples_grid.png", columns=10)
     return {**judge.score(samples, asked), "classifier_test_accuracy": judge.accuracy, "sampling_seconds": seconds}
 
 
@@ -195,18 +195,22 @@ def sweep(folder: Path, work: Path, per_class: int) -> list[dict]:
     return rows
 
 
-def save_grid(samples: torch.Tensor, asked: torch.Tensor, path: Path, columns: int) -> None:
-    """One row per class: the first `columns` samples of each, 2 px apart."""
+def save_grid(samples: torch.Tensor, asked: torch.Tensor, real: tuple, path: Path, columns: int) -> None:
+    """Two rows per class, each labelled: `columns` real test crops, then the first `columns` samples."""
     from PIL import Image
+    from torchvision.utils import make_grid
 
-    rows = [samples[asked == c][:columns] for c in asked.unique()]
-    h, w = samples.shape[-2:]
-    canvas = np.full((len(rows) * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            pixels = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (3,H,W) -> (H,W,3)
-            canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = pixels
-    Image.fromarray(canvas).save(path)
+    from vqgen.images import labelled_rows
+
+    real_x, real_y = real
+    rows, labels = [], []
+    for c, name in enumerate(sorted(CLASSES)):
+        rows += [real_x[real_y == c][:: max(1, int((real_y == c).sum()) // columns)][:columns],
+                 samples[asked == c][:columns]]  # fmt: skip
+        labels += [f"{name}: real (test)", f"{name}: samples"]
+    grid = make_grid((torch.cat(rows) + 1) / 2, nrow=columns, padding=2)  # (3, H, W) in [0, 1]
+    pixels = labelled_rows(grid, labels).mul(255).round().byte().permute(1, 2, 0).numpy()  # (3,H,W) -> (H,W,3)
+    Image.fromarray(pixels).quantize(256).save(path, optimize=True)  # 256 colours: a small PNG for docs/
 
 
 def evaluate(work: Path) -> dict:

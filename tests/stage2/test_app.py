@@ -229,3 +229,22 @@ def test_the_cli_refuses_push_flags_without_a_space_folder(pipeline_dir):
         main(["--pipeline", str(pipeline_dir), "--push_to_hub", "--hub_space_id", "me/x"])
     with pytest.raises(VqgenError, match="needs --hub_space_id"):
         main(["--pipeline", str(pipeline_dir), "--export_space", "unused", "--push_to_hub"])
+
+
+def test_an_unconditional_pipeline_hides_the_class_and_redraws_with_num_images(stage1, tmp_path):
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.app import AppModel, build_app
+    from stage2_prior.model import load_prior
+    from stage2_prior.pipeline import VQGenPipeline
+
+    _, vqvae_dir, codes = stage1
+    prior = train2(tmp_path / "s2", codes, "data.conditional=false", "train.max_steps=1", "train.checkpoint_every=0")
+    model = AppModel(VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior)), source="here")
+    page = build_app(model).config
+    hidden = {c["props"].get("elem_id"): c["props"].get("visible") for c in page["components"]}
+    assert hidden["class"] is False and model.class_choices == []
+    images, record = model.generate(None, 2, model.settings(3.0, 1.0, 0, 1.0), 4)
+    want = model.pipe(num_images=2, generator=torch.Generator().manual_seed(4), decoding="sequential",
+                      temperature=1.0, guidance_scale=1.0)  # fmt: skip
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, want.images))
+    assert "--num_images 2" in record["sample_py"] and "--guidance_scale" not in record["sample_py"]
