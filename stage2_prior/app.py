@@ -30,8 +30,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from stage2_prior.model import SamplingConfig, code_nll, grid_to_input_ids
-from stage2_prior.pipeline import VQGenPipeline
+from stage2_prior.pipeline import VQGenPipeline, to_pil
 from vqgen.cli import VqgenError, run_cli
+from vqgen.images import unit_images
 
 MAX_IMAGES = 64  # one sampling batch (the pipeline's batch_size is BATCH): the page never waits on more
 BATCH = 100
@@ -124,18 +125,13 @@ class AppModel:
 
     def encode(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """(the model's input (1, C, H, W) in [-1, 1], its codes (1, h, w)), preprocessed as the training data."""
-        from stage1_vqvae.data import DataConfig, ImageTransform, to_model_input
-
         h, w = self.pipe.layout.height, self.pipe.layout.width
         if image.width < w or image.height < h:
             raise VqgenError(
                 f"the image is {image.width}x{image.height}; this model needs at least {w}x{h} pixels "
                 f"(it makes {self.pipe.vqvae.config.image_size}x{self.pipe.vqvae.config.image_size} images)"
             )
-        data = dict(self.pipe.codes_meta.data_config)
-        cfg = self.pipe.vqvae.config
-        data.update(resolution=cfg.image_size, channels="L" if cfg.in_channels == 1 else "RGB")
-        x = to_model_input(ImageTransform(DataConfig(**data))(image).unsqueeze(0).to(self.pipe.device))
+        x = self.pipe.preprocess(image)
         return x, self.pipe.vqvae.encode(x)
 
     @torch.no_grad()
@@ -152,7 +148,7 @@ class AppModel:
         classes = self._class_ids(class_name, n)
         out = self.pipe(classes=classes, num_images=n, prefix_codes=prefix, generator=self._generator(seed),
                         batch_size=BATCH, decoding="sequential", progress=progress)  # fmt: skip
-        recon = _pil(self.pipe.vqvae.decode_codes(codes).clamp(-1, 1))
+        recon = _pil(self.pipe.vqvae.decode_codes(codes))
         details = {"keep_rows": rows, "seed": int(seed), "class": class_name if classes is not None else None,
                    "codes": codes[0].tolist(), "completion_codes": out.codes.tolist()}  # fmt: skip
         return _pil(x), recon, out.images, details
@@ -181,9 +177,8 @@ class AppModel:
 
 
 def _pil(x: torch.Tensor) -> Image.Image:
-    """(1, C, H, W) in [-1, 1] -> a PIL image (L or RGB)."""
-    arr = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()  # (H, W, C)
-    return Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
+    """(1, C, H, W) in [-1, 1] -> a PIL image, converted as the pipeline converts its samples."""
+    return to_pil(unit_images(x)[0])
 
 
 def drawn_image(value) -> Image.Image | None:

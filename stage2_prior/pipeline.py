@@ -286,11 +286,12 @@ class VQGenPipeline:
         )
         images = torch.cat([unit_images(self.vqvae.decode_codes(c)) for c in codes.split(batch_size)])
         if output_type == "pil":
-            images = [_to_pil(img) for img in images]
+            images = [to_pil(img) for img in images]
         return VQGenPipelineOutput(images=images, codes=codes.cpu(), classes=classes)
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> (1, h, w) codes, preprocessed as the codes the prior learned were."""
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> the VQ-VAE's input (1, C, H, W) in [-1, 1], transformed as the prior's training data
+        was (its codes' data_config: resize mode, channels)."""
         from stage1_vqvae.data import DataConfig, ImageTransform, to_model_input
 
         data = dict(self.codes_meta.data_config)
@@ -298,10 +299,14 @@ class VQGenPipeline:
             resolution=self.vqvae.config.image_size, channels="L" if self.vqvae.config.in_channels == 1 else "RGB"
         )
         pixels = ImageTransform(DataConfig(**data))(image).unsqueeze(0)  # (1, C, H, W) uint8
-        return self.vqvae.encode(to_model_input(pixels.to(self.device)))
+        return to_model_input(pixels.to(self.device))
+
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> (1, h, w) codes, preprocessed as the codes the prior learned were."""
+        return self.vqvae.encode(self.preprocess(image))
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil(image: torch.Tensor) -> Image.Image:
     """(C, H, W) in [0, 1] -> PIL (L or RGB)."""
     arr = image.mul(255).round().byte().permute(1, 2, 0).numpy()  # (H, W, C)
     return Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
