@@ -42,6 +42,8 @@ INSTALL = 'the app needs gradio, an optional extra: pip install "vqgen[app]" (or
 
 
 def require_gradio():
+    # No usage reports or version checks from the page unless the user asks for them (offline machines, tests).
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio
     except ImportError:

@@ -243,6 +243,7 @@ def test_an_unconditional_pipeline_hides_the_class_and_redraws_with_num_images(s
     page = build_app(model).config
     hidden = {c["props"].get("elem_id"): c["props"].get("visible") for c in page["components"]}
     assert hidden["class"] is False and model.class_choices == []
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # the page reports nothing home unless asked to
     images, record = model.generate(None, 2, model.settings(3.0, 1.0, 0, 1.0), 4)
     want = model.pipe(num_images=2, generator=torch.Generator().manual_seed(4), decoding="sequential",
                       temperature=1.0, guidance_scale=1.0)  # fmt: skip
