@@ -14,7 +14,9 @@ ends a run with a complete checkpoint at a step every rank agreed on, and a docu
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing.util  # noqa: F401 (its exit handler must be registered before ours, which then runs first)
 import re
 import signal
 import time
@@ -63,6 +65,31 @@ def ignore_stop_signals(worker_id: int) -> None:
     must not kill one mid-batch); the main process finishes the step and shuts them down."""
     for name in ("SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process `pid` ignores SIGTERM (Linux: its SigIgn mask); True where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@atexit.register  # registered after multiprocessing's exit handler (imported above), so it runs before it
+def _kill_workers_that_ignore_sigterm() -> None:
+    """At exit, a DataLoader worker still alive (its iterator kept by an error's traceback) ignores SIGTERM, and
+    multiprocessing's exit handler, which SIGTERMs daemonic children and then joins them, would wait for it
+    forever: a CLI that failed would never return. Such workers hold no state, so they get SIGKILL first."""
+    import multiprocessing
+
+    stuck = [c for c in multiprocessing.active_children() if c.daemon and c.pid and _ignores_sigterm(c.pid)]
+    if stuck and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for a worker killed on purpose
+    for child in stuck:
+        child.kill()
+        child.join(timeout=5)
 
 
 class Stopper:

@@ -1,6 +1,7 @@
 """Code extraction: schema and order, shards and resume, a stream-trained model, pushes, bad input."""
 
 import dataclasses
+import multiprocessing
 
 import datasets
 import numpy as np
@@ -186,6 +187,8 @@ def test_bad_extraction_inputs_are_one_clear_error_and_leave_nothing(tmp_path, t
         extract(
             tiny_model, DataConfig(source=str(tmp_path / "junk"), resolution=16), tmp_path / "c1", model_location="x"
         )
+    # The failed split's workers are gone with the error, not left waiting (they ignore SIGTERM) until exit.
+    assert not [c for c in multiprocessing.active_children() if c.daemon]
     with pytest.raises(VqgenError, match=r"16x16 images.*data.resolution=16"):
         extract(tiny_model, DataConfig(source=str(image_folder), resolution=32), tmp_path / "c2", model_location="x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]  # no .work or temp folders

@@ -290,3 +290,40 @@ def test_the_slurm_recipe_parses_and_its_training_command_runs_with_the_tiny_con
         proc = subprocess.run(["bash", "-c", per_node], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and newest_step(tmp_path / "run") == 3
+
+
+LEAKED_WORKER = """
+import torch
+from vqgen.preemption import ignore_stop_signals
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return torch.zeros(2)
+
+loader = torch.utils.data.DataLoader(Rows(), batch_size=10, num_workers=1, worker_init_fn=ignore_stop_signals)
+batches = iter(loader)
+next(batches)
+batches.cycle = batches  # kept alive past the module's globals, as an error's traceback keeps an iterator
+raise SystemExit(3)
+"""
+
+
+def test_a_process_whose_worker_ignores_sigterm_still_exits(tmp_path):
+    # multiprocessing's exit handler SIGTERMs daemonic children and joins them: a leaked worker that ignores the
+    # stop signals would hold the exit (a failed CLI that never returns) unless vqgen SIGKILLs it first.
+    proc = subprocess.run([sys.executable, "-c", LEAKED_WORKER], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "Exception ignored" not in proc.stderr and "killed by signal" not in proc.stderr
+
+
+def test_only_children_that_ignore_sigterm_count_as_stuck():
+    from vqgen.preemption import _ignores_sigterm
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert _ignores_sigterm(os.getpid())
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert _ignores_sigterm(os.getpid()) is (before == signal.SIG_IGN)
