@@ -117,45 +117,47 @@ def _encode_shards(dd, work, model, data_cfg, features, dtype, label_col, accele
     total = sum(hi - lo for *_, lo, hi in todo)
     # Rank 0 shows its own progress (the ranks run at the same pace): images/s and the time left.
     bar = tqdm(total=total, desc="extracting", unit="img", disable=not accelerator.is_main_process, smoothing=0.1)
-    for split, ds in dd.items():
-        shards = [(i, lo, hi) for s, i, lo, hi in todo if s == split]
-        if not shards:
-            continue
-        # One loader per split (its workers start once); batches never cross a shard's end.
-        loader = torch.utils.data.DataLoader(
-            LazyImageSplit(ds, data_cfg, split),
-            batch_sampler=_ShardBatches(shards, batch_size),
-            num_workers=workers,
-            pin_memory=accelerator.device.type == "cuda",
-            worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them
-        )
-        batches_left = iter(loader)
-        try:
-            for i, lo, hi in shards:
-                codes, labels, rows = [], [], 0
-                while rows < hi - lo:
-                    batch = next(batches_left)
-                    with torch.inference_mode():
-                        x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
-                        codes.append(model.encode(x).cpu().numpy().astype(dtype))  # (B, h, w)
-                    labels.append(batch["labels"].numpy())
-                    rows += len(x)
-                    bar.update(len(x))
-                    release_freed_memory()  # else glibc's heap creeps up with the number of batches
-                columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
-                if label_col is not None:
-                    columns["label"] = np.concatenate(labels)
-                path = _shard_path(work, split, i)
-                tmp = path.with_suffix(f".tmp-{rank}")
-                datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
-                os.replace(tmp, path)
-                if stopper is not None and stopper.received is not None:
-                    raise _Stopped(signal.Signals(stopper.received).name)
-        finally:  # an error or a stop mid-split: its workers (which ignore SIGTERM) go now, not with a traceback
-            shutdown = getattr(batches_left, "_shutdown_workers", None)  # multi-process iterators only
-            if shutdown is not None:
-                shutdown()
-    bar.close()
+    try:
+        for split, ds in dd.items():
+            shards = [(i, lo, hi) for s, i, lo, hi in todo if s == split]
+            if not shards:
+                continue
+            # One loader per split (its workers start once); batches never cross a shard's end.
+            loader = torch.utils.data.DataLoader(
+                LazyImageSplit(ds, data_cfg, split),
+                batch_sampler=_ShardBatches(shards, batch_size),
+                num_workers=workers,
+                pin_memory=accelerator.device.type == "cuda",
+                worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them
+            )
+            batches_left = iter(loader)
+            try:
+                for i, lo, hi in shards:
+                    codes, labels, rows = [], [], 0
+                    while rows < hi - lo:
+                        batch = next(batches_left)
+                        with torch.inference_mode():
+                            x = to_model_input(batch["images"].to(accelerator.device, non_blocking=True))
+                            codes.append(model.encode(x).cpu().numpy().astype(dtype))  # (B, h, w)
+                        labels.append(batch["labels"].numpy())
+                        rows += len(x)
+                        bar.update(len(x))
+                        release_freed_memory()  # else glibc's heap creeps up with the number of batches
+                    columns = {"codes": np.concatenate(codes)}  # (rows, h, w)
+                    if label_col is not None:
+                        columns["label"] = np.concatenate(labels)
+                    path = _shard_path(work, split, i)
+                    tmp = path.with_suffix(f".tmp-{rank}")
+                    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+                    os.replace(tmp, path)
+                    if stopper is not None and stopper.received is not None:
+                        raise _Stopped(signal.Signals(stopper.received).name)
+            finally:  # an error or a stop mid-split: its workers (which ignore SIGTERM) go now, not with a traceback
+                shutdown = getattr(batches_left, "_shutdown_workers", None)  # multi-process iterators only
+                if shutdown is not None:
+                    shutdown()
+    finally:  # closed on an error too (else its last line prints at exit)
+        bar.close()
 
 
 class _ShardBatches:
