@@ -100,6 +100,17 @@ class Stage1Config:
         return {**raw, "model": model}
 
 
+def build_model(cfg: Stage1Config) -> tuple[VQVAE, torch.optim.Optimizer]:
+    """The VQ-VAE (channels-last when asked) and its Adam."""
+    tc = cfg.train
+    model = VQVAE(cfg.model)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate, betas=betas, weight_decay=tc.weight_decay)
+    return model, optimizer
+
+
 def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse_train_args(__doc__, Stage1Config, argv)
     check_discriminator(cfg.loss, cfg.model.image_size)
@@ -120,21 +131,15 @@ def main(argv: list[str] | None = None) -> Path:
     open_run(accelerator, args, out, cfg, resume_dir)
     # Decoding on the fly wants workers; data already in memory does not (a worker only adds a copy).
     in_memory = all(isinstance(v, ImageSplit) for v in splits.values())
-    workers = tc.num_workers
-    if workers is None:
-        workers = 0 if in_memory else LazyImageSplit.default_workers(accelerator.num_processes)
+    default_workers = 0 if in_memory else LazyImageSplit.default_workers(accelerator.num_processes)
+    workers = default_workers if tc.num_workers is None else tc.num_workers
     train_dl, val_dl, streaming = train_loaders(
         splits["train"], splits["validation"], accelerator, per_device, tc, workers
     )
 
     # Model, optimizer and (VQGAN's option) the discriminator, a model of its own with its own optimizer,
     # prepared, checkpointed and restored with the VQ-VAE; the frozen VGG stays outside.
-    model = VQVAE(cfg.model)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
-    )
+    model, optimizer = build_model(cfg)
     gan = build_discriminator(cfg.loss, cfg.model.in_channels, tc.learning_rate)
     (model, optimizer, *gan), train_dl, val_dl = prepare_run(
         accelerator, [model, optimizer, *gan], train_dl, val_dl, streaming
