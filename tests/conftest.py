@@ -219,6 +219,22 @@ def stage1(tmp_path_factory, image_folder):
 
 
 @pytest.fixture(scope="session")
+def pipeline_dir(stage1, tmp_path_factory) -> Path:
+    """A pipeline folder of the tiny VQ-VAE and a 2-step prior over its codes (the app's and the sample
+    metrics' tests share it)."""
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.model import load_prior
+    from stage2_prior.pipeline import VQGenPipeline
+
+    from helpers import train2
+
+    _, vqvae_dir, codes = stage1
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    prior = train2(root / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
+    return VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior)).save_pretrained(root / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
     """A random Inception-V3 in torch-fidelity's file format (its tensor names, .pth), so the equality tests run
     offline. He-initialised convs; batch-norm statistics calibrated on 24 structured images (as a trained network's

@@ -15,21 +15,9 @@ from PIL import Image
 
 from vqgen.cli import VqgenError
 
-from helpers import train2
+from helpers import free_port, train2
 
 gradio = pytest.importorskip("gradio", reason="the app's tests need the dev extra (gradio)")
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(stage1, tmp_path_factory):
-    from stage1_vqvae.model import VQVAE
-    from stage2_prior.model import load_prior
-    from stage2_prior.pipeline import VQGenPipeline
-
-    _, vqvae_dir, codes = stage1
-    root = tmp_path_factory.mktemp("app")
-    prior = train2(root / "s2", codes, "train.max_steps=3", "train.checkpoint_every=0")
-    return VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior)).save_pretrained(root / "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +29,6 @@ def live(pipeline_dir):
 
     model = load_model(str(pipeline_dir), "cpu")
     demo = build_app(model)
-    from benchmarks.app import free_port
-
     port = free_port()
     demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, server_port=port, quiet=True)
     try:

@@ -10,15 +10,12 @@ import torch
 from PIL import Image
 
 from stage1_vqvae.data import DataConfig, ImageSplit
-from stage1_vqvae.model import VQVAE
 from stage1_vqvae.sources import load_source
 from stage2_prior.evaluate_samples import main as evaluate_samples
-from stage2_prior.model import load_prior
-from stage2_prior.pipeline import VQGenPipeline
 from vqgen.cli import VqgenError
 from vqgen.metrics.fidelity import draw_like
 
-from helpers import RGBImages, run_two_processes, train2
+from helpers import RGBImages, run_two_processes
 
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
@@ -28,14 +25,6 @@ def write_folder(folder, images):
     for i, img in enumerate(images):
         Image.fromarray(img[0].numpy(), mode="L").save(folder / f"{i:03d}.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(stage1, tmp_path_factory):
-    _, vqvae_dir, codes = stage1
-    root = tmp_path_factory.mktemp("samples-pipe")
-    prior = train2(root / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
-    return VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), load_prior(prior)).save_pretrained(root / "pipe")
 
 
 def test_a_folder_is_scored_exactly_as_torch_fidelity_scores_it(image_folder, inception_weights, tmp_path):
