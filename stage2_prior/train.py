@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Resume, then the loop.
     step = 0
     if resume_dir is not None:
-        step = load_checkpoint(accelerator, resume_dir)
+        step = load_checkpoint(accelerator, resume_dir, stream=train_dl if streaming else None)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
@@ -199,7 +199,13 @@ def main(argv: list[str] | None = None) -> Path:
                 if vqvae is not None:
                     log_samples(accelerator, model, vqvae, layout, step, out)
             if save_now:
-                last_ckpt = save_checkpoint(accelerator, step, stopper.note() if stop else None)
+                last_ckpt = save_checkpoint(
+                    accelerator,
+                    step,
+                    stopper.note() if stop else None,
+                    tc.checkpoints_total_limit,
+                    train_dl if streaming else None,
+                )
             if stop:
                 stop_run(accelerator, stopper, step, last_ckpt)
             if last:

@@ -54,13 +54,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(*module_args: str) -> subprocess.CompletedProcess:
-    """`python -m <module> ...` in 2 CPU processes under torchrun (Accelerate on CPU, one thread each), on a
-    free port."""
+PROBE = os.path.join(ROOT, "tests", "launch_probe")  # its sitecustomize says when a rank leaves its group
+
+
+def run_two_processes(*module_args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> ...` (or `python <script> ...`) in 2 CPU processes under torchrun (Accelerate on CPU,
+    one thread each), on a free port. Fails the test when any rank exits without destroying its process group,
+    the rare abort of issue 36."""
     port = free_port()
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([PROBE, ROOT]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    return subprocess.run([*cmd, "-m", *module_args], env=env, capture_output=True, text=True, timeout=300)
+    target = [script] if script else ["-m"]
+    proc = subprocess.run([*cmd, *target, *module_args], env=env, capture_output=True, text=True, timeout=300)
+    left = [line for line in proc.stderr.splitlines() if "process group was not destroyed" in line]
+    if left or "destroy_process_group" in proc.stderr:
+        pytest.fail(f"a rank exited with its process group alive: {left or proc.stderr[-2000:]}")
+    return proc
 
 
 def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"), fingerprint="f" * 64, **kw):

@@ -35,6 +35,22 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0" or not e.every_rank:
             print(f"error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if this process started one (every command ends here, whatever way).
+
+    A group left to the interpreter's exit keeps its backend's threads joinable while the process tears down:
+    gloo's then end in `std::terminate` ("terminate called without an active exception", SIGABRT), now and then
+    after a run whose work was done, and the launcher reports the whole job failed (issue 36); NCCL's warn that
+    `destroy_process_group()` was not called. The trainers' `end_training` already did it; the other commands
+    never end their Accelerator. On an error the other ranks may still wait in a collective: this rank's group
+    holds no work in flight then, and the launcher stops the others once this one exits."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def user_message(e: VqgenError) -> str:

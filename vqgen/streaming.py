@@ -3,6 +3,9 @@ batches that carry their position, and that position checkpointed so a resumed r
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from vqgen.cli import VqgenError
@@ -77,28 +80,51 @@ class StreamBatches(torch.utils.data.IterableDataset):
             epoch += 1  # the last partial batch is dropped, like drop_last on a map-style split
 
 
-class StreamCheckpoint:
-    """The stream loader's state in the run's checkpoints (`accelerator.register_for_checkpointing`), with one
-    clear error where torchdata would assert: a streamed run resumes only with the workers it was saved with."""
+STREAM_STATE = "stream_state_{rank}.pt"  # one per rank in each checkpoint of a streamed run
 
-    def __init__(self, loader, num_workers: int):
-        self.loader, self.num_workers = loader, num_workers
 
-    def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "loader": self.loader.state_dict()}
+def save_stream_state(loader, checkpoint: Path, rank: int, world: int) -> None:
+    """This rank's stream position into the checkpoint (every rank writes its own: each reads another part of
+    the stream, and accelerate's registered objects are saved by the main process alone, so ranks >= 1 used to
+    resume from rank 0's position). Written to a temporary name and renamed: a file that exists is whole."""
+    state = {"num_workers": loader.num_workers, "world": world, "loader": loader.state_dict()}
+    path = Path(checkpoint) / STREAM_STATE.format(rank=rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_workers"] != self.num_workers:
-            raise VqgenError(
-                f"this run was checkpointed with train.num_workers={state['num_workers']}; a streamed source "
-                f"resumes only with the same number (got {self.num_workers})"
-            )
-        self.loader.load_state_dict(state["loader"])
+
+def load_stream_state(loader, checkpoint: Path, rank: int, world: int) -> None:
+    """Restore this rank's stream position, with one clear error where the run cannot continue exactly: another
+    number of processes or workers than the checkpoint's, or a checkpoint without stream positions."""
+    path = Path(checkpoint) / STREAM_STATE.format(rank=rank)
+    if not path.is_file():
+        raise VqgenError(
+            f"{checkpoint} holds no stream position for rank {rank} ({path.name}): it was saved by a run with fewer "
+            f"processes, or by one that did not stream. A streamed run resumes only as it was launched ({world} "
+            "processes now)",
+            every_rank=True,
+        )
+    state = torch.load(path, weights_only=False)  # our own file: positions hold datasets' plain Python state
+    if state["world"] != world:
+        raise VqgenError(
+            f"this run was checkpointed with {state['world']} processes; a streamed source resumes only with the "
+            f"same number (got {world})",
+            every_rank=True,
+        )
+    if state["num_workers"] != loader.num_workers:
+        raise VqgenError(
+            f"this run was checkpointed with train.num_workers={state['num_workers']}; a streamed source "
+            f"resumes only with the same number (got {loader.num_workers})",
+            every_rank=True,
+        )
+    loader.load_state_dict(state["loader"])
 
 
 def stream_loader(dataset: StreamBatches, accelerator, per_device: int, workers: int):
     """The loader of a stream: torchdata's StatefulDataLoader, not prepared by accelerate (whose batch dispatching
-    would have rank 0 read for all; the loop moves batches to the device), its position saved with checkpoints."""
+    would have rank 0 read for all; the loop moves batches to the device). Its position goes into each checkpoint
+    through `save_checkpoint(..., stream=loader)`, one file per rank."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     dataset.configure(per_device, accelerator.process_index, accelerator.num_processes)
@@ -112,5 +138,4 @@ def stream_loader(dataset: StreamBatches, accelerator, per_device: int, workers:
         generator=torch.Generator().manual_seed(dataset.seed),
         worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them on a signal
     )
-    accelerator.register_for_checkpointing(StreamCheckpoint(loader, workers))  # before load_checkpoint
     return loader

@@ -303,35 +303,32 @@ def test_a_stream_continues_from_the_checkpointed_position(tmp_path, workers, au
     from accelerate import PartialState
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from vqgen.streaming import StreamCheckpoint, stream_loader
+    from vqgen.streaming import load_stream_state, save_stream_state, stream_loader
 
     class Run:  # what stream_loader asks of an Accelerator
         process_index, num_processes, device = 0, 1, PartialState().device
 
-        def __init__(self):
-            self.saved = []
-
-        def register_for_checkpointing(self, obj):
-            self.saved.append(obj)
-
-    run = Run()
-    loader = stream_loader(stream, run, 3, workers)
-    assert isinstance(loader, StatefulDataLoader) and isinstance(run.saved[0], StreamCheckpoint)
+    loader = stream_loader(stream, Run(), 3, workers)
+    assert isinstance(loader, StatefulDataLoader)
     it = iter(loader)
     for _ in range(5):
         next(it)
-    state = pickle.loads(pickle.dumps(run.saved[0].state_dict()))  # as a checkpoint saves it
+    save_stream_state(loader, tmp_path, rank=0, world=1)  # as save_checkpoint saves it
     expected = [next(it)["images"] for _ in range(6)]  # crosses into the next epoch of 44 rows
     del it
     again = load_splits(cfg, splits=("train",), augment_train=augment)["train"]
-    run_b = Run()
-    resumed = stream_loader(again, run_b, 3, workers)
-    run_b.saved[0].load_state_dict(state)  # as load_checkpoint restores it, before the loop starts
+    resumed = stream_loader(again, Run(), 3, workers)
+    load_stream_state(resumed, tmp_path, rank=0, world=1)  # as load_checkpoint restores it, before the loop starts
     it = iter(resumed)
     for want in expected:
         assert torch.equal(next(it)["images"], want)
+    with pytest.raises(VqgenError, match="checkpointed with 1 processes"):
+        load_stream_state(resumed, tmp_path, rank=0, world=2)
+    with pytest.raises(VqgenError, match="no stream position for rank 1"):
+        load_stream_state(resumed, tmp_path, rank=1, world=2)
+    resumed.num_workers = workers + 1
     with pytest.raises(VqgenError, match="checkpointed with train.num_workers"):
-        StreamCheckpoint(resumed, workers + 1).load_state_dict(state)
+        load_stream_state(resumed, tmp_path, rank=0, world=1)
 
 
 def test_a_corrupt_image_in_a_stream_is_one_clear_error_from_a_worker(tmp_path):

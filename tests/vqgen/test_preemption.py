@@ -229,6 +229,34 @@ def test_auto_on_an_empty_folder_starts_and_on_a_checkpoint_resumes(tmp_path, im
                                            "train.checkpoint_every=2")))  # fmt: skip
 
 
+@pytest.mark.slow
+def test_a_run_killed_in_the_middle_of_a_save_resumes_under_accelerate_launch(tmp_path, image_folder):
+    # Audit 3, S4-2, as users meet it: `accelerate launch`, one checkpoint kept, SIGKILL while checkpoint_4 is being
+    # written. The same command with `auto` then resumes from checkpoint_2 (never deletes the run) and ends with
+    # the uninterrupted run's weights.
+    def launch(out, *extra, env=ENV):
+        args = stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2",
+                           "train.checkpoints_total_limit=1", *extra)  # fmt: skip
+        cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stage1_vqvae.train", *args]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "run"
+    probe = os.path.join(ROOT, "tests", "kill_probe")
+    killer = dict(ENV, VQGEN_TEST_KILL_IN_SAVE="4", PYTHONPATH=os.pathsep.join([probe, str(ROOT)]))
+    killed = launch(out, "--resume_from_checkpoint", "auto", env=killer)
+    assert killed.returncode != 0 and not (out / "model").exists(), killed.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]  # 4 was cut short; 2 was not pruned first
+    resumed = launch(out, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "checkpoint_2" in resumed.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_6"]  # pruned to the one kept
+    reference = launch(tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    same_weights(tmp_path / "ref" / "model", out / "model")
+
+
 # --------------------------------------------------------------------------------------------------
 # Extraction and the SLURM recipe
 

@@ -156,3 +156,106 @@ def test_both_trainers_say_once_when_a_cpu_run_would_pass_the_threshold(tmp_path
                 run(tmp_path / f"{name}-{threshold}")
             assert caplog.text.count("projected wall time for train.max_steps=4 on cpu") == 1, name
             assert caplog.text.count("which has no GPU") == said, name
+
+
+class Killed(BaseException):
+    """What a SIGKILL does to a save, as an exception: nothing after the point runs (BaseException, so no handler
+    on the way catches it)."""
+
+
+KILL_POINTS = ["in save_state", "before the marker", "while pruning", "while clearing a killed save"]
+
+
+def killable_save(monkeypatch, accelerator, step: int, keep: int, kill: str | None):
+    """`save_checkpoint` with a kill at one point of it: halfway through accelerate's files, after them and before
+    the state file, between the rename and the removal of a checkpoint being pruned, or while a half-written folder
+    is cleared away."""
+    import accelerate.accelerator as acc_mod
+
+    import vqgen.training as training
+    from vqgen.training import save_checkpoint
+
+    real_state, real_rmtree, real_write = acc_mod.save_accelerator_state, training.shutil.rmtree, training.write_json
+
+    def partial_state(output_dir, *args, **kwargs):
+        Path(output_dir, "model.safetensors").write_bytes(b"the first bytes")
+        raise Killed
+
+    def killed_rmtree(path, *args, **kwargs):
+        name = Path(path).name
+        if name.startswith(".discard-") and ("killed" not in name or kill == "while clearing a killed save"):
+            raise Killed  # renamed away, not removed yet
+        return real_rmtree(path, *args, **kwargs)
+
+    def killed_write(path, *args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        if kill == "in save_state":
+            m.setattr(acc_mod, "save_accelerator_state", partial_state)
+        elif kill == "before the marker":
+            m.setattr(training, "write_json", killed_write)
+        elif kill in ("while pruning", "while clearing a killed save"):
+            m.setattr(training.shutil, "rmtree", killed_rmtree)
+        try:
+            save_checkpoint(accelerator, step, keep=keep)
+        except Killed:
+            return False
+    assert real_state and real_write  # restored by the context
+    return True
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+@pytest.mark.parametrize("kill", KILL_POINTS)
+def test_a_kill_at_any_point_of_a_save_leaves_the_newest_complete_checkpoint_to_resume(tmp_path, monkeypatch, keep,
+                                                                                       kill):  # fmt: skip
+    # Audit 3, S4-2: accelerate pruned before writing and counted half-written folders, so one kill could leave no
+    # complete checkpoint and `auto` then deleted the run. Here: saves at steps 2, 4, 6, 8, the last two killed
+    # at the same point (a second preemption before the resumed run saved), then `auto` on what is left.
+    from argparse import Namespace
+
+    from vqgen.training import BaseTrainConfig, build_accelerator, check_run, list_checkpoints, load_checkpoint
+
+    out = tmp_path / "run"
+    accelerator, _ = build_accelerator(BaseTrainConfig(output_dir=str(out), report_to="none"), out)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "events").write_text("a long run's logs")
+    completed = []
+    for step, kill_now in ((2, None), (4, None), (6, kill), (8, kill)):
+        with torch.no_grad():
+            model.weight.fill_(step)  # each checkpoint holds its step in the weights
+        done = killable_save(monkeypatch, accelerator, step, keep, kill_now)
+        if done or kill_now in ("while pruning", "while clearing a killed save"):
+            completed.append(step)  # the marker was written before the kill
+        complete = [s for s, _ in list_checkpoints(out / "checkpoints")]
+        assert complete and complete[-1] == completed[-1], (step, complete)
+        assert len(complete) <= keep + (0 if done else 1)  # a kill during pruning may leave one extra
+    args = Namespace(resume_from_checkpoint="auto", overwrite_output_dir=False)
+    resume = check_run(accelerator, args, out)
+    assert resume == out / "checkpoints" / f"checkpoint_{completed[-1]}" and not args.overwrite_output_dir
+    with torch.no_grad():
+        model.weight.zero_()
+    assert load_checkpoint(accelerator, resume) == completed[-1]
+    assert torch.all(model.weight == completed[-1])  # a whole checkpoint, not a half-written one
+    assert (out / "logs" / "events").is_file()
+    # The next save clears what the kills left and prunes to `keep` complete checkpoints.
+    killable_save(monkeypatch, accelerator, 10, keep, None)
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [*completed, 10][-keep:]
+    kept = sorted(f"checkpoint_{s}" for s in [*completed, 10][-keep:])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept  # nothing half-written, nothing hidden
+
+
+def test_auto_refuses_and_deletes_nothing_when_every_checkpoint_is_incomplete(tmp_path, image_folder):
+    from stage1_vqvae.train import main
+
+    out = tmp_path / "run"
+    main(stage1_args(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2"))
+    shutil.rmtree(out / "model")
+    (out / "checkpoints" / "checkpoint_2" / STATE_FILE).unlink()  # what a kill during the only save leaves
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(VqgenError, match=r"holds checkpoint_2 but none is complete .* nothing was deleted"):
+        main(stage1_args(out, image_folder, "train.max_steps=4", "train.checkpoint_every=2")
+             + ["--resume_from_checkpoint", "auto"])  # fmt: skip
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
