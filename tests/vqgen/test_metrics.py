@@ -169,3 +169,52 @@ def test_weights_in_the_torch_hub_cache_are_found_without_a_flag(tmp_path, monke
     x = image_set(2, 16, 3, 0.5, 0)
     assert torch.equal(InceptionFeatures(None)(x)["pool"], InceptionFeatures(inception_weights)(x)["pool"])
     assert np.isfinite(InceptionFeatures(None)(x)["logits_unbiased"].numpy()).all()
+
+
+class MeanColours(torch.nn.Module):
+    """A stand-in feature extractor (mean colours on a 4x4 grid), with the digest the cache keys on: the cache
+    logic is the Inception's, in milliseconds."""
+
+    digest = "0123456789abcdef" * 4
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        pool = torch.nn.functional.adaptive_avg_pool2d(x.expand(-1, 3, -1, -1).float(), 4).flatten(1)  # (B, 48)
+        return {"pool": pool, "logits_unbiased": pool}
+
+
+def test_cached_reference_statistics_follow_every_setting_that_changes_pixels_or_labels(tmp_path):
+    # Audit 3, S4-1: a split decoded on the fly was keyed without its resize mode or label column, and the cache
+    # served crop's statistics to stretch and pad (FID 179.54 both times; 530.73 from a cold cache).
+    from PIL import Image
+
+    from stage1_vqvae.data import DataConfig, load_splits
+    from vqgen.metrics.fidelity import ReferenceSplit
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for split in ("train", "validation", "test"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (12, 24, 3), dtype=np.uint8)  # (H, W, 3): wide
+                pixels[:, :6] = 255  # a bright edge that crop cuts away and stretch and pad keep
+                Image.fromarray(pixels).save(tmp_path / "images" / split / cls / f"{i}.png")
+    extractor, cache = MeanColours(), tmp_path / "cache"
+
+    def reference(cache_dir, **settings):
+        cfg = DataConfig(**{"source": str(tmp_path / "images"), "resolution": 8, "channels": "RGB", **settings})
+        split = load_splits(cfg, splits=("test",), in_memory=False)["test"]  # decoded on the fly, as a big split
+        loader = torch.utils.data.DataLoader(split, batch_size=4)
+        return ReferenceSplit.load_or_compute(split, loader, extractor, None, cache_dir)
+
+    settings = [{"resize_mode": "crop"}, {"resize_mode": "stretch"}, {"resize_mode": "pad"}, {"resolution": 4},
+                {"resize_mode": "crop", "label_column": "none"}]  # fmt: skip
+    for each in settings:
+        cached = reference(cache, **each)  # each one after all the others have filled the cache
+        truth = reference(None, **each)
+        assert torch.equal(cached.pool, truth.pool) and torch.equal(cached.labels, truth.labels), each
+    assert len(list((cache / "fidelity").glob("*.safetensors"))) == len(settings)
+    assert reference(cache, resize_mode="crop", label_column="none").labels.tolist() == [-1] * 6

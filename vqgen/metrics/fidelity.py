@@ -15,6 +15,7 @@ field's sample metrics with their size-matched real references.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -92,9 +93,18 @@ def gather_rows(accelerator, row_ids: torch.Tensor, values: torch.Tensor, total:
     return all_values[torch.argsort(all_ids)]
 
 
+# Bump when the decoding of a split decoded on the fly changes (resampling, padding, conversion): cached reference
+# statistics keyed on an older transform are then never served.
+TRANSFORM_VERSION = 1
+# The DataConfig fields that change the pixels or labels a split decoded on the fly yields.
+PIXEL_AND_LABEL_FIELDS = ("source", "resolution", "channels", "resize_mode", "image_column", "label_column")
+
+
 def split_fingerprint(split) -> str:
-    """What identifies a split's images: the bytes of a split held in memory, or the Arrow dataset's fingerprint
-    with the preprocessing for one decoded on the fly."""
+    """What identifies a split's images and labels: their bytes for a split held in memory; for one decoded on
+    the fly, the Arrow dataset's fingerprint with every config field that changes the decoded pixels or labels
+    (`PIXEL_AND_LABEL_FIELDS`) and the transform's version. Each field is read by name, so a renamed field
+    fails here instead of silently dropping out of the key (audit 3, S4-1)."""
     h = hashlib.sha256()
     if getattr(split, "images", None) is not None:
         h.update(split.images.numpy().tobytes())
@@ -103,8 +113,9 @@ def split_fingerprint(split) -> str:
         raw = getattr(split, "raw", None)
         if raw is None or not getattr(raw, "_fingerprint", None):
             raise VqgenError(f"cannot fingerprint split {getattr(split, 'split', '?')!r} to cache its features")
-        cfg = split.cfg
-        h.update(f"{raw._fingerprint}|{cfg.resolution}|{cfg.channels}|{getattr(cfg, 'resize', '')}".encode())
+        fields = {name: getattr(split.cfg, name) for name in PIXEL_AND_LABEL_FIELDS}
+        key = {"arrow": raw._fingerprint, "split": getattr(split, "split", None), "transform": TRANSFORM_VERSION}
+        h.update(json.dumps({**key, **fields}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
