@@ -89,6 +89,8 @@ def sharded_features(accelerator, make_images, n: int, batch_size: int, extracto
         ids.append(rows)
         for k in KEYS:
             parts[k].append(f[k])
+    if accelerator.num_processes > 1:  # a rank that drew no chunk (n <= batch_size x (P - 1)) learns it from rank 0
+        shape = broadcast_object_list([shape])[0]
     empty = torch.zeros(0, dtype=torch.long)
     row_ids = torch.cat(ids) if ids else empty
     out = {}
