@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--classes", default=None, help="comma-separated class ids or names, e.g. 3,3,7")
     recommended = "default: the prior's recommended setting (its generation_config)"
     parser.add_argument("--temperature", type=float, default=None, help=f"0 is greedy; {recommended}")
-    parser.add_argument("--top_k", type=int, default=None, help=recommended)
-    parser.add_argument("--top_p", type=float, default=None, help=recommended)
+    parser.add_argument("--top_k", type=int, default=None, help=f"0 is off; {recommended}")
+    parser.add_argument("--top_p", type=float, default=None, help=f"1.0 is off; {recommended}")
     parser.add_argument("--guidance_scale", type=float, default=None, help=f"classifier-free guidance; {recommended}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=100)

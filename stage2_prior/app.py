@@ -98,9 +98,10 @@ class AppModel:
         return self.pipe.class_ids([name] * n)
 
     def settings(self, guidance_scale, temperature, top_k, top_p) -> dict:
-        """The page's fields as sampling settings: top-k 0 and top-p 1 are "off"."""
-        top_k = None if not top_k else int(top_k)
-        top_p = None if top_p is None or float(top_p) >= 1 else float(top_p)
+        """The page's fields as sampling settings. Top-k 0 and top-p 1 are "off", passed as those values: None
+        would mean "the prior's recommendation" (audit 3, S4-6: top-p 1 sampled with the demo's 0.95)."""
+        top_k = int(top_k) if top_k else 0
+        top_p = min(1.0, float(top_p)) if top_p is not None else 1.0
         return {"guidance_scale": float(guidance_scale), "temperature": float(temperature), "top_k": top_k,
                 "top_p": top_p}  # fmt: skip
 
@@ -114,7 +115,8 @@ class AppModel:
             settings = {**settings, "guidance_scale": 1.0}  # nothing to guide towards
         out = self.pipe(classes=classes, num_images=n, generator=self._generator(seed), batch_size=BATCH,
                         decoding=decoding, progress=progress, **settings)  # fmt: skip
-        return out.images, self.record(class_name if classes is not None else None, n, settings, seed, decoding)
+        used = self.pipe.last_stats.get("settings") or settings  # as resolved by the sampler: what made them
+        return out.images, self.record(class_name if classes is not None else None, n, used, seed, decoding)
 
     def record(self, class_name, n: int, settings: dict, seed, decoding: str) -> dict:
         flags = [f"--pipeline {self.source}"]
@@ -181,6 +183,12 @@ class AppModel:
 def _pil(x: torch.Tensor) -> Image.Image:
     """(1, C, H, W) in [-1, 1] -> a PIL image, converted as the pipeline converts its samples."""
     return to_pil(unit_images(x)[0])
+
+
+def black_canvas(size: int = 256) -> Image.Image:
+    """The drawing's starting canvas: black, as the label says and as `drawn_image` composites the strokes (the
+    Sketchpad's own canvas shows white)."""
+    return Image.new("RGBA", (size, size), (0, 0, 0, 255))
 
 
 def drawn_image(value) -> Image.Image | None:
@@ -282,8 +290,8 @@ def _complete_tab(gr, model: AppModel) -> None:
         with gr.Column(scale=1):
             upload = gr.File(label="upload an image", file_types=["image"], type="filepath")
             pen = gr.Brush(colors=["#ffffff"], default_color="#ffffff")
-            drawing = gr.Sketchpad(label="or draw one (white on black)", type="pil", image_mode="RGBA",
-                                   canvas_size=(256, 256), brush=pen)  # fmt: skip
+            drawing = gr.Sketchpad(black_canvas(), label="or draw one (white on black)", type="pil",
+                                   image_mode="RGBA", canvas_size=(256, 256), brush=pen)  # fmt: skip
             rows = gr.Slider(0, layout.height, value=layout.height // 2, step=1, label="code rows kept")
             num = gr.Slider(1, 16, value=4, step=1, label="completions")
             klass = gr.Dropdown([ANY_CLASS, *classes], value=ANY_CLASS, label="class", visible=bool(classes))

@@ -64,22 +64,23 @@ class SamplingConfig:
 
     guidance_scale: float = option(1.0, "classifier-free guidance (1.0: none)")
     temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = option(None, "keep the k most likely codes; 0 or null: off (as in transformers' generate)")
+    top_p: float | None = option(None, "keep the smallest set of codes holding this mass; 1.0 or null: off")
 
     def __post_init__(self):
         if self.temperature < 0 or self.guidance_scale < 0:
             raise ValueError("temperature and guidance_scale must be >= 0")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be positive, got {self.top_k}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
 
     @classmethod
     def resolve(cls, generation_config, **given) -> SamplingConfig:
         """The settings a sampling call uses, resolved and validated once: each one given (not None), else the
         prior's recommendation in its generation_config, else plain sampling (no guidance, temperature 1, no
-        filtering). A value out of range is one VqgenError."""
+        filtering). To switch a recommended filter off, give its off value (top_k 0, top_p 1.0): None means
+        "the recommendation". A value out of range is one VqgenError."""
         values = {}
         for f in dataclasses.fields(cls):
             value = given.get(f.name)

@@ -59,8 +59,38 @@ def test_generate_over_http_draws_the_pipelines_images_and_says_how_to_redraw_th
     for name, want in zip(files, reference.images):
         assert np.array_equal(np.asarray(Image.open(out / name).convert(want.mode)), np.asarray(want))
     # The page's defaults are the prior's recommended settings; 0 and 1 switch top-k and top-p off.
-    assert model.settings(1.0, 1.0, 0, 1.0) == {"guidance_scale": 1.0, "temperature": 1.0, "top_k": None,
-                                                "top_p": None}  # fmt: skip
+    assert model.settings(1.0, 1.0, 0, 1.0) == {"guidance_scale": 1.0, "temperature": 1.0, "top_k": 0,
+                                                "top_p": 1.0}  # fmt: skip
+
+
+def test_top_k_0_and_top_p_1_switch_a_recommended_filter_off_and_the_record_says_what_was_used(stage1, tmp_path):
+    # Audit 3, S4-6: 0 and 1 became None, which means "the prior's recommendation" (top-p 0.95 on the demo), while
+    # the record said null.
+    from sample import main as sample
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.app import AppModel
+    from stage2_prior.model import SamplingConfig, load_prior
+    from stage2_prior.pipeline import VQGenPipeline
+
+    _, vqvae_dir, codes = stage1
+    prior = load_prior(train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0"))
+    prior.generation_config.top_p, prior.generation_config.top_k = 0.3, 2  # a strong recommendation
+    pipe = VQGenPipeline(VQVAE.from_pretrained(vqvae_dir), prior)
+    folder = pipe.save_pretrained(tmp_path / "pipeline")
+    assert SamplingConfig.resolve(load_prior(folder / "prior").generation_config).top_p == 0.3
+    model = AppModel(pipe, source=str(folder))
+    images, record = model.generate("b", 6, model.settings(1.0, 1.0, 0, 1.0), seed=3)
+    off = pipe(classes=["b"] * 6, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(3), batch_size=100)
+    filtered = pipe(classes=["b"] * 6, generator=torch.Generator().manual_seed(3), batch_size=100)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, off.images))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, filtered.images))
+    assert record["top_k"] == 0 and record["top_p"] == 1.0  # the settings used, not null
+    assert "--top_k 0" in record["sample_py"] and "--top_p 1.0" in record["sample_py"]
+    argv = record["sample_py"].split()[2:] + ["--output_dir", str(tmp_path / "s"), "--device", "cpu"]
+    out = sample(argv)  # sample.py takes --top_k 0 (it refused it: "must be positive") and draws the same images
+    files = json.loads((out / "samples.json").read_text())["files"]
+    for name, want in zip(files, images):
+        assert np.array_equal(np.asarray(Image.open(out / name).convert(want.mode)), np.asarray(want))
 
 
 def test_completion_over_http_keeps_the_kept_rows_codes(live, image_folder, tmp_path):
@@ -197,10 +227,13 @@ def test_the_page_in_headless_chromium_generates_the_grid_for_a_class_and_seed(l
 
 
 def test_a_drawing_is_its_strokes_on_black_and_an_empty_canvas_is_no_image():
-    from stage2_prior.app import drawn_image
+    from stage2_prior.app import black_canvas, drawn_image
 
     canvas = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # the Sketchpad's transparent canvas
     assert drawn_image({"background": None, "layers": [], "composite": canvas}) is None
+    # The page starts it black (the label says "white on black"; the bare Sketchpad shows white): still no image.
+    assert np.asarray(black_canvas()).max(axis=(0, 1)).tolist() == [0, 0, 0, 255]
+    assert drawn_image({"background": black_canvas(), "layers": [], "composite": black_canvas()}) is None
     assert drawn_image(None) is None
     canvas.paste((255, 255, 255, 255), (8, 8, 24, 12))  # one white stroke
     img = drawn_image({"composite": canvas})

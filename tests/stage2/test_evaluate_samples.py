@@ -93,8 +93,22 @@ def test_two_processes_draw_and_score_the_same_samples_as_one(pipeline_dir, ince
 def test_a_rank_that_draws_no_chunk_still_scores(pipeline_dir, inception_weights, tmp_path):
     # Audit 3, S4-7: with num_samples <= batch_size x (P - 1) rank 1 draws nothing, and its image shape stayed None
     # (a TypeError on that rank). One chunk of 12 here: rank 0 draws it all.
-    args = ["--pipeline", str(pipeline_dir), "--num_samples", "12", "--batch_size", "12", "--kid_subset_size", "6",
-            "--inception_weights", str(inception_weights), "--reference_draws", "1", "--output_dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--pipeline",
+        str(pipeline_dir),
+        "--num_samples",
+        "12",
+        "--batch_size",
+        "12",
+        "--kid_subset_size",
+        "6",
+        "--inception_weights",
+        str(inception_weights),
+        "--reference_draws",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+    ]
     proc = run_two_processes("stage2_prior.evaluate_samples", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 12
