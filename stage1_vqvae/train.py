@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     # every step). Not in memory, where the data is what sets the memory.
     last_trim = time.perf_counter() if not in_memory else None
     last_ckpt, val_metrics = resume_dir, {}
-    with stopper:  # the stop signals are caught while the loop runs (vqgen.preemption)
+    with stopper:  # the stop signals are caught from the loop through the publish (vqgen.preemption)
         for batch in endless_batches(
             accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps, tc.max_steps
         ):
@@ -203,17 +203,20 @@ def main(argv: list[str] | None = None) -> Path:
                 stop_run(accelerator, stopper, step, last_ckpt)
             if last:
                 break
-    bar.close()
+        bar.close()
 
-    # Save: the final model (with its card), the summary.
-    accelerator.wait_for_everyone()
-    summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
-    summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
-    summary["validation"] = final_figures(accelerator, model, val_dl, splits["validation"], cfg, step, val_metrics,
-                                          fidelity_nets)  # fmt: skip
-    if accelerator.is_main_process:
-        publish(accelerator.unwrap_model(model), cfg, summary)
-    accelerator.wait_for_everyone()
+        # Save: the final model (with its card), the summary.
+        accelerator.wait_for_everyone()
+        summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
+        summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
+        if stopper.signalled(accelerator):  # skip the optional figures (minutes): publish within the grace period
+            fidelity_nets = (None, None)
+        summary["validation"] = final_figures(accelerator, model, val_dl, splits["validation"], cfg, step, val_metrics,
+                                              fidelity_nets)  # fmt: skip
+        if accelerator.is_main_process:
+            publish(accelerator.unwrap_model(model), cfg, summary)
+        accelerator.wait_for_everyone()
+    stopper.say_finished_anyway()
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
     return out / "model"

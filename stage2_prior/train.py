@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     stats, guard = RunStats("tokens", step), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
     last_ckpt, val = resume_dir, {}
     micro = step * tc.gradient_accumulation_steps
-    with stopper:  # the stop signals are caught while the loop runs (vqgen.preemption)
+    with stopper:  # the stop signals are caught from the loop through the publish (vqgen.preemption)
         for batch in endless_batches(
             accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps, tc.max_steps
         ):
@@ -210,18 +210,19 @@ def main(argv: list[str] | None = None) -> Path:
                 stop_run(accelerator, stopper, step, last_ckpt)
             if last:
                 break
-    bar.close()
+        bar.close()
 
-    # Save: the final prior (with its card), the summary.
-    accelerator.wait_for_everyone()
-    summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
-    summary["validation"] = val or evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
-    # Every rank joins: under FSDP the full state dict is gathered from the shards (unwrap_model alone would
-    # leave a sharded model that cannot be saved from one rank).
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        publish(accelerator.unwrap_model(model, keep_torch_compile=False), state_dict, cfg, summary)
-    accelerator.wait_for_everyone()
+        # Save: the final prior (with its card), the summary.
+        accelerator.wait_for_everyone()
+        summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
+        summary["validation"] = val or evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
+        # Every rank joins: under FSDP the full state dict is gathered from the shards (unwrap_model alone would
+        # leave a sharded model that cannot be saved from one rank).
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            publish(accelerator.unwrap_model(model, keep_torch_compile=False), state_dict, cfg, summary)
+        accelerator.wait_for_everyone()
+    stopper.say_finished_anyway()
     accelerator.end_training()
     accelerator.print(f"saved the prior to {out / 'model'}")
     return out / "model"

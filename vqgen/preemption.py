@@ -15,6 +15,7 @@ ends a run with a complete checkpoint at a step every rank agreed on, and a docu
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import multiprocessing.util  # noqa: F401 (its exit handler must be registered before ours, which then runs first)
 import re
@@ -60,11 +61,20 @@ def signal_numbers(names: list[str]) -> list[int]:
     return out
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def ignore_stop_signals(worker_id: int, names: tuple[str, ...] = DEFAULT_STOP_SIGNALS) -> None:
     """DataLoader `worker_init_fn`: workers ignore the stop signals (a signal sent to the whole process group
     must not kill one mid-batch); the main process finishes the step and shuts them down."""
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in signal_numbers(list(names)):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_init_for(stop_signals) -> functools.partial:
+    """The `worker_init_fn` of a loader whose process stops on `stop_signals` (train.stop_signals): picklable, so
+    spawned workers get it too."""
+    return functools.partial(ignore_stop_signals, names=tuple(stop_signals))
 
 
 def _ignores_sigterm(pid: int) -> bool:
@@ -151,6 +161,21 @@ class Stopper:
             "elapsed_s": round(self.elapsed, 6),
             "longest_step_s": round(self.longest_step, 6),
         }
+
+    def signalled(self, accelerator) -> bool:
+        """Every rank, after the loop: whether any rank has caught a stop signal (one all-reduced flag), so that
+        every rank skips the same optional work on the way to the final model."""
+        if self.received is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def say_finished_anyway(self) -> None:
+        """After the final model is saved: a signal that came after the last step ended nothing; say so."""
+        if self.received is not None:
+            logger.warning(
+                "%s arrived after the last step: the run finished and its final model is saved (exit 0)",
+                signal.Signals(self.received).name,
+            )
 
     def should_stop(self, accelerator) -> bool:
         """Every rank, once per optimizer step: True on all ranks at the same step once any rank must stop."""

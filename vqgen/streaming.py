@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vqgen.cli import VqgenError
-from vqgen.preemption import ignore_stop_signals
+from vqgen.preemption import DEFAULT_STOP_SIGNALS, worker_init_for
 
 
 class StreamBatches(torch.utils.data.IterableDataset):
@@ -121,7 +121,9 @@ def load_stream_state(loader, checkpoint: Path, rank: int, world: int) -> None:
     loader.load_state_dict(state["loader"])
 
 
-def stream_loader(dataset: StreamBatches, accelerator, per_device: int, workers: int):
+def stream_loader(
+    dataset: StreamBatches, accelerator, per_device: int, workers: int, stop_signals=DEFAULT_STOP_SIGNALS
+):
     """The loader of a stream: torchdata's StatefulDataLoader, not prepared by accelerate (whose batch dispatching
     would have rank 0 read for all; the loop moves batches to the device). Its position goes into each checkpoint
     through `save_checkpoint(..., stream=loader)`, one file per rank."""
@@ -136,6 +138,6 @@ def stream_loader(dataset: StreamBatches, accelerator, per_device: int, workers:
         # Its own generator: a DataLoader without one draws its base seed from the global RNG whenever an
         # iterator starts, which a resumed run does where the uninterrupted one did not (dropout would shift).
         generator=torch.Generator().manual_seed(dataset.seed),
-        worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them on a signal
+        worker_init_fn=worker_init_for(stop_signals) if workers else None,  # the main process stops them
     )
     return loader

@@ -18,7 +18,7 @@ import torch
 from vqgen.cli import VqgenError
 from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
 from vqgen.files import dump_yaml, write_json
-from vqgen.preemption import EXIT_PREEMPTED, Stopper, ignore_stop_signals, parse_duration, signal_numbers
+from vqgen.preemption import EXIT_PREEMPTED, Stopper, parse_duration, signal_numbers, worker_init_for
 from vqgen.streaming import StreamBatches, load_stream_state, save_stream_state, stream_loader
 
 
@@ -164,6 +164,7 @@ def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_wo
     shifted every later global-RNG draw (dead-code restarts, dropout) and broke bit-exact resume.
     """
     workers = num_workers if num_workers is not None else (tc.num_workers or 0)
+    init = worker_init_for(tc.stop_signals) if workers else None  # workers ignore the signals the run stops on
     train_dl = None  # a stream (None here) gets its own loader
     if train is not None:
         train_dl = torch.utils.data.DataLoader(
@@ -173,14 +174,14 @@ def make_loaders(train, validation, per_device: int, tc: BaseTrainConfig, num_wo
             drop_last=True,
             num_workers=workers,
             generator=torch.Generator().manual_seed(tc.seed),
-            worker_init_fn=ignore_stop_signals if workers else None,  # the main process stops them
+            worker_init_fn=init,  # the main process stops them
         )
     val_dl = torch.utils.data.DataLoader(
         validation,
         batch_size=per_device,  # the training batch: a larger one would set the peak memory of big images
         num_workers=workers,
         generator=torch.Generator().manual_seed(tc.seed),
-        worker_init_fn=ignore_stop_signals if workers else None,
+        worker_init_fn=init,
     )
     return train_dl, val_dl
 
@@ -364,7 +365,7 @@ def train_loaders(train, validation, accelerator, per_device: int, tc: BaseTrain
     own loader (`stream_loader`: not prepared, its position checkpointed). Validation is map-style either way."""
     if isinstance(train, StreamBatches):
         _, val_dl = make_loaders(None, validation, per_device, tc, workers)
-        return stream_loader(train, accelerator, per_device, workers), val_dl, True
+        return stream_loader(train, accelerator, per_device, workers, tc.stop_signals), val_dl, True
     train_dl, val_dl = make_loaders(train, validation, per_device, tc, workers)
     if len(train_dl) == 0:
         raise VqgenError(f"the train split has {len(train)} rows, fewer than one batch of {per_device}")

@@ -320,6 +320,60 @@ def test_the_slurm_recipe_parses_and_its_training_command_runs_with_the_tiny_con
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and newest_step(tmp_path / "run") == 3
 
 
+SIGNAL_AT = """
+import os, signal, sys
+import stage1_vqvae.train as train
+
+where = sys.argv.pop(1)
+real = getattr(train, where)
+
+def signalled_then_real(*args, **kwargs):  # a scheduler's SIGTERM, arriving at that moment
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+setattr(train, where, signalled_then_real)
+train.cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["codebook_rank_diff", "publish"])
+def test_a_signal_after_the_last_step_skips_the_optional_figures_and_still_publishes(tmp_path, image_folder, where,
+                                                                                       inception_weights):  # fmt: skip
+    # Audit 3, S4-10: the signals were caught only inside the loop, so SIGTERM during the final figures (full-split
+    # rFID can take minutes) or the publish killed the process (-15) with no final model.
+    out = tmp_path / "run"
+    args = stage1_args(out, image_folder, "train.max_steps=2", "train.checkpoint_every=2",
+                       f"metrics.inception_weights={inception_weights}")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model" / "model.safetensors").is_file()
+    assert "SIGTERM arrived after the last step: the run finished" in proc.stderr
+    validation = json.loads((out / "train_summary.json").read_text())["validation"]
+    # Before the figures: the optional rFID is skipped to publish within the grace period; during the publish it
+    # was already computed.
+    assert ("rfid" in validation) == (where == "publish")
+
+
+def test_workers_ignore_every_configured_stop_signal(tmp_path):
+    # Audit 3, S4-12: workers ignored SIGTERM and SIGUSR1 only; a configured SIGUSR2 sent to the process group
+    # killed them mid-batch.
+    from vqgen.training import BaseTrainConfig, make_loaders
+
+    class Dispositions(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.tensor([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR2, signal.SIGTERM)])
+
+    tc = BaseTrainConfig(stop_signals=["SIGUSR2"], report_to="none")
+    train_dl, val_dl = make_loaders(Dispositions(), Dispositions(), 2, tc, num_workers=1)
+    for loader in (train_dl, val_dl):
+        assert next(iter(loader)).tolist() == [[True, False]] * 2  # the configured signal, and only it
+
+
 LEAKED_WORKER = """
 import torch
 from vqgen.preemption import ignore_stop_signals
