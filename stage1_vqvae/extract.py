@@ -39,7 +39,7 @@ from vqgen.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from vqgen.config import to_dict
 from vqgen.files import atomic_dir, commit_dir, release_freed_memory
 from vqgen.hub import hub_id, state_fingerprint, upload_folder
-from vqgen.preemption import EXIT_PREEMPTED, Stopper, ignore_stop_signals
+from vqgen.preemption import EXIT_PREEMPTED, Stopper, ignore_stop_signals, mark_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ def extract(
             "stopped by %s with %d complete shards in %s; the same command resumes from them (exit code %d)",
             e, _complete_shards(work), work, EXIT_PREEMPTED,
         )  # fmt: skip
+        mark_stopped(str(e), str(work))
         raise SystemExit(EXIT_PREEMPTED) from None
     except BaseException as e:
         if not _complete_shards(work):

@@ -18,14 +18,28 @@ import atexit
 import functools
 import logging
 import multiprocessing.util  # noqa: F401 (its exit handler must be registered before ours, which then runs first)
+import os
 import re
 import signal
 import time
+from pathlib import Path
 
 from vqgen.cli import VqgenError
 
 logger = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, retry the same command
+STOP_MARKER_ENV = "VQGEN_STOP_MARKER"  # set by vqgen.requeue: the file a stopping rank writes
+
+
+def mark_stopped(reason: str, where: str) -> None:
+    """Before exiting with EXIT_PREEMPTED: write the marker file that `vqgen.requeue` set up, if any. Launchers turn
+    a worker's 75 into their own 1; the marker is what reaches the scheduler through them. Every rank may write
+    it (the same content, an atomic rename)."""
+    path = os.environ.get(STOP_MARKER_ENV)
+    if path:
+        from vqgen.files import write_json
+
+        write_json(Path(path), {"reason": reason, "where": where, "exit_code": EXIT_PREEMPTED})
 
 
 def parse_duration(value) -> float | None:

@@ -18,7 +18,7 @@ import torch
 from vqgen.cli import VqgenError
 from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
 from vqgen.files import dump_yaml, write_json
-from vqgen.preemption import EXIT_PREEMPTED, Stopper, parse_duration, signal_numbers, worker_init_for
+from vqgen.preemption import EXIT_PREEMPTED, Stopper, mark_stopped, parse_duration, signal_numbers, worker_init_for
 from vqgen.streaming import StreamBatches, load_stream_state, save_stream_state, stream_loader
 
 
@@ -491,6 +491,7 @@ def stop_run(accelerator, stopper: Stopper, step: int, checkpoint: Path) -> None
     logging.getLogger(__name__).warning(message)
     if not accelerator.is_main_process:  # every rank's log says it (a rank's logger is quiet below warnings)
         print(f"[rank {accelerator.process_index}] {message}", flush=True)
+    mark_stopped(stopper.reason, str(checkpoint))
     accelerator.end_training()
     raise SystemExit(EXIT_PREEMPTED)
 

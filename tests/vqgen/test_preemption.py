@@ -204,6 +204,47 @@ def test_two_ranks_stop_at_the_same_step_whoever_is_signalled(tmp_path, image_fo
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}  # both ranks saved it
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate launch", "torchrun"])
+def test_a_stop_for_a_requeue_reaches_the_scheduler_through_either_launcher(tmp_path, image_folder, launcher):
+    # Audit 3, S4-5: both launchers turn a worker's 75 into their own 1. Wrapped in vqgen.requeue, the job exits
+    # 75: a time-budget stop (no signal) through `accelerate launch`, a SIGTERM to the wrapper (a pod's PID 1)
+    # through torchrun with 2 processes.
+    out = tmp_path / "run"
+    args = stage1_args(out, image_folder, "train.max_steps=100000", "train.checkpoint_every=5")
+    if launcher == "accelerate launch":
+        cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--cpu", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "-m", "stage1_vqvae.train", *args, "train.max_time=3"]  # fmt: skip
+        bare = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert bare.returncode == 1 and "stopped at step" in bare.stderr  # what a scheduler saw before
+        shutil.rmtree(out)
+        proc = start("-m", "vqgen.requeue", *cmd)
+    else:
+        port = str(free_port())
+        proc = start("-m", "vqgen.requeue", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                     "--master_port", port, "-m", "stage1_vqvae.train", *args)  # fmt: skip
+        wait_for(out / "checkpoints" / "checkpoint_5" / "trainer_state.json", proc)
+        os.kill(proc.pid, signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    step = newest_step(out)
+    assert "vqgen.requeue: stopped for a requeue" in err and f"checkpoint_{step}" in err
+    state = json.loads((out / "checkpoints" / f"checkpoint_{step}" / "trainer_state.json").read_text())
+    assert ("SIGTERM" if launcher == "torchrun" else "train.max_time") in state["stopped_by"]
+
+
+def test_the_requeue_wrapper_passes_every_other_exit_code_through(tmp_path):
+    for code in (0, 1, 2):
+        cmd = [sys.executable, "-m", "vqgen.requeue", sys.executable, "-c", f"raise SystemExit({code})"]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == code, proc.stderr
+    killed = subprocess.run([sys.executable, "-m", "vqgen.requeue", "bash", "-c", "kill -9 $$"], env=ENV, timeout=60)
+    assert killed.returncode == 128 + 9  # as a shell reports a signal
+    missing = subprocess.run([sys.executable, "-m", "vqgen.requeue", "no-such-launcher"], env=ENV, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 127 and missing.stderr.count("error:") == 1
+
+
 def test_the_time_budget_stops_with_a_checkpoint_within_one_step(tmp_path, image_folder):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
@@ -310,14 +351,30 @@ def test_the_slurm_recipe_parses_and_its_training_command_runs_with_the_tiny_con
     assert options["--signal"] == "B:USR1@120" and "--requeue" in options and options["--ntasks-per-node"] == "1"
     assert "--resume_from_checkpoint auto" in script and "scontrol requeue" in script
     per_node = script.split("bash -c '", 1)[1].split("' &", 1)[0]  # the command srun runs on every node
-    env = dict(ENV, MODULE="stage1_vqvae.train", CONFIG=TINY1, OUT=str(tmp_path / "run"), NNODES="1", NPROCS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LAUNCH_ARGS="--cpu", SLURM_NODEID="0",
-               EXTRA=f"data.source={image_folder} data.max_samples=null train.batch_size=8 train.max_steps=3 "
-                     "train.eval_every=0 train.report_to=none train.checkpoint_every=2")  # fmt: skip
-    for _ in range(2):  # the first start and a requeue: the same command line
-        proc = subprocess.run(["bash", "-c", per_node], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and newest_step(tmp_path / "run") == 3
+    env = dict(
+        ENV,
+        MODULE="stage1_vqvae.train",
+        CONFIG=TINY1,
+        OUT=str(tmp_path / "run"),
+        NNODES="1",
+        NPROCS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        LAUNCH_ARGS="--cpu",
+        SLURM_NODEID="0",
+    )
+    common = f"data.source={image_folder} data.max_samples=null train.batch_size=8 train.eval_every=0 "
+    common += "train.report_to=none train.checkpoint_every=2"
+    # The first start ends on its time budget, without a signal: the per-node command exits 75 through the launcher.
+    env["EXTRA"] = common + " train.max_steps=100000 train.max_time=3"
+    proc = subprocess.run(["bash", "-c", per_node], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    stopped = newest_step(tmp_path / "run")
+    env["EXTRA"] = common + f" train.max_steps={stopped + 2}"  # the requeue: the same command line, resumed
+    proc = subprocess.run(["bash", "-c", per_node], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and newest_step(tmp_path / "run") == stopped + 2
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'checkpoint_{stopped}'}" in proc.stderr
 
 
 SIGNAL_AT = """
