@@ -63,8 +63,10 @@ class DataConfig:
     train_split: str = "train"
     validation_split: str = option("validation", "carved from train when the source has none (see holdout_place)")
     test_split: str = option("test", "carved from train when the source has none (see holdout_place)")
-    validation_fraction: float = option(0.05, "of train, when validation is carved (each image by a hash of its bytes)")
-    test_fraction: float = option(0.05, "of train, when test is carved (each image by a hash of its bytes)")
+    validation_fraction: float = option(
+        0.05, "of train, when validation is carved (each image by a hash of its pixels)"
+    )
+    test_fraction: float = option(0.05, "of train, when test is carved (each image by a hash of its pixels)")
     max_samples: int | None = option(None, "cap on every split (quick runs and tests)")
     cache_dir: str | None = option(None, "where the built-in MNIST is converted; default ~/.cache/vqgen")
     cache_max_gb: float = option(0.25, "decoded splits held in memory while they fit this (GiB, all splits together)")

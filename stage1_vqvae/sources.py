@@ -190,27 +190,40 @@ def holdout_bands(cfg: DataConfig, present) -> dict[str, tuple[float, float]]:
 
 
 def holdout_place(value, where: str) -> float:
-    """A row's place in [0, 1) for the held-out carve: a hash of its encoded image alone.
+    """A row's place in [0, 1) for the held-out carve: a hash of its decoded pixels alone (mode, size, bytes).
 
     Content, not position, decides, so the carve is the same read map-style or streamed, on any number of ranks
-    and workers, in any shard layout and order, and an image stored twice is held out (or trained on) twice.
+    and workers, in any shard layout and order. Pixels, not file bytes: copies of one picture land in one split
+    even when encoded differently without loss (a PNG saved at another compression level, with other metadata;
+    hashing the files split 18% of such pairs at a 10% carve, audit 3, S4-9). Lossy near-duplicates (a JPEG of
+    a PNG, a resized copy) have other pixels and are not grouped.
     """
     if value is None:
         raise VqgenError(f"{where}: the image is missing (null); remove the row or fill it")
     if isinstance(value, Image.Image):  # a source that decodes itself
-        data = f"{value.mode}|{value.size}|".encode() + value.tobytes()
-    elif value.get("bytes") is not None:
-        data = value["bytes"]
+        img = value
     else:
-        from datasets.utils.file_utils import xopen  # local paths and remote URLs alike
-
-        try:
-            with xopen(value["path"], "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise VqgenError(f"{where} ({value['path']}): cannot read the image file ({e})") from None
+        img = _decode(value, where)
+    data = f"{img.mode}|{img.size}|".encode() + img.tobytes()
     digest = hashlib.blake2b(data, digest_size=8, person=b"vqgen-holdout").digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _decode(value: dict, where: str) -> Image.Image:
+    """An encoded image cell ({"bytes"} or {"path"}) decoded by PIL, or one VqgenError naming it."""
+    name = value.get("path") or "the image"
+    try:
+        if value.get("bytes") is not None:
+            img = Image.open(io.BytesIO(value["bytes"]))
+        else:
+            from datasets.utils.file_utils import xopen  # local paths and remote URLs alike
+
+            with xopen(value["path"], "rb") as f:
+                img = Image.open(io.BytesIO(f.read()))
+        img.load()
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors too
+        raise VqgenError(f"{where} ({name}): cannot decode the image ({e}). Remove or replace that file") from None
+    return img
 
 
 class InBands:
@@ -253,7 +266,7 @@ def _empty_split(cfg: DataConfig, key: str, carved: bool) -> VqgenError:
     fraction = cfg.test_fraction if key == "test" else cfg.validation_fraction
     return VqgenError(
         f"data.source {cfg.source}: no image fell into the carved {key!r} split (each train image goes there by a "
-        f"hash of its bytes, with probability data.{key}_fraction={fraction}); raise data.{key}_fraction, add "
+        f"hash of its pixels, with probability data.{key}_fraction={fraction}); raise data.{key}_fraction, add "
         "images, or give the source its own split"
     )
 
@@ -293,7 +306,7 @@ def load_stream_source(cfg: DataConfig) -> tuple[dict, str, set]:
     streams = {k: v.cast_column(image_col, datasets.Image(decode=False)) for k, v in streams.items()}
     train = streams[cfg.train_split]
     bands = holdout_bands(cfg, streams)
-    where = f"data.source {cfg.source} split {cfg.train_split!r}"
+    where = f"data.source {cfg.source} streamed split {cfg.train_split!r}"
     out = {"train": train}
     for key in ("test", "validation"):
         if key in bands:
