@@ -107,27 +107,56 @@ FIDs on other datasets.
 """
 
 
-def standard_figures(out: Path, t: dict) -> dict | str:
-    """The Inception figures of the samples (FID, KID, IS, precision/recall with their real references) when the
-    Inception file is in the torch hub cache; else the one line a user gets, saying where to get it."""
+# The demo's Inception work is capped: on 2 CPU cores Inception-V3 runs at about 7 images/s (docs/benchmarks.md),
+# and the full 10k-image splits (rFID at the end of training and in evaluation, FID against the whole test split)
+# took 44k forwards, 1 h 45 min, beside a 6-minute demo (audit 3, S4-8). Training and the stage-1 evaluation run
+# without them; one capped step computes the row, and its size is said first.
+RFID_IMAGES = 1000  # test images for rFID/LPIPS (each scored with its reconstruction: twice as many forwards)
+FID_TEST_IMAGES = 2000  # test images the samples' FID is against (>= 100 per class for the class-matched P/R)
+INCEPTION_IMAGES_PER_S = 7.0  # measured on the 2-core development machine (docs/benchmarks.md)
+
+
+def standard_figures(out: Path, t: dict, num_samples: int) -> dict | str:
+    """The Inception figures (rFID/LPIPS of the first RFID_IMAGES test images; FID, KID, IS, precision/recall of
+    the samples against the first FID_TEST_IMAGES, one size-matched real draw) when the Inception file is in the
+    torch hub cache, after saying how long they will take; else the one line a user gets, saying where to get it."""
     from vqgen.metrics.weights import INCEPTION, find_weights, missing_message
 
     if find_weights(INCEPTION, None, "--inception_weights") is None:
-        return missing_message(INCEPTION, "--inception_weights")
+        return "error: " + missing_message(INCEPTION, "--inception_weights")
+    forwards = 2 * RFID_IMAGES + num_samples + FID_TEST_IMAGES + num_samples
+    minutes = forwards / INCEPTION_IMAGES_PER_S / 60
+    print(
+        f"\n=== the Inception row: about {forwards} Inception-V3 forwards, {minutes:.0f} min at the "
+        f"{INCEPTION_IMAGES_PER_S:.0f} images/s of 2 CPU cores (far less on a GPU); --inception off skips it",
+        flush=True,
+    )
     run_step(
-        "Inception metrics",
-        ["-m", "stage2_prior.evaluate_samples", "--samples", out / "samples", "--split", "test",
-         "--output_dir", out / "samples_inception"],
+        "Inception rFID/LPIPS",
+        ["-m", "stage1_vqvae.evaluate", "--model", out / "stage1" / "model", "--split", "test",
+         f"data.max_samples={RFID_IMAGES}", "--output_dir", out / "stage1_inception"],
         t,
     )  # fmt: skip
-    return json.loads((out / "samples_inception" / "metrics.json").read_text())
+    run_step(
+        "Inception sample metrics",
+        ["-m", "stage2_prior.evaluate_samples", "--samples", out / "samples", "--split", "test",
+         "--reference_draws", "1", f"data.max_samples={FID_TEST_IMAGES}", "--output_dir", out / "samples_inception"],
+        t,
+    )  # fmt: skip
+    figures = json.loads((out / "samples_inception" / "metrics.json").read_text())
+    stage1 = json.loads((out / "stage1_inception" / "metrics.json").read_text())
+    return {**figures, **{k: stage1[k] for k in ("rfid", "lpips") if k in stage1}}
 
 
-def standard_table(stage1: dict, inception: dict | str) -> str:
+def standard_table(inception: dict | str) -> str:
     if isinstance(inception, str):
-        return f"Not computed on this machine:\n\n    error: {inception}\n"
-    head = "| rFID (test) | LPIPS (test) | FID | real FID | KID | IS | precision | recall |\n" + "|---" * 8 + "|\n"
+        return f"Not computed:\n\n    {inception}\n"
+    head = (
+        f"| rFID ({RFID_IMAGES} test) | LPIPS ({RFID_IMAGES} test) | FID (vs {FID_TEST_IMAGES} test) | real FID | "
+        "KID | IS | precision | recall |\n" + "|---" * 8 + "|\n"
+    )
     ref, nan = inception["fid_real_reference"], float("nan")
+    stage1 = inception
     return head + (
         f"| {stage1.get('rfid', nan):.2f} | {stage1.get('lpips', nan):.4f} | {inception['fid']:.2f} | "
         f"{ref['mean']:.2f} +- {ref['std']:.2f} | {inception['kid']:.4f} | {inception['inception_score']:.2f} | "
@@ -135,52 +164,59 @@ def standard_table(stage1: dict, inception: dict | str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def pipeline_steps(out: Path, args) -> list[tuple[str, list]]:
+    """(name, command line) of each stage, run as a user runs them. The full-split rFID/LPIPS of training's final
+    figures and of the stage-1 evaluation are off: the capped Inception row (`standard_figures`) replaces them."""
+    s1, s2, codes, pipe = out / "stage1", out / "stage2", out / "codes", out / "pipeline"
+    steps1 = [f"train.max_steps={args.stage1_steps}"] if args.stage1_steps else []
+    steps2 = [f"train.max_steps={args.stage2_steps}"] if args.stage2_steps else []
+    sampling = ["--per_class", args.per_class, "--seed", "0"]  # no sampling flags: the prior's recommended ones
+    return [
+        ("stage 1 training",
+         ["-m", "stage1_vqvae.train", "--config", "mnist/stage1", "--output_dir", s1, *steps1, "metrics.standard=off"]),
+        ("stage 1 evaluation",
+         ["-m", "stage1_vqvae.evaluate", "--model", s1 / "model", "--output_dir", out / "stage1_test",
+          "--standard_metrics", "off"]),
+        ("code extraction", ["-m", "stage1_vqvae.extract", "--model", s1 / "model", "--output_dir", codes]),
+        ("stage 2 training",
+         ["-m", "stage2_prior.train", "--config", "mnist/stage2", f"data.codes={codes}", "--output_dir", s2, *steps2]),
+        ("stage 2 evaluation",
+         ["-m", "stage2_prior.evaluate", "--prior", s2 / "model", "--output_dir", out / "stage2_test"]),
+        ("pipeline export",
+         ["-m", "stage2_prior.export", "--vqvae", s1 / "model", "--prior", s2 / "model", "--output_dir", pipe]),
+        ("sampling", ["-m", "sample", "--pipeline", pipe, *sampling, "--output_dir", out / "samples"]),
+    ]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--per_class", type=int, default=100, help="samples of every class to score")
     parser.add_argument("--stage1_steps", type=int, default=None)
     parser.add_argument("--stage2_steps", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--inception", default="auto", choices=["auto", "off"],
+        help="auto: the capped Inception row when torch-fidelity's file is in the torch hub cache",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     if out.exists():
         shutil.rmtree(out)  # the demo is a fresh, reproducible run every time
     out.mkdir(parents=True)
     t: dict = {}
-    s1, s2, codes, pipe = out / "stage1", out / "stage2", out / "codes", out / "pipeline"
-    steps1 = [f"train.max_steps={args.stage1_steps}"] if args.stage1_steps else []
-    steps2 = [f"train.max_steps={args.stage2_steps}"] if args.stage2_steps else []
+    s1 = out / "stage1"
     t_all = time.perf_counter()
-    run_step(
-        "stage 1 training", ["-m", "stage1_vqvae.train", "--config", "mnist/stage1", "--output_dir", s1, *steps1], t
-    )
-    run_step(
-        "stage 1 evaluation",
-        ["-m", "stage1_vqvae.evaluate", "--model", s1 / "model", "--output_dir", out / "stage1_test"],
-        t,
-    )
-    run_step("code extraction", ["-m", "stage1_vqvae.extract", "--model", s1 / "model", "--output_dir", codes], t)
-    run_step(
-        "stage 2 training",
-        ["-m", "stage2_prior.train", "--config", "mnist/stage2", f"data.codes={codes}", "--output_dir", s2, *steps2],
-        t,
-    )
-    run_step(
-        "stage 2 evaluation",
-        ["-m", "stage2_prior.evaluate", "--prior", s2 / "model", "--output_dir", out / "stage2_test"],
-        t,
-    )
-    run_step(
-        "pipeline export",
-        ["-m", "stage2_prior.export", "--vqvae", s1 / "model", "--prior", s2 / "model", "--output_dir", pipe],
-        t,
-    )
-    sampling = ["--per_class", args.per_class, "--seed", "0"]  # no sampling flags: the prior's recommended ones
-    run_step("sampling", ["-m", "sample", "--pipeline", pipe, *sampling, "--output_dir", out / "samples"], t)
+    for name, step_args in pipeline_steps(out, args):
+        run_step(name, step_args, t)
     t0 = time.perf_counter()
     quality = sample_quality(out / "samples")
     t["sample quality"] = round(time.perf_counter() - t0, 1)
-    inception = standard_figures(out, t)
+    off = "skipped (--inception off)"
+    inception = standard_figures(out, t, 10 * args.per_class) if args.inception == "auto" else off
     t["total"] = round(time.perf_counter() - t_all, 1)
 
     compact_grid(out / "samples", out / "grid.png", per_class=10)
@@ -209,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             p_ref=quality["precision_real_reference"],
             r_ref=quality["recall_real_reference"],
             sampling=json.loads((out / "samples" / "samples.json").read_text())["sampling"],
-            standard=standard_table(stage1, inception),
+            standard=standard_table(inception),
             times=times,
         )
     )

@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pipeline", default=None, help="pipeline folder or Hub repo id to draw samples from")
     parser.add_argument("--samples", default=None, help="a folder of images (a sample.py folder keeps its classes)")
     parser.add_argument(
-        "--split", default="test", choices=["validation", "test"], help="the real images scored against"
-    )
+        "--split", default="test", choices=["train", "validation", "test"],
+        help="the real images scored against; train: the protocol of published ImageNet FIDs (LlamaGen, VAR, ADM), "
+        "with the size-matched real reference drawn from test",
+    )  # fmt: skip
     parser.add_argument("--num_samples", type=int, default=10000)
     parser.add_argument("--unconditional", action="store_true", help="draw/score without classes")
     parser.add_argument("--seed", type=int, default=0)
@@ -227,9 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
         asked = None if args.unconditional else asked
         n = len(images)
         check_counts(n, args.kid_subset_size)
+    # The size-matched real sets come from a split other than the scored one: real images the statistics never saw.
+    draw_from = "test" if args.split == "train" else "train"
     with accelerator.main_process_first():
-        splits = load_splits(data_cfg, splits=("train", args.split))
-    real_pool = real_draws(splits["train"], asked, n, args.reference_draws, args.batch_size, accelerator, extractor)
+        splits = load_splits(data_cfg, splits=tuple(dict.fromkeys((draw_from, args.split))))
+    real_pool = real_draws(splits[draw_from], asked, n, args.reference_draws, args.batch_size, accelerator, extractor)
     scored = splits[args.split]
     loader = accelerator.prepare(
         DataLoader(scored, batch_size=eval_batch_size(len(scored), args.batch_size, accelerator.num_processes))
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         samples = broadcast_object_list([samples])[0] if accelerator.num_processes > 1 else samples
         source = {"samples": str(args.samples)}
     check_like(samples["shape"], ref.image_shape)
-    result = {**source, "split": args.split, "class_conditional": asked is not None, "feature": "inception-v3 pool3"}
+    result = {**source, "split": args.split, "real_reference_split": draw_from, "class_conditional": asked is not None,
+              "feature": "inception-v3 pool3"}  # fmt: skip
     result.update(score_samples(samples, asked, ref, real_pool, args.reference_draws, args.kid_subset_size))
     result["inception_weights_sha256"] = extractor.digest
     if accelerator.is_main_process:

@@ -54,6 +54,35 @@ def test_a_folder_is_scored_exactly_as_torch_fidelity_scores_it(image_folder, in
     assert got["class_conditional"] is False and got["num_samples"] == 12
 
 
+def test_split_train_scores_against_the_training_statistics_with_the_reference_from_test(inception_weights, tmp_path):
+    # Audit 3, S4-14: published ImageNet FIDs (LlamaGen, VAR, ADM) compare with the training set's statistics;
+    # --split train does, and the size-matched real reference is then drawn from test, which the statistics never saw.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 12), ("validation", 2), ("test", 6)):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 128, (16, 16), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png"
+                )
+    fake = torch.from_numpy(rng.integers(128, 256, (10, 1, 16, 16), dtype=np.uint8))
+    folder = write_folder(tmp_path / "samples", fake)
+    args = ["--samples", str(folder), f"data.source={tmp_path / 'data'}", "data.resolution=16", "data.channels=L",
+            "--inception_weights", str(inception_weights), "--kid_subset_size", "8", "--reference_draws", "1",
+            "--split", "train", "--unconditional"]  # fmt: skip
+    got = evaluate_samples(args)
+    assert got["split"] == "train" and got["real_reference_split"] == "test"
+    cfg = DataConfig(source=str(tmp_path / "data"), resolution=16, channels="L")
+    train = ImageSplit(load_source(cfg)["train"], cfg).images  # (24, 1, 16, 16)
+    want = torch_fidelity.calculate_metrics(
+        input1=RGBImages(fake), input2=RGBImages(train), cuda=False, fid=True, verbose=False,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights),
+    )  # fmt: skip
+    assert got["fid"] == pytest.approx(want["frechet_inception_distance"], rel=1e-4)
+
+
 def test_reference_draws_take_the_samples_class_counts_and_refuse_what_the_split_cannot_give():
     labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3)
     asked = torch.tensor([0, 0, 0, 1, 1, 2])
@@ -147,10 +176,37 @@ def test_the_demo_reports_the_standard_figures_or_the_line_that_says_what_is_mis
     from stage2_prior import demo
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    missing = demo.standard_figures(tmp_path, {})
-    assert isinstance(missing, str) and "weights-inception-2015-12-05-6726825d.pth" in missing
-    assert "error: " + missing in demo.standard_table({}, missing)
+    missing = demo.standard_figures(tmp_path, {}, 1000)
+    assert missing.startswith("error: ") and "weights-inception-2015-12-05-6726825d.pth" in missing
+    assert missing in demo.standard_table(missing)
     figures = {"fid": 12.5, "fid_real_reference": {"mean": 2.0, "std": 0.5}, "kid": 0.01, "inception_score": 2.2,
-               "precision": 0.71, "recall": 0.42}  # fmt: skip
-    row = demo.standard_table({"rfid": 3.25, "lpips": 0.125}, figures).splitlines()[-1]
-    assert row == "| 3.25 | 0.1250 | 12.50 | 2.00 +- 0.50 | 0.0100 | 2.20 | 0.71 | 0.42 |"
+               "precision": 0.71, "recall": 0.42, "rfid": 3.25, "lpips": 0.125}  # fmt: skip
+    table = demo.standard_table(figures).splitlines()
+    assert table[-1] == "| 3.25 | 0.1250 | 12.50 | 2.00 +- 0.50 | 0.0100 | 2.20 | 0.71 | 0.42 |"
+    assert table[0].startswith("| rFID (1000 test) | LPIPS (1000 test) | FID (vs 2000 test) |")
+
+
+def test_the_demo_caps_its_inception_work_and_says_its_size_first(tmp_path, monkeypatch, capsys):
+    # Audit 3, S4-8: with the Inception file in the hub cache the demo grew from 6 minutes to ~1 h 45 min (44k
+    # forwards: full-split rFID in training and evaluation, FID against the whole test split), without a word.
+    from stage2_prior import demo
+
+    steps = []
+    monkeypatch.setattr("vqgen.metrics.weights.find_weights", lambda *a: "found")
+    monkeypatch.setattr(demo, "run_step", lambda name, args, t: steps.append([str(a) for a in args]))
+    for name, figures in (("samples_inception", {"fid": 1.0}), ("stage1_inception", {"rfid": 2.0, "lpips": 0.1})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(figures))  # what the two steps write
+    figures = demo.standard_figures(tmp_path, {}, 1000)
+    assert figures["rfid"] == 2.0 and figures["fid"] == 1.0
+    said = capsys.readouterr().out
+    assert "about 6000 Inception-V3 forwards, 14 min at the 7 images/s" in said and "--inception off" in said
+    rfid, fid = steps
+    assert "data.max_samples=1000" in rfid and "data.max_samples=2000" in fid
+    assert fid[fid.index("--reference_draws") + 1] == "1"
+    # The full-split figures are off in the demo's training and stage-1 evaluation.
+    args = demo.build_parser().parse_args([])
+    commands = {name: [str(a) for a in argv] for name, argv in demo.pipeline_steps(tmp_path, args)}
+    assert "metrics.standard=off" in commands["stage 1 training"]
+    evaluation = commands["stage 1 evaluation"]
+    assert evaluation[evaluation.index("--standard_metrics") + 1] == "off"
