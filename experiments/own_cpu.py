@@ -9,9 +9,10 @@ scikit-learn`; only their image files are read). Three classes, each a group of 
     microscopy  ihc, retina, hubble_deep_field      (stained tissue, a fundus, a deep-sky field)
     motorcycle  motorcycle_left, motorcycle_right    (a stereo pair of one workshop scene)
     scene       astronaut, coffee, chelsea, china, flower, rocket
-Every photo is cut into 128 px tiles, and each tile belongs to one split (70/15/15 by a seeded shuffle), so no
-test pixel is ever seen in training. Crops of 64-128 px inside a tile are resized to 64x64: 1000 per class for
-train, 150 per class for validation and for test.
+Every photo is cut into 128 px tiles, and each tile belongs to one split (70/15/15 by a seeded shuffle). The test
+crops are therefore other tiles of the training photographs, not other pictures; and the stereo pair's views are
+tiled independently, so a test tile of one view can lie inside the other view's training tiles (one does). Crops of
+64-128 px inside a tile are resized to 64x64: 1000 per class for train, 150 per class for validation and for test.
 
 The walkthrough runs the README's five commands as they are written (plus `--stage1`/`--stage2` overrides when
 choosing sizes), each timed from process start to exit, so import and data decoding count. Then, outside the
