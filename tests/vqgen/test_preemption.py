@@ -298,6 +298,27 @@ def test_a_run_killed_in_the_middle_of_a_save_resumes_under_accelerate_launch(tm
     same_weights(tmp_path / "ref" / "model", out / "model")
 
 
+@pytest.mark.slow
+def test_a_checkpoint_is_complete_only_once_every_rank_has_written_its_files(tmp_path, image_folder):
+    # Audit 3, S4-11: rank 0 wrote the completeness marker as soon as its own files were written; a rank killed
+    # while still writing its RNG state left a "complete" checkpoint that failed to load. Here rank 1 is slow and
+    # then killed in the save of checkpoint_4: the marker must not be there, and `auto` resumes from checkpoint_2.
+    out = tmp_path / "run"
+    probe = os.path.join(ROOT, "tests", "kill_probe")
+    env = dict(ENV, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([probe, str(ROOT)]), VQGEN_TEST_KILL_IN_SAVE="4",
+               VQGEN_TEST_KILL_RANK="1", VQGEN_TEST_KILL_DELAY="3")  # fmt: skip
+    args = stage1_args(out, image_folder, "train.max_steps=6", "train.checkpoint_every=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "stage1_vqvae.train", *args]  # fmt: skip
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0
+    ckpt = out / "checkpoints" / "checkpoint_4"
+    assert (ckpt / "partial_1").is_file() and (ckpt / "random_states_0.pkl").is_file()  # rank 0 had finished
+    assert not (ckpt / "trainer_state.json").exists()  # ... but the checkpoint is not complete
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]
+    assert resolve_resume("auto", out / "checkpoints") == out / "checkpoints" / "checkpoint_2"
+
+
 # --------------------------------------------------------------------------------------------------
 # Extraction and the SLURM recipe
 
