@@ -55,17 +55,22 @@ def run(command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__, file=sys.stderr)
-        return 0 if argv else 2
-    return run(argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vqgen.requeue", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the launcher command line, as you would run it")
+    command = parser.parse_args(argv).command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        parser.error("give the command to run, e.g. accelerate launch -m stage1_vqvae.train --config ...")
+    return run(command)
 
 
-def cli() -> None:
-    raise SystemExit(main())
+def cli(argv: list[str] | None = None) -> None:
+    raise SystemExit(main(argv))
 
 
 if __name__ == "__main__":

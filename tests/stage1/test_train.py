@@ -71,7 +71,7 @@ def test_streamed_training_resumes_from_its_position_bit_exact_without_a_shuffle
     common += ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
 
     def position_saved(out):
-        assert (out / "checkpoints" / "checkpoint_3" / "custom_checkpoint_0.pkl").is_file()
+        assert (out / "checkpoints" / "checkpoint_3" / "stream_state_0.pt").is_file()  # every rank's own
 
     resumed_equals_uninterrupted(
         main,

@@ -17,7 +17,7 @@ def test_every_console_script_points_at_a_cli_that_parses_its_help(capsys):
     scripts = tomllib.loads(open(f"{ROOT}/pyproject.toml").read())["project"]["scripts"]
     modules = {"stage1_vqvae.train", "stage1_vqvae.evaluate", "stage1_vqvae.extract", "stage2_prior.train"}
     modules |= {"stage2_prior.evaluate", "stage2_prior.export", "sample", "stage2_prior.demo"}
-    modules |= {"stage2_prior.evaluate_samples", "stage2_prior.app"}
+    modules |= {"stage2_prior.evaluate_samples", "stage2_prior.app", "vqgen.requeue"}
     assert {target.split(":")[0] for target in scripts.values()} == modules  # every CLI has a console script
     for target in scripts.values():
         module, func = target.split(":")
