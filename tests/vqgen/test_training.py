@@ -172,10 +172,14 @@ def killable_save(monkeypatch, accelerator, step: int, keep: int, kill: str | No
     is cleared away."""
     import accelerate.accelerator as acc_mod
 
-    import vqgen.training as training
-    from vqgen.training import save_checkpoint
+    import vqgen.checkpoints as checkpoints
+    from vqgen.checkpoints import save_checkpoint
 
-    real_state, real_rmtree, real_write = acc_mod.save_accelerator_state, training.shutil.rmtree, training.write_json
+    real_state, real_rmtree, real_write = (
+        acc_mod.save_accelerator_state,
+        checkpoints.shutil.rmtree,
+        checkpoints.write_json,
+    )
 
     def partial_state(output_dir, *args, **kwargs):
         Path(output_dir, "model.safetensors").write_bytes(b"the first bytes")
@@ -194,9 +198,9 @@ def killable_save(monkeypatch, accelerator, step: int, keep: int, kill: str | No
         if kill == "in save_state":
             m.setattr(acc_mod, "save_accelerator_state", partial_state)
         elif kill == "before the marker":
-            m.setattr(training, "write_json", killed_write)
+            m.setattr(checkpoints, "write_json", killed_write)
         elif kill in ("while pruning", "while clearing a killed save"):
-            m.setattr(training.shutil, "rmtree", killed_rmtree)
+            m.setattr(checkpoints.shutil, "rmtree", killed_rmtree)
         try:
             save_checkpoint(accelerator, step, keep=keep)
         except Killed:
