@@ -166,16 +166,18 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise VqgenError("--batch_size must be positive")
-    device = torch.device(args.device) if args.device else None
-    if device is None:
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        device = PartialState().device
-    elif device.type == "cuda" and not torch.cuda.is_available():
+    state = PartialState()  # under a launcher every rank draws the same images; the main process writes them
+    device = torch.device(args.device) if args.device else state.device
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise VqgenError(f"--device {args.device}: no CUDA GPU is usable here; drop --device or pass --device cpu")
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
-        raise VqgenError(f"{out} already holds files; pass --overwrite_output_dir or choose another --output_dir")
+        raise VqgenError(
+            f"{out} already holds files; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
+        )
+    state.wait_for_everyone()  # every rank has checked the folder before the main process writes it
 
     pipe = load_pipeline(args, device)
     classes, n = requested_classes(args, pipe)
@@ -204,8 +206,10 @@ def main(argv: list[str] | None = None) -> Path:
     elapsed = time.perf_counter() - t0
     stats = dict(pipe.last_stats)  # this call's (--complete's reconstruction below is a call of its own)
 
-    write_outputs(args, pipe, out, result, classes, n, original, stats, device, elapsed)
-    print(f"wrote {n} images to {out} ({n / elapsed:.1f} images/s)")
+    if state.is_main_process:
+        write_outputs(args, pipe, out, result, classes, n, original, stats, device, elapsed)
+        print(f"wrote {n} images to {out} ({n / elapsed:.1f} images/s)")
+    state.wait_for_everyone()
     return out
 
 

