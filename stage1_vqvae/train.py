@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
     (model, optimizer, *gan), train_dl, val_dl = prepare_run(
         accelerator, [model, optimizer, *gan], train_dl, val_dl, streaming
     )
+    stream = train_dl if streaming else None  # a stream's position is saved by every rank with each checkpoint
     if gan:
         use_own_scaler(accelerator, gan[1])
     last_layer = accelerator.unwrap_model(model).decoder.net[-1].weight  # where the adaptive weight is measured
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Resume, then the loop.
     step = 0
     if resume_dir is not None:
-        step = load_checkpoint(accelerator, resume_dir, stream=train_dl if streaming else None)
+        step = load_checkpoint(accelerator, resume_dir, stream)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage1_vqvae", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_main_process)
@@ -192,13 +193,8 @@ def main(argv: list[str] | None = None) -> Path:
             if eval_now:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
             if save_now:
-                last_ckpt = save_checkpoint(
-                    accelerator,
-                    step,
-                    stopper.note() if stop else None,
-                    tc.checkpoints_total_limit,
-                    train_dl if streaming else None,
-                )
+                note = stopper.note() if stop else None
+                last_ckpt = save_checkpoint(accelerator, step, note, tc.checkpoints_total_limit, stream)
             if stop:
                 stop_run(accelerator, stopper, step, last_ckpt)
             if last:
@@ -209,14 +205,12 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.wait_for_everyone()
         summary = {"steps": step, "num_processes": accelerator.num_processes, **stats.summary(accelerator.device)}
         summary["codebook_max_abs_diff_across_ranks"] = codebook_rank_diff(accelerator, model)
-        if stopper.signalled(accelerator):  # skip the optional figures (minutes): publish within the grace period
-            fidelity_nets = (None, None)
+        nets = (None, None) if stopper.signalled(accelerator) else fidelity_nets  # a stop skips rFID (minutes)
         summary["validation"] = final_figures(accelerator, model, val_dl, splits["validation"], cfg, step, val_metrics,
-                                              fidelity_nets)  # fmt: skip
+                                              nets)  # fmt: skip
         if accelerator.is_main_process:
             publish(accelerator.unwrap_model(model), cfg, summary)
         accelerator.wait_for_everyone()
-    stopper.say_finished_anyway()
     accelerator.end_training()
     accelerator.print(f"saved the VQ-VAE to {out / 'model'}")
     return out / "model"

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2)
     )
     (model, optimizer), train_dl, val_dl = prepare_run(accelerator, [model, optimizer], train_dl, val_dl, streaming)
+    stream = train_dl if streaming else None  # a stream's position is saved by every rank with each checkpoint
     # Before the checkpoint restores the RNG: building the VQ-VAE draws from it, which after the restore would
     # shift every later draw (dropout) away from the uninterrupted run's.
     vqvae = load_matching_vqvae(meta, accelerator) if tc.sample_every_eval else None
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Resume, then the loop.
     step = 0
     if resume_dir is not None:
-        step = load_checkpoint(accelerator, resume_dir, stream=train_dl if streaming else None)
+        step = load_checkpoint(accelerator, resume_dir, stream)
         logger.info("resumed from %s at step %d", resume_dir, step)
     init_trackers(accelerator, "stage2_prior", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
@@ -199,13 +200,8 @@ def main(argv: list[str] | None = None) -> Path:
                 if vqvae is not None:
                     log_samples(accelerator, model, vqvae, layout, step, out)
             if save_now:
-                last_ckpt = save_checkpoint(
-                    accelerator,
-                    step,
-                    stopper.note() if stop else None,
-                    tc.checkpoints_total_limit,
-                    train_dl if streaming else None,
-                )
+                note = stopper.note() if stop else None
+                last_ckpt = save_checkpoint(accelerator, step, note, tc.checkpoints_total_limit, stream)
             if stop:
                 stop_run(accelerator, stopper, step, last_ckpt)
             if last:
@@ -222,7 +218,6 @@ def main(argv: list[str] | None = None) -> Path:
         if accelerator.is_main_process:
             publish(accelerator.unwrap_model(model, keep_torch_compile=False), state_dict, cfg, summary)
         accelerator.wait_for_everyone()
-    stopper.say_finished_anyway()
     accelerator.end_training()
     accelerator.print(f"saved the prior to {out / 'model'}")
     return out / "model"

@@ -151,6 +151,11 @@ class Stopper:
             self._previous = {}
         else:
             self.uninstall()
+            if exc_type is None and self.received is not None:  # a signal after the last step ended nothing
+                logger.warning(
+                    "%s arrived after the last step: the run finished and its output is saved (exit 0)",
+                    signal.Signals(self.received).name,
+                )
 
     def _note(self, signum, frame) -> None:  # a handler must not raise: the step (or the save) runs on
         if self.received is None:
@@ -182,14 +187,6 @@ class Stopper:
         if self.received is not None:
             accelerator.set_trigger()
         return accelerator.check_trigger()
-
-    def say_finished_anyway(self) -> None:
-        """After the final model is saved: a signal that came after the last step ended nothing; say so."""
-        if self.received is not None:
-            logger.warning(
-                "%s arrived after the last step: the run finished and its final model is saved (exit 0)",
-                signal.Signals(self.received).name,
-            )
 
     def should_stop(self, accelerator) -> bool:
         """Every rank, once per optimizer step: True on all ranks at the same step once any rank must stop."""
