@@ -72,6 +72,12 @@ def run_two_processes(*module_args: str, script: str | None = None) -> subproces
     return proc
 
 
+def sample_metrics_args(pipeline, weights, batch_size: int, kid_subset_size: int, *extra: str) -> list[str]:
+    """`evaluate_samples` on a pipeline: 12 samples in chunks of `batch_size`, one real reference draw."""
+    return ["--pipeline", str(pipeline), "--num_samples", "12", "--batch_size", str(batch_size), "--kid_subset_size",
+            str(kid_subset_size), "--inception_weights", str(weights), "--reference_draws", "1", *extra]  # fmt: skip
+
+
 def codes_meta(codebook_size=16, height=4, width=4, class_names=("a", "b", "c"), fingerprint="f" * 64, **kw):
     """A CodesMeta for priors built in tests without extracting codes."""
     from vqgen.codes import CodesMeta

@@ -29,6 +29,7 @@ from helpers import (
     make_tar_shards,
     run_cli_process,
     run_two_processes,
+    sample_metrics_args,
     stage1_args,
     train2,
     weights,
@@ -343,22 +344,7 @@ def test_commands_end_their_process_group_on_every_rank_under_torchrun(command, 
 def test_a_failing_command_ends_its_process_group_too(pipeline_dir, inception_weights, tmp_path):
     # The error path, after the group has started: each rank stops with the error line, and no rank leaves its
     # group to the teardown (where the abort showed most: `terminate called without an active exception`).
-    args = [
-        "--pipeline",
-        str(pipeline_dir),
-        "--num_samples",
-        "12",
-        "--batch_size",
-        "4",
-        "--kid_subset_size",
-        "9",
-        "--inception_weights",
-        str(inception_weights),
-        "--reference_draws",
-        "1",
-        "--output_dir",
-        str(tmp_path),
-    ]
+    args = sample_metrics_args(pipeline_dir, inception_weights, 4, 9, "--output_dir", str(tmp_path))
     proc = run_two_processes("stage2_prior.evaluate_samples", *args)
     assert proc.returncode != 0 and "error: KID draws subsets of 9 images" in proc.stderr
     assert "terminate called" not in proc.stderr

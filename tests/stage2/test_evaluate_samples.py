@@ -15,7 +15,7 @@ from stage2_prior.evaluate_samples import main as evaluate_samples
 from vqgen.cli import VqgenError
 from vqgen.metrics.fidelity import draw_like
 
-from helpers import RGBImages, run_two_processes
+from helpers import RGBImages, run_two_processes, sample_metrics_args
 
 torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
@@ -99,8 +99,7 @@ def test_reference_draws_take_the_samples_class_counts_and_refuse_what_the_split
 
 @pytest.mark.slow
 def test_two_processes_draw_and_score_the_same_samples_as_one(pipeline_dir, inception_weights, tmp_path):
-    args = ["--pipeline", str(pipeline_dir), "--num_samples", "12", "--batch_size", "4", "--kid_subset_size", "6",
-            "--inception_weights", str(inception_weights), "--reference_draws", "1"]  # fmt: skip
+    args = sample_metrics_args(pipeline_dir, inception_weights, 4, 6)
     one = evaluate_samples([*args, "--output_dir", str(tmp_path / "one"), "--update_card"])
     proc = run_two_processes("stage2_prior.evaluate_samples", *args, "--output_dir", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,22 +121,7 @@ def test_two_processes_draw_and_score_the_same_samples_as_one(pipeline_dir, ince
 def test_a_rank_that_draws_no_chunk_still_scores(pipeline_dir, inception_weights, tmp_path):
     # Audit 3, S4-7: with num_samples <= batch_size x (P - 1) rank 1 draws nothing, and its image shape stayed None
     # (a TypeError on that rank). One chunk of 12 here: rank 0 draws it all.
-    args = [
-        "--pipeline",
-        str(pipeline_dir),
-        "--num_samples",
-        "12",
-        "--batch_size",
-        "12",
-        "--kid_subset_size",
-        "6",
-        "--inception_weights",
-        str(inception_weights),
-        "--reference_draws",
-        "1",
-        "--output_dir",
-        str(tmp_path),
-    ]
+    args = sample_metrics_args(pipeline_dir, inception_weights, 12, 6, "--output_dir", str(tmp_path))
     proc = run_two_processes("stage2_prior.evaluate_samples", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 12
