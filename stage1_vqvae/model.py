@@ -37,6 +37,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from stage1_vqvae.quantizers import build_quantizer
+from stage1_vqvae.vqgan import VQGANDecoder, VQGANEncoder, check_network, read_diffusers_export
 from vqgen.cli import VqgenError
 from vqgen.config import option
 from vqgen.hub import load_safetensors_model, resolve_folder
@@ -69,6 +70,21 @@ class VQVAEConfig:
     codebook_transform: Literal["none", "linear"] = option(
         "none", "linear: SimVQ, a frozen codebook under a learned linear map"
     )
+    # The network. vqvae: the paper's (above: hidden_channels, res_channels, num_res_blocks). vqgan: the field's
+    # encoder/decoder (taming's VQGAN, LlamaGen, latent-diffusion's VQ-f*), diffusers' modules (stage1_vqvae/vqgan.py).
+    arch: Literal["vqvae", "vqgan"] = option("vqvae", "vqgan: diffusers' Encoder/Decoder (GroupNorm, SiLU, attention)")
+    block_out_channels: list[int] | None = option(
+        None, "vqgan: channels per level (taming's ch x ch_mult); one level per factor 2 of downsample, plus one"
+    )
+    layers_per_block: int = option(2, "vqgan: residual blocks per level in the encoder (the decoder has one more)")
+    attn_resolutions: list[int] | None = option(
+        None, "vqgan: attention in the levels at these pixel sizes; null: the code grid's (taming: [16] at f16)"
+    )
+    mid_block_attention: bool = option(True, "vqgan: self-attention in the middle blocks")
+    latent_channels: int | None = option(
+        None, "vqgan: encoder output channels before the 1x1 to codebook_dim (taming's z_channels); null: D"
+    )
+    norm_num_groups: int = option(32, "vqgan: GroupNorm groups; must divide every block_out_channels")
 
     def __post_init__(self):
         if self.codebook_size < 2:
@@ -108,6 +124,7 @@ class VQVAEConfig:
             self.codebook_dim = len(self.fsq_levels)
         elif self.fsq_levels is not None:
             raise ValueError("fsq_levels is set but quantizer is vq; set quantizer: fsq or drop fsq_levels")
+        check_network(self)
         if self.codebook_transform == "linear" and self.decay is not None:
             raise ValueError("codebook_transform linear (SimVQ) learns its map by gradient: set decay null (no EMA)")
         if self.codebook_transform == "linear" and (self.kmeans_init or self.dead_code_window):
@@ -172,6 +189,10 @@ class Decoder(nn.Module):
         if n_up == 0:
             layers.append(nn.Conv2d(cfg.hidden_channels, cfg.in_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.net[-1].weight  # where the adversarial loss's adaptive weight is measured
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.net(z_q)  # (B, D, h, w) -> (B, C, h*ds, w*ds)
@@ -246,9 +267,10 @@ class VQVAE(
         if isinstance(config, dict):
             config = VQVAEConfig(**config)
         self.config = config
-        self.encoder = Encoder(config)
+        vqgan = config.arch == "vqgan"
+        self.encoder = VQGANEncoder(config) if vqgan else Encoder(config)
         self.quantizer = build_quantizer(config)
-        self.decoder = Decoder(config)
+        self.decoder = VQGANDecoder(config) if vqgan else Decoder(config)
         self.data_config: dict | None = None  # preprocessing of the training images; set by training and loading
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -256,7 +278,7 @@ class VQVAE(
         if images.ndim != 4 or images.shape[1] != c or images.shape[-2:] != (s, s):
             raise ValueError(f"expected images of shape (B, {c}, {s}, {s}), got {tuple(images.shape)}")
         # Follow the weights' memory format: channels_last convolutions are ~1.4x faster on CPU.
-        if self.encoder.net[0].weight.is_contiguous(memory_format=torch.channels_last):
+        if next(self.encoder.parameters()).is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
@@ -331,6 +353,16 @@ class VQVAE(
             allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"],
             **hub_kwargs,
         )
+        exported = read_diffusers_export(folder)  # a folder written for diffusers.VQModel by export_diffusers
+        if exported is not None:
+            config, data_config, state = exported
+            try:
+                model = cls(VQVAEConfig(**config))
+                model.load_state_dict(state, strict=True)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise VqgenError(f"{folder} is not a loadable vqgen export ({str(e)[:300]})") from None
+            model.data_config = data_config
+            return model.to(kwargs.get("map_location", "cpu")).eval()
         return super().from_pretrained(str(folder), **kwargs)
 
     @classmethod

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
     stream = train_dl if streaming else None  # a stream's position is saved by every rank with each checkpoint
     if gan:
         use_own_scaler(accelerator, gan[1])
-    last_layer = accelerator.unwrap_model(model).decoder.net[-1].weight  # where the adaptive weight is measured
+    last_layer = accelerator.unwrap_model(model).decoder.last_layer  # where the adaptive weight is measured
 
     # Resume, then the loop.
     step = 0

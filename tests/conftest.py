@@ -260,3 +260,22 @@ def inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def tiny_vgg(tmp_path):
+    """A VGG16-layout weights file as torchvision saves it (features.* and classifier.*), at toy widths."""
+    from stage1_vqvae.losses import VGG16_CONVS
+
+    from helpers import WIDTHS
+
+    g = torch.Generator().manual_seed(0)
+    state, prev = {}, 3
+    for i, w in zip(VGG16_CONVS, WIDTHS):
+        state[f"features.{i}.weight"] = torch.randn(w, prev, 3, 3, generator=g) * 0.3
+        state[f"features.{i}.bias"] = torch.randn(w, generator=g) * 0.1
+        prev = w
+    state["classifier.0.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "vgg16-tiny.pth"
+    torch.save(state, path)
+    return path, state

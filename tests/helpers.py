@@ -45,6 +45,15 @@ def stage1_args(out, image_folder, *extra) -> list[str]:
     ]
 
 
+WIDTHS = [2, 2, 4, 4, 6, 6, 6, 8, 8, 8, 8, 8, 8]  # VGG16's layout at toy widths (64 ... 512 in the real one)
+
+# The vqgan network at test size: 3 levels (16, 8, 4 px) of 16-32 channels, attention at the 4x4 code grid.
+VQGAN_ARGS = [
+    "model.arch=vqgan", "model.block_out_channels=[16,16,32]", "model.norm_num_groups=8", "model.latent_channels=8",
+    "model.layers_per_block=1",
+]  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (a fixed port can still be held by an earlier run's socket)."""
     import socket

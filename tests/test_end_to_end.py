@@ -25,6 +25,7 @@ from vqgen.training import STATE_FILE, resolve_resume
 from helpers import (
     ROOT,
     TINY2,
+    VQGAN_ARGS,
     assert_one_error_line,
     make_tar_shards,
     run_cli_process,
@@ -160,9 +161,11 @@ def test_two_processes_match_one_process(stage1, tmp_path, image_folder):
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, image_folder):
+@pytest.mark.parametrize("network", [[], VQGAN_ARGS], ids=["paper", "vqgan"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, image_folder, network):
     # k-means init clusters the encoder outputs of both ranks (gathered), as one process clusters its batch.
     args = ["train.max_steps=4", "train.checkpoint_every=0", "model.dead_code_window=0", "model.kmeans_init=true"]
+    args += network
     args += ["data.validation_fraction=0.125"]  # 3 validation images: 2 ranks pad them to 4
     one = main(stage1_args(tmp_path / "one", image_folder, *args))
     proc = run_two_processes("stage1_vqvae.train", *stage1_args(tmp_path / "two", image_folder, *args))
@@ -179,7 +182,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, im
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"num_images": 3') == 1  # scored once over both shards, printed once
     a, b = weights(one), weights(tmp_path / "two" / "model")
-    for k in a:
+    # An attention's key bias adds q.b_k to every score of a row, which the softmax cancels: its gradient is 0 up
+    # to rounding, and Adam scales that rounding noise to full steps, so no two summation orders agree on it.
+    for k in (k for k in a if not k.endswith("to_k.bias")):
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
 
 

@@ -20,27 +20,7 @@ from stage1_vqvae.losses import (
 from stage1_vqvae.train import main
 from vqgen.cli import VqgenError
 
-from helpers import (
-    resumed_equals_uninterrupted,
-    stage1_args,
-)
-
-WIDTHS = [2, 2, 4, 4, 6, 6, 6, 8, 8, 8, 8, 8, 8]  # VGG16's layout at toy widths (64 ... 512 in the real one)
-
-
-@pytest.fixture
-def tiny_vgg(tmp_path):
-    """A VGG16-layout weights file as torchvision saves it (features.* and classifier.*), at toy widths."""
-    g = torch.Generator().manual_seed(0)
-    state, prev = {}, 3
-    for i, w in zip(VGG16_CONVS, WIDTHS):
-        state[f"features.{i}.weight"] = torch.randn(w, prev, 3, 3, generator=g) * 0.3
-        state[f"features.{i}.bias"] = torch.randn(w, generator=g) * 0.1
-        prev = w
-    state["classifier.0.weight"] = torch.zeros(4, 4)
-    path = tmp_path / "vgg16-tiny.pth"
-    torch.save(state, path)
-    return path, state
+from helpers import WIDTHS, resumed_equals_uninterrupted, stage1_args
 
 
 def reference_lpips(state, a, b, lin=None):
