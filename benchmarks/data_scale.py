@@ -9,7 +9,7 @@
   halfway through the 620k extraction, the same command again, and a row-for-row comparison with the
   uninterrupted result.
 - throughput: stage-1 images/s on the same MNIST images, in memory vs decoded on the fly vs streamed.
-- configs: seconds per step and memory of configs/celeba64 and configs/ffhq256 on this CPU at batch 8.
+- configs: seconds per step and memory of configs/celeba64, ffhq256 and imagenet256-f16 on this CPU at batch 8.
 
 Every command runs in a child process; a sampler thread polls the whole process tree (the trainer and its
 DataLoader workers) every 20 ms, from /proc/PID/status. "tree RSS" sums the processes' resident sets (pages
@@ -235,12 +235,13 @@ def bench_configs(steps: int) -> None:
     """The face configs' step on this CPU at batch 8, on MNIST resized to their resolution (their Hub datasets
     are out of reach offline), with the discriminator on from step 0 and the perceptual term off (no VGG16
     weights here): seconds per step and peak memory, to scale from."""
-    for name in ("celeba64", "ffhq256"):
+    for name in ("celeba64", "ffhq256", "imagenet256-f16"):
         out = WORK / f"cfg_{name}"
         cmd = [sys.executable, "-m", "stage1_vqvae.train", "--config", f"{name}/stage1", "--output_dir", str(out),
                "--overwrite_output_dir", "data.source=mnist", "train.report_to=none", "train.eval_every=0",
                "train.checkpoint_every=0", "train.batch_size=8", f"train.max_steps={steps}", "train.num_workers=1",
-               "loss.perceptual_weight=0", "loss.disc_start=0", "train.eval_max_batches=1"]  # fmt: skip
+               "loss.perceptual_weight=0", "loss.disc_start=0", "train.eval_max_batches=1",
+               "data.streaming=false"]  # fmt: skip
         r = run_sampled(cmd)
         summary = json.loads((out / "train_summary.json").read_text())
         from safetensors.torch import load_file

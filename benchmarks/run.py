@@ -1,6 +1,7 @@
 """`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
 
-    python -m benchmarks.run [--only quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics,app] [--repeats 7]
+    python -m benchmarks.run [--only quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app]
+        [--repeats 7]
 
 Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
 timed interleaved with each benchmark's own calls; FLOPs are counted with torch.utils.flop_counter. Prints a
@@ -460,7 +461,7 @@ def bench_jacobi(repeats: int, pipeline: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quantizer,stage1,stage2,sampling,jacobi,extraction,demo,metrics,app")
+    parser.add_argument("--only", default="quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app")
     parser.add_argument("--metrics_images", type=int, default=None,
                         help="images per set of the metrics row (default: 10000 on a GPU, 1000 on a CPU)")  # fmt: skip
     parser.add_argument("--pipeline", default=str(ROOT / "runs" / "demo" / "pipeline"), help="a trained pipeline")
@@ -479,6 +480,10 @@ def main(argv: list[str] | None = None) -> None:
         bench_quantizer_options(args.repeats)
     if "stage1" in which:
         bench_stage1(args.repeats)
+    if "vqgan" in which:  # the vqgan network next to diffusers' VQModel at 64 and 256 px (benchmarks/vqgan.py)
+        from benchmarks.vqgan import bench as bench_vqgan
+
+        bench_vqgan(min(args.repeats, 5), row)
     if "stage2" in which:
         bench_stage2(args.repeats)
     if "sampling" in which:

@@ -470,7 +470,10 @@ def data_config_for(saved: dict | None, overrides: list[str]) -> DataConfig:
     unknown = sorted(set(over) - {"data"})
     if unknown:
         raise VqgenError(f"only data.* keys may be overridden here, got {unknown} (e.g. data.source=FOLDER)")
-    cfg = from_dict(DataConfig, {**(saved or {}), **over.get("data", {})}, "data")
+    merged = {**(saved or {}), **over.get("data", {})}
+    if "source" in merged and merged["source"] is None:  # an imported tokenizer: no training images of its own
+        raise VqgenError("this model records no image source (an imported tokenizer): pass data.source=FOLDER_OR_ID")
+    cfg = from_dict(DataConfig, merged, "data")
     if cfg.streaming:
         logger.info(
             "data.source %s is read map-style here (every row of each split); the carve is the stream's", cfg.source

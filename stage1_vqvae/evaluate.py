@@ -129,9 +129,7 @@ def evaluate_model(model, loader, accelerator=None, sigmas=(None,), max_batches:
         # In fp32 whatever the launch's mixed precision, as `fit_sigma` decodes: a sigma fitted on one kind of
         # reconstruction is not scored on another (bf16 outputs differ where a small sigma resolves them).
         with torch.autocast(device.type, enabled=False):
-            z_e = unwrapped.encoder(x)  # (B, D, h, w)
-            b, _, h, w = z_e.shape
-            codes = unwrapped.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim)).view(b, h, w)
+            codes = unwrapped.encode(x)  # (B, h, w)
             recon = unwrapped.decode_codes(codes).float()  # (B, C, H, W)
         a01, b01 = (x.float() + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
         mse = ((a01 - b01) ** 2).flatten(1).mean(1).double()  # (B,)

@@ -42,8 +42,8 @@ tags: [vq-vae, vqgan, image-tokenizer, vqgen]
 # {title}
 
 A VQGAN-network image tokenizer trained with [vqgen](https://github.com/vqgen/vqgen), saved as a
-`diffusers.VQModel`: {size}x{size} images with {channels} channel(s) in [-1, 1] -> a {grid}x{grid} grid of codes
-from K={k} codes of dimension {d}.
+`diffusers.VQModel`: {size}x{size} images with {channels} channel(s) -> a {grid}x{grid} grid of codes
+from K={k} codes of dimension {d}. The VQModel takes and gives pixels in {pixel_range}.
 
 ## Codes and images with diffusers
 
@@ -55,7 +55,7 @@ from diffusers import VQModel
 
 vq = VQModel.from_pretrained("{where}")
 with torch.no_grad():
-    latents = vq.encode(images).latents                   # images (B, {channels}, {size}, {size}) in [-1, 1]
+    latents = vq.encode(images).latents                   # images (B, {channels}, {size}, {size}) in {pixel_range}
     _, _, (_, _, codes) = vq.quantize(latents)            # (B*{grid}*{grid},) nearest-code indices
     codes = codes.view(len(images), {grid}, {grid})       # (B, h, w) int64
     decoded = vq.decode(codes.flatten(), force_not_quantize=True,
@@ -73,7 +73,8 @@ vqvae = VQVAE.from_pretrained("{where}")  # bit for bit the exported model, with
 codes = vqvae.encode(images); images = vqvae.decode_codes(codes)
 ```
 
-`vqgen.json` holds vqgen's config, the training images' preprocessing and the provenance below;
+`vqgen.json` holds vqgen's config (images are mapped from [-1, 1] to `pixel_range` {pixel_range} on the way in),
+the training images' preprocessing and the provenance below;
 `vqgen_extra.safetensors` the quantizer's statistics (EMA, code ages) that a VQModel has no place for.
 
 Provenance: `{source}`.
@@ -147,7 +148,8 @@ def export(model: VQVAE, output_dir: Path, source: str = "", repo_id: str | None
         vq.save_pretrained(tmp, safe_serialization=True)
         assert (tmp / DIFFUSERS_WEIGHTS).is_file()
         save_file(extra_state(model, state), str(tmp / EXTRA_WEIGHTS))
-        meta = dict(model_config=asdict(c), data_config=model.data_config, provenance=dict(source=source))
+        meta = dict(model_config=asdict(c), data_config=model.data_config, provenance=dict(source=source),
+                    tokenizer_source=model.tokenizer_source)  # fmt: skip
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         note = (
             "The codebook is l2-normalised: VQModel's Euclidean lookup on unnormalised latents picks the same code "
@@ -158,7 +160,7 @@ def export(model: VQVAE, output_dir: Path, source: str = "", repo_id: str | None
         card = CARD.format(
             title=f"{output_dir.name} (vqgen VQGAN tokenizer)", size=c.image_size, channels=c.in_channels,
             grid=c.grid_size, k=c.codebook_size, d=lookup_dim, where=repo_id or str(output_dir), lookup_note=note,
-            source=source or "unknown",
+            source=source or "unknown", pixel_range=c.pixel_range,
         )  # fmt: skip
         ModelCard(card).save(tmp / "README.md")
         commit_dir(tmp, output_dir)

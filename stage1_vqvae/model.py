@@ -85,6 +85,9 @@ class VQVAEConfig:
         None, "vqgan: encoder output channels before the 1x1 to codebook_dim (taming's z_channels); null: D"
     )
     norm_num_groups: int = option(32, "vqgan: GroupNorm groups; must divide every block_out_channels")
+    pixel_range: list[float] = option(
+        [-1.0, 1.0], "[low, high] the network reads and writes pixels in (aMUSEd's: [0, 1]); vqgen maps its [-1, 1]"
+    )
 
     def __post_init__(self):
         if self.codebook_size < 2:
@@ -125,6 +128,8 @@ class VQVAEConfig:
         elif self.fsq_levels is not None:
             raise ValueError("fsq_levels is set but quantizer is vq; set quantizer: fsq or drop fsq_levels")
         check_network(self)
+        if len(self.pixel_range) != 2 or not self.pixel_range[0] < self.pixel_range[1]:
+            raise ValueError(f"pixel_range must be [low, high] with low < high, got {self.pixel_range}")
         if self.codebook_transform == "linear" and self.decay is not None:
             raise ValueError("codebook_transform linear (SimVQ) learns its map by gradient: set decay null (no EMA)")
         if self.codebook_transform == "linear" and (self.kmeans_init or self.dead_code_window):
@@ -223,11 +228,13 @@ MODEL_CARD_TEMPLATE = """---
 # {{ title | default("VQ-VAE", true) }}
 
 A VQ-VAE (van den Oord et al. 2017, [arXiv:1711.00937](https://arxiv.org/abs/1711.00937)) trained with
-[vqgen]({{ repo_url | default("https://github.com/vqgen/vqgen", true) }}). It maps a
+[vqgen]({{ repo_url | default("https://github.com/vqgen/vqgen", true) }})
+{%- if network %}, on {{ network }}{% endif %}. It maps a
 {{ image_size }}x{{ image_size }} image with {{ in_channels }} channel(s) to a {{ grid }}x{{ grid }} grid of
 codes from a codebook of K={{ codebook_size }} vectors of dimension {{ codebook_dim }}.
 
 {% if training_data %}Training data: `{{ training_data }}`.{% endif %}
+{% if imported_from %}{{ imported_from }}{% endif %}
 
 {% if metrics %}## Evaluation
 
@@ -247,6 +254,21 @@ from stage1_vqvae.model import VQVAE
 images = vqvae.decode_codes(codes)     # back to (B, C, H, W)
 ```
 """
+
+
+SOURCE_FILE = "tokenizer_source.json"  # an imported tokenizer's provenance, beside its weights
+
+
+def imported_from(source: dict) -> str:
+    """One paragraph on an imported tokenizer's provenance, for the cards of its folder and of pipelines over it."""
+    digest = f"sha256 {source['weights_sha256'][:16]}…" if source.get("weights_sha256") else "no digest"
+    where = f" (subfolder `{source['subfolder']}`)" if source.get("subfolder") else ""
+    revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
+    return (
+        f"Imported from `{source['source']}`{where}{revision}, a {source['kind']}; weights file "
+        f"{source.get('weights_file')} ({digest}); license as the source states it: {source['license']}. It takes "
+        f"pixels in {source['pixel_range']}. Frozen: used as it is, never retrained by vqgen."
+    )
 
 
 class VQVAE(
@@ -272,6 +294,7 @@ class VQVAE(
         self.quantizer = build_quantizer(config)
         self.decoder = VQGANDecoder(config) if vqgan else Decoder(config)
         self.data_config: dict | None = None  # preprocessing of the training images; set by training and loading
+        self.tokenizer_source: dict | None = None  # where an imported tokenizer came from (import_tokenizer.py)
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         c, s = self.config.in_channels, self.config.image_size
@@ -282,11 +305,20 @@ class VQVAE(
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def _into_network(self, images: torch.Tensor) -> torch.Tensor:
+        """vqgen's [-1, 1] pixels -> the range the network was trained on (the identity for vqgen's own)."""
+        lo, hi = self.config.pixel_range
+        return images if (lo, hi) == (-1.0, 1.0) else (images + 1) * ((hi - lo) / 2) + lo
+
+    def _out_of_network(self, pixels: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.config.pixel_range
+        return pixels if (lo, hi) == (-1.0, 1.0) else (pixels - lo) * (2 / (hi - lo)) - 1
+
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
         images = self._check_images(images)
-        z_e = self.encoder(images)  # (B, D, h, w)
+        z_e = self.encoder(self._into_network(images))  # (B, D, h, w)
         q = self.quantizer(z_e)
-        reconstruction = self.decoder(q.z_q.to(z_e.dtype))  # (B, C, H, W)
+        reconstruction = self._out_of_network(self.decoder(q.z_q.to(z_e.dtype)))  # (B, C, H, W)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         return VQVAEOutput(
             reconstruction=reconstruction,
@@ -305,7 +337,7 @@ class VQVAE(
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, h, w) int64 codes; never touches the codebook statistics."""
         images = self._check_images(images)
-        z_e = self.encoder(images).float()  # (B, D, h, w)
+        z_e = self.encoder(self._into_network(images)).float()  # (B, D, h, w)
         b, d, h, w = z_e.shape
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
         return self.quantizer.nearest(flat).view(b, h, w)
@@ -320,7 +352,7 @@ class VQVAE(
             raise ValueError(f"codes must lie in [0, {k}); got range [{int(codes.min())}, {int(codes.max())}]")
         z_q = self.quantizer.lookup(codes.long())  # (B, D, h, w)
         param = next(self.decoder.parameters())
-        return self.decoder(z_q.to(param.dtype))
+        return self._out_of_network(self.decoder(z_q.to(param.dtype)))
 
     # -- Hub: a card that describes the model, strict safetensors-only loading -----------------------
 
@@ -329,10 +361,19 @@ class VQVAE(
         c = self.config
         card = dict(image_size=c.image_size, in_channels=c.in_channels, grid=c.grid_size)
         card.update(codebook_size=c.codebook_size, codebook_dim=c.codebook_dim)
+        if c.arch == "vqgan":
+            card["network"] = (
+                f"the VQGAN encoder/decoder (diffusers' modules; channels {c.block_out_channels}); "
+                "`python -m stage1_vqvae.export_diffusers` writes it as a `diffusers.VQModel`"
+            )
+        if self.tokenizer_source is not None:
+            card["imported_from"] = imported_from(self.tokenizer_source)
         card.update(model_card_kwargs or {})
         out = super().save_pretrained(save_directory, model_card_kwargs=card, **kwargs)
         if self.data_config is not None:  # the preprocessing of the training images travels with the weights
             (Path(save_directory) / "data_config.json").write_text(json.dumps(self.data_config, indent=2) + "\n")
+        if self.tokenizer_source is not None:
+            (Path(save_directory) / SOURCE_FILE).write_text(json.dumps(self.tokenizer_source, indent=2) + "\n")
         return out
 
     @classmethod
@@ -355,13 +396,13 @@ class VQVAE(
         )
         exported = read_diffusers_export(folder)  # a folder written for diffusers.VQModel by export_diffusers
         if exported is not None:
-            config, data_config, state = exported
+            meta, state = exported
             try:
-                model = cls(VQVAEConfig(**config))
+                model = cls(VQVAEConfig(**meta["model_config"]))
                 model.load_state_dict(state, strict=True)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise VqgenError(f"{folder} is not a loadable vqgen export ({str(e)[:300]})") from None
-            model.data_config = data_config
+            model.data_config, model.tokenizer_source = meta.get("data_config"), meta.get("tokenizer_source")
             return model.to(kwargs.get("map_location", "cpu")).eval()
         return super().from_pretrained(str(folder), **kwargs)
 
@@ -387,6 +428,8 @@ class VQVAE(
             raise VqgenError(f"{model_id}/config.json is not a valid VQ-VAE config ({e})") from None
         data_file = Path(model_id) / "data_config.json"
         model.data_config = json.loads(data_file.read_text()) if data_file.is_file() else None
+        source_file = Path(model_id) / SOURCE_FILE
+        model.tokenizer_source = json.loads(source_file.read_text()) if source_file.is_file() else None
         return load_safetensors_model(
             model,
             model_id,

@@ -179,8 +179,8 @@ def to_vqmodel_key(key: str) -> str | None:
     return None
 
 
-def read_diffusers_export(folder: Path) -> tuple[dict, dict | None, dict[str, torch.Tensor]] | None:
-    """An exported folder's (vqgen config, data config, vqgen state dict), or None if `folder` is not one.
+def read_diffusers_export(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """An exported folder's (vqgen.json's metadata, vqgen state dict), or None if `folder` is not one.
 
     Every tensor that VQModel holds as vqgen does comes from diffusers' weights file (renamed); the rest
     (the quantizer's state, and the 1x1 convs where a projection was folded into them) from vqgen's extra file,
@@ -197,4 +197,4 @@ def read_diffusers_export(folder: Path) -> tuple[dict, dict | None, dict[str, to
         if prefix is not None:
             state[reverse[prefix] + key[len(prefix) :]] = tensor
     state.update(load_file(str(Path(folder) / EXTRA_WEIGHTS)))
-    return meta["model_config"], meta.get("data_config"), state
+    return meta, state

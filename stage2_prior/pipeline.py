@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.model import VQVAE, imported_from
 from stage2_prior.model import SamplingConfig, codes_meta_of, layout_of, load_prior
 from stage2_prior.sampling import sample_codes
 from vqgen.cli import VqgenError
@@ -48,7 +48,9 @@ PIPELINE_CARD = """---
 A VQ-VAE (`vqvae/`, van den Oord et al. 2017) that maps {{ image_size }}x{{ image_size }} images to {{ h }}x{{ w }}
 grids of codes from a codebook of K={{ k }}, and a {{ arch }} prior over those grids (`prior/`), made with
 [vqgen](https://github.com/vqgen/vqgen). {{ classes }}
-
+{% if tokenizer %}
+The VQ-VAE is a pretrained tokenizer: {{ tokenizer }}
+{% endif %}
 {% if image %}![samples from this pipeline, one row per class]({{ image }}){% endif %}
 
 ## Use
@@ -180,6 +182,7 @@ class VQGenPipeline:
             k=self.layout.codebook_size,
             arch=self.prior.config.model_type,
             classes=f"The prior is class-conditional over {names}." if names else "The prior is unconditional.",
+            tokenizer=imported_from(self.vqvae.tokenizer_source) if self.vqvae.tokenizer_source else None,
             image=image,
             repo_id=repo_id,
         )

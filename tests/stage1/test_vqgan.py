@@ -141,17 +141,24 @@ def test_a_resumed_vqgan_run_with_restarts_and_the_gan_losses_equals_the_uninter
     assert weights(full)["quantizer.code_age"].max() < 7  # restarts fired (ages reset)
 
 
-def test_a_trained_vqgan_stage1_exports_and_its_export_evaluates_extracts_and_samples(tmp_path, image_folder):
+def test_a_trained_vqgan_stage1_exports_and_its_export_evaluates_extracts_and_samples(tmp_path, image_folder, fake_hub):
     from sample import main as sample
     from stage1_vqvae.evaluate import main as evaluate
     from stage1_vqvae.extract import main as extract
 
     args = [*VQGAN_ARGS, "train.max_steps=4", "train.checkpoint_every=0", "model.lookup_dim=4"]
-    model_dir = train(stage1_args(tmp_path / "run", image_folder, *args, "model.l2_normalize=true"))
+    model_dir = train(
+        stage1_args(tmp_path / "run", image_folder, *args, "model.l2_normalize=true", "train.mixed_precision=bf16")
+    )
+    assert "export_diffusers" in (model_dir / "README.md").read_text()
     out = export_main(["--model", str(model_dir), "--output_dir", str(tmp_path / "vq")])
     assert "vq.quantize(latents)" in (out / "README.md").read_text()  # the card says how to get codes out
     with pytest.raises(VqgenError, match="already exists"):
         export_main(["--model", str(model_dir), "--output_dir", str(out)])
+    export_main(["--model", str(out), "--output_dir", str(tmp_path / "again"), "--push_to_hub", "--hub_model_id=me/vq"])
+    remote = tmp_path / "remote" / "model" / "me" / "vq"
+    assert 'VQModel.from_pretrained("me/vq")' in (remote / "README.md").read_text()
+    assert VQModel.from_pretrained(remote).config.num_vq_embeddings == 16
 
     trained, exported = weights(model_dir), VQVAE.from_pretrained(out).state_dict()
     assert all(torch.equal(trained[k], exported[k]) for k in trained)

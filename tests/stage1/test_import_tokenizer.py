@@ -1,0 +1,119 @@
+"""Pretrained tokenizers as vqgen's stage 1: diffusers VQModels (with and without attention, the
+lookup_from_codebook layout, a [0, 1] pixel range) give their own codes and images through vqgen; refusals."""
+
+import json
+
+import pytest
+import torch
+from diffusers import VQModel
+
+from stage1_vqvae.import_tokenizer import main as import_tokenizer
+from stage1_vqvae.model import VQVAE
+from vqgen.cli import VqgenError
+
+LAYOUTS = {
+    "attention": dict(down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                      up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]),
+    "no-attention": dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         mid_block_add_attention=False),
+    "lookup-from-codebook": dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                 lookup_from_codebook=True, vq_embed_dim=4),
+}  # fmt: skip
+
+
+def tiny_vqmodel(folder, seed=0, **layout) -> VQModel:
+    torch.manual_seed(seed)
+    vq = VQModel(
+        in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1, latent_channels=8,
+        num_vq_embeddings=32, norm_num_groups=8, sample_size=16, **layout,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # away from the init, norms included, so that every tensor's place matters
+        for p in vq.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    vq.save_pretrained(folder)
+    return vq
+
+
+def images(n=16, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")  # (n, 3, 16, 16) in [-1, 1]
+
+
+@pytest.mark.parametrize("pixel_range", ["-1,1", "0,1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_imported_vqmodel_gives_its_own_codes_and_decodings(tmp_path, layout, pixel_range):
+    vq = tiny_vqmodel(tmp_path / "vq", **LAYOUTS[layout])
+    out = import_tokenizer([str(tmp_path / "vq"), "--output_dir", str(tmp_path / "s1"), f"--pixel_range={pixel_range}"])
+    model = VQVAE.from_pretrained(out)
+    x = images()  # vqgen's [-1, 1]
+    theirs_in = x if pixel_range == "-1,1" else (x + 1) / 2  # what the tokenizer was trained to take
+    with torch.no_grad():
+        latents = vq.encode(theirs_in).latents
+        _, _, (_, _, theirs) = vq.quantize(latents)
+        ours = model.encode(x)  # (16, 8, 8)
+        assert torch.equal(ours.flatten(), theirs)  # (every one of 1024 codes; no near-tie on these weights)
+        d = model.config.codebook_dim
+        if vq.config.lookup_from_codebook:  # this layout's decode takes the indices
+            decoded = vq.decode(theirs, force_not_quantize=True, shape=(16, 8, 8, d)).sample
+        else:  # the others' take the code vectors
+            z_q = vq.quantize.get_codebook_entry(theirs, (16, 8, 8, d))  # (16, d, 8, 8)
+            decoded = vq.decode(z_q, force_not_quantize=True).sample
+        ours_decoded = model.decode_codes(ours)  # in vqgen's [-1, 1]: compared in the tokenizer's own range
+        torch.testing.assert_close(ours_decoded if pixel_range == "-1,1" else (ours_decoded + 1) / 2, decoded,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    source = json.loads((out / "tokenizer_source.json").read_text())
+    assert source["weights_file"] == "diffusion_pytorch_model.safetensors" and len(source["weights_sha256"]) == 64
+    assert "Frozen" in (out / "README.md").read_text() and model.config.pixel_range == [
+        float(v) for v in pixel_range.split(",")
+    ]
+
+
+def test_an_unknown_range_a_spatial_norm_and_a_pickle_that_runs_code_are_refused_with_nothing_written(tmp_path):
+    tiny_vqmodel(tmp_path / "vq", **LAYOUTS["no-attention"])
+    with pytest.raises(VqgenError, match="pixel range .* is not known to vqgen: pass --pixel_range"):
+        import_tokenizer([str(tmp_path / "vq"), "--output_dir", str(tmp_path / "a")])
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    (tmp_path / "movq").mkdir()
+    (tmp_path / "movq" / "config.json").write_text(json.dumps({**config, "norm_type": "spatial"}))
+    with pytest.raises(VqgenError, match="norm_type 'spatial' .* only norm_type 'group' VQModels can be imported"):
+        import_tokenizer([str(tmp_path / "movq"), "--output_dir", str(tmp_path / "b"), "--pixel_range=-1,1"])
+
+    class RunsCode:  # a pickle whose loading would call os.system
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    torch.save({"x": RunsCode()}, tmp_path / "bad" / "diffusion_pytorch_model.bin")
+    with pytest.raises(VqgenError, match="holds more than tensors .* re-save it as safetensors"):
+        import_tokenizer([str(tmp_path / "bad"), "--output_dir", str(tmp_path / "c"), "--pixel_range=-1,1"])
+    assert not (tmp_path / "ran").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "movq", "vq"]  # nothing half-written
+
+
+def test_an_imported_tokenizer_runs_the_whole_pipeline_and_the_cards_name_its_source(tmp_path, image_folder):
+    from sample import main as sample
+    from stage1_vqvae.extract import main as extract
+    from stage2_prior.export import main as export
+    from stage2_prior.pipeline import VQGenPipeline
+
+    from helpers import train2
+
+    layout = dict(LAYOUTS["attention"], in_channels=1, out_channels=1)
+    torch.manual_seed(0)
+    VQModel(block_out_channels=[16, 32], layers_per_block=1, latent_channels=8, num_vq_embeddings=32,
+            norm_num_groups=8, sample_size=16, **layout).save_pretrained(tmp_path / "vq")  # fmt: skip
+    s1 = import_tokenizer([str(tmp_path / "vq"), "--output_dir", str(tmp_path / "s1"), "--pixel_range=-1,1"])
+    with pytest.raises(VqgenError, match="records no image source .* pass data.source="):
+        extract(["--model", str(s1), "--output_dir", str(tmp_path / "nocodes")])
+    codes = extract(["--model", str(s1), "--output_dir", str(tmp_path / "codes"), f"data.source={image_folder}"])
+    prior = train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
+    pipe = export(["--vqvae", str(s1), "--prior", str(prior), "--output_dir", str(tmp_path / "pipe")])
+    assert f"Imported from `{tmp_path / 'vq'}`" in (pipe / "README.md").read_text()
+    assert (pipe / "vqvae" / "tokenizer_source.json").is_file()
+    samples = sample(["--pipeline", str(pipe), "--per_class=1", f"--output_dir={tmp_path / 'samples'}"])
+    assert len(list(samples.glob("*.png"))) >= 2
+    assert VQGenPipeline.from_pretrained(pipe).vqvae.tokenizer_source["kind"] == "diffusers.VQModel"
