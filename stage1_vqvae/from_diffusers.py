@@ -28,7 +28,7 @@ KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types", "b
          "norm_type", "mid_block_add_attention"}  # fmt: skip
 
 
-def vqgen_config(vc: dict, resolution: int | None, pixel_range: list[float]) -> VQVAEConfig:
+def vqgen_config(vc: dict, resolution: int | None, pixel_range: list[float], **options) -> VQVAEConfig:
     """The VQVAEConfig of the vqgan network that VQModel config `vc` describes (refusing what it cannot express)."""
     unknown = sorted(set(vc) - KNOWN - IGNORED)
     if unknown:
@@ -63,6 +63,7 @@ def vqgen_config(vc: dict, resolution: int | None, pixel_range: list[float]) -> 
             mid_block_attention=vc.get("mid_block_add_attention", True), latent_channels=vc["latent_channels"],
             norm_num_groups=vc["norm_num_groups"], codebook_size=vc["num_vq_embeddings"],
             codebook_dim=vc.get("vq_embed_dim") or vc["latent_channels"], decay=None, pixel_range=pixel_range,
+            **options,
         )  # fmt: skip
     except ValueError as e:
         raise VqgenError(f"the VQModel cannot be built as vqgen's vqgan network at {size} px: {e}") from None
@@ -109,6 +110,17 @@ def vqgen_state(vq_state: dict[str, torch.Tensor], model: VQVAE) -> dict[str, to
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def build(vc: dict, vq_state: dict, resolution: int | None, pixel_range: list[float], **options) -> VQVAE:
+    """vqgen's model of a VQModel config and its weights (in VQModel's names); the converters of other formats
+    (from_taming.py, from_llamagen.py) rename into those names and come here."""
+    model = VQVAE(vqgen_config(vc, resolution, pixel_range, **options))
+    try:
+        model.load_state_dict(vqgen_state(vq_state, model), strict=True)
+    except RuntimeError as e:
+        raise VqgenError(f"the weights do not fit the tokenizer's config: {str(e)[:300]}") from None
+    return model.eval()
+
+
 def import_vqmodel(folder: Path, resolution: int | None, pixel_range: list[float]) -> VQVAE:
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -116,9 +128,4 @@ def import_vqmodel(folder: Path, resolution: int | None, pixel_range: list[float
     vc = json.loads(config_file.read_text())
     if vc.get("_class_name", "VQModel") != "VQModel":
         raise VqgenError(f"{folder} holds a diffusers {vc['_class_name']}, not a VQModel")
-    model = VQVAE(vqgen_config(vc, resolution, pixel_range))
-    try:
-        model.load_state_dict(vqgen_state(read_weights(folder), model), strict=True)
-    except RuntimeError as e:
-        raise VqgenError(f"the VQModel weights do not fit its config: {str(e)[:300]}") from None
-    return model.eval()
+    return build(vc, read_weights(folder), resolution, pixel_range)

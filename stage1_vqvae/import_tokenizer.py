@@ -3,8 +3,12 @@ the app and the metrics run on its codes unchanged.
 
     python -m stage1_vqvae.import_tokenizer amused/amused-256 --subfolder vqvae --output_dir runs/amused/stage1
     python -m stage1_vqvae.import_tokenizer path/to/vqmodel --pixel_range=-1,1 --output_dir runs/mine/stage1
+    python -m stage1_vqvae.import_tokenizer vqgan_imagenet_f16_16384/ckpts/last.ckpt \
+        --config vqgan_imagenet_f16_16384/configs/model.yaml --pixel_range=-1,1 --output_dir runs/taming16k/stage1
 
-Sources: a diffusers `VQModel` folder or Hub repo (with `--subfolder` where the repo holds a whole pipeline).
+Sources: a diffusers `VQModel` folder or Hub repo (with `--subfolder` where the repo holds a whole pipeline); a
+taming-transformers or latent-diffusion VQGAN checkpoint file with `--config` (its YAML; EMA weights taken where
+the checkpoint has them, unless `--ema off`), read without running code from the pickle (`pickled.py`).
 The pixel range a tokenizer was trained on is not in its config: it comes from the table below for known repos,
 or from `--pixel_range` (required otherwise); vqgen's [-1, 1] images are mapped to it on the way in and back on
 the way out. The folder is frozen: vqgen's stage-1 trainer always starts a network from scratch, so an imported
@@ -23,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from stage1_vqvae.from_diffusers import import_vqmodel
+from stage1_vqvae.from_taming import import_taming
 from stage1_vqvae.model import VQVAE
 from vqgen.cli import VqgenError, run_cli
 from vqgen.files import atomic_dir, commit_dir
@@ -65,18 +70,41 @@ def stated_license(root: Path) -> str:
     return "not stated in the source's files"
 
 
-def provenance(source: str, root: Path, folder: Path, revision: str | None, pixel_range: list[float]) -> dict:
-    weights = next((p for p in sorted(folder.glob("diffusion_pytorch_model.*")) if p.is_file()), None)
+def provenance(source: str, root: Path, weights: Path | None, kind: str, revision: str | None, pixel_range) -> dict:
+    hub = looks_like_repo_id(source) and not Path(source).exists()
     return dict(
         source=source,
-        kind="diffusers.VQModel",
-        subfolder=folder.relative_to(root).as_posix() if folder != root else None,
-        revision=revision or (root.name if looks_like_repo_id(source) and not Path(source).exists() else None),
+        kind=kind,
+        subfolder=weights.parent.relative_to(root).as_posix() if weights and weights.parent != root else None,
+        revision=revision or (root.name if hub else None),  # a snapshot folder is named by its commit
         weights_file=weights.name if weights else None,
         weights_sha256=file_sha256(weights) if weights else None,
         license=stated_license(root),
         pixel_range=pixel_range,
     )
+
+
+def from_vqmodel(args, pixel_range: list[float]) -> VQVAE:
+    patterns = ["README.md", *([f"{args.subfolder}/*"] if args.subfolder else ["*.json", "*.safetensors", "*.bin"])]
+    root = resolve_folder(args.source, "tokenizer", allow_patterns=patterns, revision=args.revision)
+    folder = root / args.subfolder if args.subfolder else root
+    if not folder.is_dir():
+        raise VqgenError(f"{args.source} has no subfolder {args.subfolder!r}")
+    model = import_vqmodel(folder, args.resolution, pixel_range)
+    weights = next((p for p in sorted(folder.glob("diffusion_pytorch_model.*")) if p.is_file()), None)
+    model.tokenizer_source = provenance(args.source, root, weights, "diffusers.VQModel", args.revision, pixel_range)
+    return model
+
+
+def from_checkpoint(args, pixel_range: list[float]) -> VQVAE:
+    """A taming/LDM checkpoint (with --config) or a LlamaGen one: a local file."""
+    path = Path(args.source)
+    if args.config is None:
+        raise VqgenError(f"{path} is a checkpoint file: pass --config with its taming/latent-diffusion config YAML")
+    model, ema = import_taming(path, Path(args.config), args.resolution, pixel_range, use_ema=args.ema != "off")
+    kind = "taming/latent-diffusion VQGAN checkpoint" + (" (its EMA weights)" if ema else "")
+    model.tokenizer_source = provenance(str(path), path.parent, path, kind, None, pixel_range)
+    return model
 
 
 def write_folder(model: VQVAE, out: Path) -> Path:
@@ -99,6 +127,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--resolution", type=int, default=None, help="image side (default: the config's sample_size)")
     parser.add_argument("--pixel_range", default=None, help="low,high the tokenizer takes pixels in (e.g. 0,1)")
+    parser.add_argument("--config", default=None, help="a taming/latent-diffusion checkpoint's config YAML")
+    parser.add_argument("--ema", default="auto", choices=["auto", "on", "off"],
+                        help="auto: a taming/LDM checkpoint's model_ema.* weights where it has them")  # fmt: skip
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
@@ -113,16 +144,10 @@ def main(argv: list[str] | None = None) -> Path:
             f"the pixel range {args.source} was trained on is not known to vqgen: pass --pixel_range -1,1 (taming, "
             "latent-diffusion, VQ-Diffusion, LlamaGen) or --pixel_range 0,1 (aMUSEd), as its training code uses"
         )
-    patterns = ["README.md", *([f"{args.subfolder}/*"] if args.subfolder else ["*.json", "*.safetensors", "*.bin"])]
-    root = resolve_folder(args.source, "tokenizer", allow_patterns=patterns, revision=args.revision)
-    folder = root / args.subfolder if args.subfolder else root
-    if not folder.is_dir():
-        raise VqgenError(f"{args.source} has no subfolder {args.subfolder!r}")
-    model = import_vqmodel(folder, args.resolution, pixel_range)
+    model = from_checkpoint(args, pixel_range) if Path(args.source).is_file() else from_vqmodel(args, pixel_range)
     c = model.config
     # How its images are prepared: the tokenizer's side and channels; the source is the user's (data.source=...).
     model.data_config = dict(source=None, resolution=c.image_size, channels="RGB" if c.in_channels == 3 else "L")
-    model.tokenizer_source = provenance(args.source, root, folder, args.revision, pixel_range)
     write_folder(model, out)
     print(f"imported {args.source}: {c.image_size} px, {c.grid_size}x{c.grid_size} codes of K={c.codebook_size}: {out}")
     return out

@@ -117,3 +117,84 @@ def test_an_imported_tokenizer_runs_the_whole_pipeline_and_the_cards_name_its_so
     samples = sample(["--pipeline", str(pipe), "--per_class=1", f"--output_dir={tmp_path / 'samples'}"])
     assert len(list(samples.glob("*.png"))) >= 2
     assert VQGenPipeline.from_pretrained(pipe).vqvae.tokenizer_source["kind"] == "diffusers.VQModel"
+
+
+DDCONFIG = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                num_res_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
+
+
+def taming_checkpoint(folder, ema: bool = False):
+    """taming's own modules with random weights, saved as Lightning saves a VQGAN (state_dict with the losses'
+    tensors, and non-tensor objects beside it); its config YAML as taming writes it."""
+    import argparse
+
+    import yaml
+
+    modules = pytest.importorskip("taming.modules.diffusionmodules.model", reason="make install adds it (--no-deps)")
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+
+    torch.manual_seed(0)
+    parts = dict(
+        encoder=modules.Encoder(**DDCONFIG), decoder=modules.Decoder(**DDCONFIG),
+        quantize=VectorQuantizer2(32, 4, 0.25), quant_conv=torch.nn.Conv2d(8, 4, 1),
+        post_quant_conv=torch.nn.Conv2d(4, 8, 1),
+    )  # fmt: skip
+    state = {}
+    with torch.no_grad():
+        for name, module in parts.items():
+            for p in module.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            state.update({f"{name}.{k}": v.clone() for k, v in module.state_dict().items()})
+    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)  # training-only: dropped
+    if ema:  # latent-diffusion's LitEma: each parameter under its name without dots
+        state.update({"model_ema." + k.replace(".", ""): v + 0.5 for k, v in state.items() if not k.startswith("loss")})
+        state["model_ema.decay"] = torch.tensor(0.9999)
+    folder.mkdir()
+    torch.save({"state_dict": state, "epoch": 3, "hyper_parameters": argparse.Namespace(lr=1e-4)}, folder / "last.ckpt")
+    config = {
+        "model": {
+            "target": "taming.models.vqgan.VQModel",
+            "params": {
+                "embed_dim": 4,
+                "n_embed": 32,
+                "ddconfig": DDCONFIG,
+                "lossconfig": {"target": "taming.modules.losses.X"},
+            },
+        }
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(config))
+    return {k: m.eval() for k, m in parts.items()}
+
+
+def test_a_taming_checkpoint_gives_tamings_encoder_decoder_and_codes(tmp_path):
+    ref = taming_checkpoint(tmp_path / "taming")
+    args = [str(tmp_path / "taming" / "last.ckpt"), "--config", str(tmp_path / "taming" / "model.yaml")]
+    out = import_tokenizer([*args, "--output_dir", str(tmp_path / "s1"), "--pixel_range=-1,1"])
+    model = VQVAE.from_pretrained(out)
+    x = images()
+    with torch.no_grad():
+        h = ref["quant_conv"](ref["encoder"](x))  # (16, 4, 8, 8)
+        torch.testing.assert_close(model.encoder(x), h, atol=1e-5, rtol=0)
+        z_q, _, (_, _, theirs) = ref["quantize"](h)
+        assert torch.equal(model.encode(x).flatten(), theirs)
+        torch.testing.assert_close(model.decoder(z_q), ref["decoder"](ref["post_quant_conv"](z_q)), atol=1e-5, rtol=0)
+    assert "taming/latent-diffusion VQGAN checkpoint" in (out / "README.md").read_text()
+
+
+def test_ema_weights_are_taken_where_a_checkpoint_has_them_and_gumbel_is_refused(tmp_path):
+    taming_checkpoint(tmp_path / "ldm", ema=True)
+    ckpt = torch.load(tmp_path / "ldm" / "last.ckpt", weights_only=False)
+    args = [str(tmp_path / "ldm" / "last.ckpt"), "--config", str(tmp_path / "ldm" / "model.yaml"), "--pixel_range=-1,1"]
+    out = import_tokenizer([*args, "--output_dir", str(tmp_path / "ema")])
+    weights = VQVAE.from_pretrained(out).state_dict()
+    assert torch.equal(weights["encoder.net.conv_in.weight"], ckpt["state_dict"]["model_ema.encoderconv_inweight"])
+    assert "(its EMA weights)" in (out / "README.md").read_text()
+    raw = VQVAE.from_pretrained(import_tokenizer([*args, "--ema=off", "--output_dir", str(tmp_path / "raw")]))
+    assert torch.equal(raw.state_dict()["encoder.net.conv_in.weight"], ckpt["state_dict"]["encoder.conv_in.weight"])
+
+    gumbel = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("quantize")}
+    gumbel["quantize.proj.weight"], gumbel["quantize.embed.weight"] = torch.randn(32, 8, 1, 1), torch.randn(32, 4)
+    torch.save({"state_dict": gumbel}, tmp_path / "gumbel.ckpt")
+    with pytest.raises(VqgenError, match="Gumbel-softmax VQGAN .* cannot express"):
+        import_tokenizer([str(tmp_path / "gumbel.ckpt"), *args[1:], "--output_dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
