@@ -128,4 +128,5 @@ def import_vqmodel(folder: Path, resolution: int | None, pixel_range: list[float
     vc = json.loads(config_file.read_text())
     if vc.get("_class_name", "VQModel") != "VQModel":
         raise VqgenError(f"{folder} holds a diffusers {vc['_class_name']}, not a VQModel")
+    vqgen_config(vc, resolution, pixel_range)  # refuse what cannot be built before reading any weights
     return build(vc, read_weights(folder), resolution, pixel_range)

@@ -5,10 +5,12 @@ the app and the metrics run on its codes unchanged.
     python -m stage1_vqvae.import_tokenizer path/to/vqmodel --pixel_range=-1,1 --output_dir runs/mine/stage1
     python -m stage1_vqvae.import_tokenizer vqgan_imagenet_f16_16384/ckpts/last.ckpt \
         --config vqgan_imagenet_f16_16384/configs/model.yaml --pixel_range=-1,1 --output_dir runs/taming16k/stage1
+    python -m stage1_vqvae.import_tokenizer vq_ds16_c2i.pt --output_dir runs/llamagen-vq16/stage1
 
 Sources: a diffusers `VQModel` folder or Hub repo (with `--subfolder` where the repo holds a whole pipeline); a
 taming-transformers or latent-diffusion VQGAN checkpoint file with `--config` (its YAML; EMA weights taken where
-the checkpoint has them, unless `--ema off`), read without running code from the pickle (`pickled.py`).
+the checkpoint has them, unless `--ema off`); a LlamaGen VQ checkpoint file (VQ-16, VQ-8; its `model` weights, or
+`ema` with `--ema on`). Pickled files are read without running code from them (`pickled.py`).
 The pixel range a tokenizer was trained on is not in its config: it comes from the table below for known repos,
 or from `--pixel_range` (required otherwise); vqgen's [-1, 1] images are mapped to it on the way in and back on
 the way out. The folder is frozen: vqgen's stage-1 trainer always starts a network from scratch, so an imported
@@ -27,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from stage1_vqvae.from_diffusers import import_vqmodel
+from stage1_vqvae.from_llamagen import import_llamagen
 from stage1_vqvae.from_taming import import_taming
 from stage1_vqvae.model import VQVAE
 from vqgen.cli import VqgenError, run_cli
@@ -39,6 +42,9 @@ KNOWN_RANGES = {
     "amused/amused-512": [0.0, 1.0],
     "microsoft/vq-diffusion-ithq": [-1.0, 1.0],
     "CompVis/ldm-celebahq-256": [-1.0, 1.0],
+    "vq_ds16_c2i.pt": [-1.0, 1.0],  # LlamaGen's released checkpoints, by file name
+    "vq_ds8_c2i.pt": [-1.0, 1.0],
+    "vq_ds16_t2i.pt": [-1.0, 1.0],
 }
 
 
@@ -97,12 +103,14 @@ def from_vqmodel(args, pixel_range: list[float]) -> VQVAE:
 
 
 def from_checkpoint(args, pixel_range: list[float]) -> VQVAE:
-    """A taming/LDM checkpoint (with --config) or a LlamaGen one: a local file."""
+    """A local checkpoint file: taming/LDM with --config, LlamaGen (recognised by its keys) without."""
     path = Path(args.source)
-    if args.config is None:
-        raise VqgenError(f"{path} is a checkpoint file: pass --config with its taming/latent-diffusion config YAML")
-    model, ema = import_taming(path, Path(args.config), args.resolution, pixel_range, use_ema=args.ema != "off")
-    kind = "taming/latent-diffusion VQGAN checkpoint" + (" (its EMA weights)" if ema else "")
+    if args.config is not None:
+        model, ema = import_taming(path, Path(args.config), args.resolution, pixel_range, use_ema=args.ema != "off")
+        kind = "taming/latent-diffusion VQGAN checkpoint" + (" (its EMA weights)" if ema else "")
+    else:
+        model = import_llamagen(path, args.resolution, pixel_range, use_ema=args.ema == "on")
+        kind = "LlamaGen VQ checkpoint" + (" (its EMA weights)" if args.ema == "on" else " (its model weights)")
     model.tokenizer_source = provenance(str(path), path.parent, path, kind, None, pixel_range)
     return model
 
@@ -137,8 +145,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
     if args.pixel_range is not None:
         pixel_range = parse_range(args.pixel_range)
-    elif args.source.rstrip("/") in KNOWN_RANGES:
-        pixel_range = KNOWN_RANGES[args.source.rstrip("/")]
+    elif args.source.rstrip("/") in KNOWN_RANGES or Path(args.source).name in KNOWN_RANGES:
+        pixel_range = KNOWN_RANGES.get(args.source.rstrip("/")) or KNOWN_RANGES[Path(args.source).name]
     else:
         raise VqgenError(
             f"the pixel range {args.source} was trained on is not known to vqgen: pass --pixel_range -1,1 (taming, "

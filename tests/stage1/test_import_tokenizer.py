@@ -2,6 +2,8 @@
 lookup_from_codebook layout, a [0, 1] pixel range) give their own codes and images through vqgen; refusals."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -198,3 +200,121 @@ def test_ema_weights_are_taken_where_a_checkpoint_has_them_and_gumbel_is_refused
     with pytest.raises(VqgenError, match="Gumbel-softmax VQGAN .* cannot express"):
         import_tokenizer([str(tmp_path / "gumbel.ckpt"), *args[1:], "--output_dir", str(tmp_path / "g")])
     assert not (tmp_path / "g").exists()
+
+
+def llamagen_shapes(ch=128, mult=(1, 1, 2, 2, 4), blocks=2, z=256, k=16384, d=8) -> dict[str, tuple]:
+    """Every tensor of LlamaGen's VQModel (tokenizer/tokenizer_image/vq_model.py; VQ-16 by default), key and shape,
+    enumerated from its module tree: conv_blocks with res/attn/downsample|upsample, mid = [res, attn, res]."""
+    shapes = {}
+
+    def conv(name, cin, cout, kernel):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, kernel, kernel), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (c,)
+
+    def res(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout, 3), norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", c, c, 1)
+
+    levels, top = len(mult), ch * mult[-1]
+    conv("encoder.conv_in", 3, ch, 3)
+    c = ch
+    for i, m in enumerate(mult):
+        for j in range(blocks):
+            res(f"encoder.conv_blocks.{i}.res.{j}", c, ch * m)
+            c = ch * m
+            if i == levels - 1:
+                attn(f"encoder.conv_blocks.{i}.attn.{j}", c)
+        if i != levels - 1:
+            conv(f"encoder.conv_blocks.{i}.downsample.conv", c, c, 3)
+    res("encoder.mid.0", top, top), attn("encoder.mid.1", top), res("encoder.mid.2", top, top)
+    norm("encoder.norm_out", top), conv("encoder.conv_out", top, z, 3)
+    conv("decoder.conv_in", z, top, 3)
+    res("decoder.mid.0", top, top), attn("decoder.mid.1", top), res("decoder.mid.2", top, top)
+    c = top
+    for j, i in enumerate(reversed(range(levels))):  # lowest resolution first
+        for b in range(blocks + 1):
+            res(f"decoder.conv_blocks.{j}.res.{b}", c, ch * mult[i])
+            c = ch * mult[i]
+            if i == levels - 1:
+                attn(f"decoder.conv_blocks.{j}.attn.{b}", c)
+        if i != 0:
+            conv(f"decoder.conv_blocks.{j}.upsample.conv", c, c, 3)
+    norm("decoder.norm_out", c), conv("decoder.conv_out", c, 3, 3)
+    shapes["quantize.embedding.weight"], shapes["quantize.codebook_used"] = (k, d), (65536,)
+    conv("quant_conv", z, d, 1), conv("post_quant_conv", d, z, 1)
+    return shapes
+
+
+def llamagen_argmin(z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """LlamaGen's lookup: both sides l2-normalised, argmin of z^2 + e^2 - 2 z.e."""
+    z, e = torch.nn.functional.normalize(z, dim=-1), torch.nn.functional.normalize(embedding, dim=-1)
+    return ((z**2).sum(1, keepdim=True) + (e**2).sum(1) - 2 * z @ e.t()).argmin(1)
+
+
+def test_a_state_dict_with_exactly_vq16s_keys_and_shapes_imports_strictly_and_looks_up_as_llamagen(tmp_path):
+    import argparse
+
+    shapes = llamagen_shapes()
+    assert sum(math.prod(s) for k, s in shapes.items() if k.startswith(("encoder", "decoder"))) > 70e6  # "72M"
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    torch.save({"model": state, "args": argparse.Namespace(vq_model="VQ-16")}, tmp_path / "vq_ds16_c2i.pt")
+    out = import_tokenizer([str(tmp_path / "vq_ds16_c2i.pt"), "--output_dir", str(tmp_path / "s1")])  # range known
+    model = VQVAE.from_pretrained(out)
+    c = model.config
+    assert (c.block_out_channels, c.downsample, c.attn_resolutions, c.latent_channels) == (
+        [128, 128, 256, 256, 512], 16, [16], 256)  # fmt: skip
+    assert (c.codebook_size, c.codebook_dim, c.l2_normalize, c.image_size) == (16384, 8, True, 256)
+    mapped = sum(t.numel() for k, t in model.state_dict().items() if not k.startswith("quantizer."))
+    assert mapped == sum(math.prod(s) for k, s in shapes.items() if not k.startswith("quantize."))
+    assert torch.equal(model.quantizer.embed, state["quantize.embedding.weight"])
+    z = torch.randn(4096, 8, generator=g)
+    assert torch.equal(model.quantizer.nearest(z), llamagen_argmin(z, state["quantize.embedding.weight"]))
+    assert "LlamaGen VQ checkpoint (its model weights)" in (out / "README.md").read_text()
+
+
+def test_a_tiny_llamagen_layout_computes_what_the_same_taming_modules_compute(tmp_path):
+    ref = taming_checkpoint(tmp_path / "taming")  # attention at 8 px: the lowest level, as LlamaGen puts it
+    taming_state = torch.load(tmp_path / "taming" / "last.ckpt", weights_only=False)["state_dict"]
+    renames = [(r"encoder\.down\.(\d)\.block\.", r"encoder.conv_blocks.\1.res."),
+               (r"encoder\.down\.(\d)\.attn\.", r"encoder.conv_blocks.\1.attn."),
+               (r"encoder\.down\.(\d)\.downsample\.", r"encoder.conv_blocks.\1.downsample."),
+               (r"\.mid\.block_1\.", ".mid.0."), (r"\.mid\.attn_1\.", ".mid.1."),
+               (r"\.mid\.block_2\.", ".mid.2.")]  # fmt: skip
+    state = {}
+    for key, tensor in taming_state.items():
+        if key.startswith("loss."):
+            continue
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        if m := re.fullmatch(r"decoder\.up\.(\d)\.(block|attn|upsample)\.(.+)", key):  # taming: highest first
+            part = {"block": "res", "attn": "attn", "upsample": "upsample"}[m[2]]
+            key = f"decoder.conv_blocks.{1 - int(m[1])}.{part}.{m[3]}"
+        state[key] = tensor
+    state["quantize.codebook_used"] = torch.zeros(65536)
+    torch.save({"model": state, "ema": state}, tmp_path / "tiny.pt")
+    out = import_tokenizer([str(tmp_path / "tiny.pt"), "--output_dir", str(tmp_path / "s1"), "--pixel_range=-1,1",
+                            "--resolution=16", "--ema=on"])  # fmt: skip
+    model = VQVAE.from_pretrained(out)
+    x = images()
+    with torch.no_grad():
+        h = ref["quant_conv"](ref["encoder"](x))  # (16, 4, 8, 8)
+        torch.testing.assert_close(model.encoder(x), h, atol=1e-5, rtol=0)
+        flat = h.permute(0, 2, 3, 1).reshape(-1, 4)  # (16*8*8, 4)
+        codes = llamagen_argmin(flat, taming_state["quantize.embedding.weight"])
+        assert torch.equal(model.encode(x).flatten(), codes)
+        e = torch.nn.functional.normalize(taming_state["quantize.embedding.weight"], dim=-1)
+        z_q = e[codes].view(16, 8, 8, 4).permute(0, 3, 1, 2)  # (16, 4, 8, 8): LlamaGen's normalised codes
+        want = ref["decoder"](ref["post_quant_conv"](z_q))
+        # Two implementations of one decoder (taming's bmm attention, diffusers' SDPA) round apart by ~1e-5.
+        torch.testing.assert_close(model.decode_codes(codes.view(16, 8, 8)), want, atol=2e-5, rtol=0)
+    assert "(its EMA weights)" in (out / "README.md").read_text()
