@@ -268,7 +268,7 @@ def extract(
         meta = dict(codebook_size=cfg.codebook_size, height=h, width=w, image_size=cfg.image_size,
                     channels=cfg.in_channels, class_names=class_names, source=data_cfg.source,
                     data_config=to_dict(data_cfg), vqvae_fingerprint=fingerprint,
-                    vqvae_location=model_location)  # fmt: skip
+                    vqvae_location=model_location, tokenizer_source=model.tokenizer_source)  # fmt: skip
         join_shards(work, out, {k: len(v) for k, v in dd.items()}, features, shard_rows, meta)
         sizes = ", ".join(f"{k} {len(v)}" for k, v in dd.items())
         print(f"saved the {h}x{w} codes of {sizes} images to {out}", flush=True)

@@ -41,6 +41,9 @@ class CodesMeta:
     vqvae_location: str | None  # where that VQ-VAE was loaded from (a folder or a Hub id)
     codes_fingerprint: str  # sha256 of every split's codes and labels, in order (`codes_fingerprint`)
     format: str = CODES_FORMAT
+    # An imported tokenizer's provenance (its source, and the sha256 of the source's weights file): the chain
+    # codes -> VQ-VAE fingerprint -> source file. None for a VQ-VAE trained by vqgen.
+    tokenizer_source: dict | None = None
 
     @property
     def grid(self) -> tuple[int, int]:

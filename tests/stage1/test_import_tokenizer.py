@@ -1,6 +1,7 @@
 """Pretrained tokenizers as vqgen's stage 1: diffusers VQModels (with and without attention, the
 lookup_from_codebook layout, a [0, 1] pixel range) give their own codes and images through vqgen; refusals."""
 
+import hashlib
 import json
 import math
 import re
@@ -112,6 +113,10 @@ def test_an_imported_tokenizer_runs_the_whole_pipeline_and_the_cards_name_its_so
     with pytest.raises(VqgenError, match="records no image source .* pass data.source="):
         extract(["--model", str(s1), "--output_dir", str(tmp_path / "nocodes")])
     codes = extract(["--model", str(s1), "--output_dir", str(tmp_path / "codes"), f"data.source={image_folder}"])
+    source = json.loads((codes / "vqgen_codes.json").read_text())["tokenizer_source"]  # the chain reaches the file
+    assert (
+        source["weights_sha256"] == hashlib.sha256((tmp_path / "vq" / source["weights_file"]).read_bytes()).hexdigest()
+    )
     prior = train2(tmp_path / "s2", codes, "train.max_steps=2", "train.checkpoint_every=0")
     pipe = export(["--vqvae", str(s1), "--prior", str(prior), "--output_dir", str(tmp_path / "pipe")])
     assert f"Imported from `{tmp_path / 'vq'}`" in (pipe / "README.md").read_text()
@@ -119,6 +124,12 @@ def test_an_imported_tokenizer_runs_the_whole_pipeline_and_the_cards_name_its_so
     samples = sample(["--pipeline", str(pipe), "--per_class=1", f"--output_dir={tmp_path / 'samples'}"])
     assert len(list(samples.glob("*.png"))) >= 2
     assert VQGenPipeline.from_pretrained(pipe).vqvae.tokenizer_source["kind"] == "diffusers.VQModel"
+    pytest.importorskip("gradio", reason="the app needs the dev extra (gradio)")
+    from stage2_prior.app import load_model
+
+    app = load_model(str(pipe), device="cpu")  # the page's Generate button, without the browser
+    drawn, record = app.generate("b", 2, app.settings(1.0, 1.0, 0, 1.0), seed=0)
+    assert len(drawn) == 2 and drawn[0].size == (16, 16) and "sample.py" in record["sample_py"]
 
 
 DDCONFIG = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
