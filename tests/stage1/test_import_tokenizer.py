@@ -329,3 +329,25 @@ def test_a_tiny_llamagen_layout_computes_what_the_same_taming_modules_compute(tm
         # Two implementations of one decoder (taming's bmm attention, diffusers' SDPA) round apart by ~1e-5.
         torch.testing.assert_close(model.decode_codes(codes.view(16, 8, 8)), want, atol=2e-5, rtol=0)
     assert "(its EMA weights)" in (out / "README.md").read_text()
+
+
+def test_a_hub_repo_with_a_subfolder_imports_with_its_known_range_revision_and_stated_license(tmp_path, monkeypatch):
+    import vqgen.hub as hub
+
+    snapshot = tmp_path / "snapshots" / ("ab12" * 10)  # the Hub cache names a snapshot by its commit
+    tiny_vqmodel(snapshot / "vqvae", **LAYOUTS["lookup-from-codebook"])
+    (snapshot / "README.md").write_text("---\nlicense: openrail++\n---\n# aMUSEd\n")
+    calls = []
+
+    def fake_snapshot_download(repo, **kwargs):  # the network boundary: what would be downloaded, and how
+        calls.append((repo, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    out = import_tokenizer(["amused/amused-256", "--subfolder", "vqvae", "--output_dir", str(tmp_path / "s1")])
+    ((repo, kwargs),) = calls
+    assert repo == "amused/amused-256" and "vqvae/*" in kwargs["allow_patterns"]
+    source = VQVAE.from_pretrained(out).tokenizer_source
+    assert source["pixel_range"] == [0.0, 1.0] and source["license"] == "openrail++"  # from the table, its card
+    assert source["revision"] == snapshot.name and source["subfolder"] == "vqvae"
+    assert "license as the source states it: openrail++" in (out / "README.md").read_text()
