@@ -4,8 +4,11 @@ without the packages its other objects come from.
 `torch.load(weights_only=True)` first: it rebuilds tensors and plain containers only. A Lightning file also holds
 callbacks, hyper-parameters (OmegaConf) and the like, which weights_only refuses. Then an unpickler whose
 `find_class` hands back the real class only for torch's tensor-rebuilding functions and plain containers, and an inert
-placeholder for every other global: a reduce on it builds a placeholder, never calls the named function, so a
-pickle that would run `os.system` runs nothing. The tensors come out whole; the placeholders are dropped by the caller.
+placeholder for every other class (a Lightning callback, an OmegaConf config, an argparse Namespace). A global that
+loading would *call* (a function, or anything from os, subprocess, builtins and the like) stops the load at once with
+one line, before anything is called: a pickle that would run `os.system` runs nothing and is refused. Functions that
+only rebuild data (numpy arrays and scalars) are read as placeholders. The tensors come out whole; the placeholders
+are dropped by the caller.
 """
 
 from __future__ import annotations
@@ -44,13 +47,32 @@ class Inert:
         return Inert()
 
 
+# Functions that only rebuild data (numpy arrays and scalars, old-protocol objects): read as placeholders too.
+DATA_FUNCTIONS = {
+    ("_codecs", "encode"), ("copyreg", "_reconstructor"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+}  # fmt: skip
+# Modules whose globals in a pickle mean running something (a shell, a file, an import, code from a string).
+CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "importlib", "shutil", "socket", "runpy",
+                "code", "ctypes", "pickle", "marshal", "pty", "types", "io", "tempfile", "webbrowser",
+                "functools"}  # fmt: skip
+
+
+class RunsCode(pickle.UnpicklingError):
+    """The pickle names a function that loading would call: refused before anything is called."""
+
+
 class InertUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):  # legacy typed storages (torch's own loader maps them)
             return super().find_class(module, name)
-        return type(f"Inert_{name}", (Inert,), {"__module__": "vqgen.inert"})
+        function_like = name[:1].islower() and (module, name) not in DATA_FUNCTIONS
+        if module.split(".")[0] in CODE_MODULES or function_like:
+            raise RunsCode(f"{module}.{name}")
+        return type(f"Inert_{name}", (Inert,), {"__module__": "vqgen.inert"})  # a class: an object to ignore
 
 
 INERT_PICKLE = types.SimpleNamespace(Unpickler=InertUnpickler, load=pickle.load, __name__="inert_pickle")
@@ -67,6 +89,11 @@ def load_tensors(path: Path) -> dict:
         raise VqgenError(f"{path} is not a torch checkpoint vqgen can read ({cause})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=INERT_PICKLE)
+    except RunsCode as e:
+        raise VqgenError(
+            f"{path}: its pickle would call {e} when loaded. vqgen ran nothing and refuses the file; re-save its "
+            "state_dict as safetensors where it was made: safetensors.torch.save_file(sd, 'weights.safetensors')"
+        ) from None
     except Exception as e:  # noqa: BLE001
         raise VqgenError(
             f"{path} could not be read safely ({type(e).__name__}: {str(e)[:120]}); re-save its state_dict as "

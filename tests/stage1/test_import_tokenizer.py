@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import VQModel
@@ -132,6 +133,21 @@ def test_an_imported_tokenizer_runs_the_whole_pipeline_and_the_cards_name_its_so
     assert len(drawn) == 2 and drawn[0].size == (16, 16) and "sample.py" in record["sample_py"]
 
 
+class Callback:  # a class of the training code, which the importer does not have: read as an inert placeholder
+    def __init__(self):
+        self.monitor = "val/rec_loss"
+
+
+class CallsShell:  # what loading would run: refused before it is called
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
 DDCONFIG = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
 
@@ -163,7 +179,14 @@ def taming_checkpoint(folder, ema: bool = False):
         state.update({"model_ema." + k.replace(".", ""): v + 0.5 for k, v in state.items() if not k.startswith("loss")})
         state["model_ema.decay"] = torch.tensor(0.9999)
     folder.mkdir()
-    torch.save({"state_dict": state, "epoch": 3, "hyper_parameters": argparse.Namespace(lr=1e-4)}, folder / "last.ckpt")
+    others = {
+        "epoch": 3,
+        "hyper_parameters": argparse.Namespace(lr=1e-4),
+        "callbacks": {"ckpt": Callback()},
+        "best_score": np.float64(0.25),
+        "scores": np.arange(3.0),
+    }  # what Lightning keeps beside the weights
+    torch.save({"state_dict": state, **others}, folder / "last.ckpt")
     config = {
         "model": {
             "target": "taming.models.vqgan.VQModel",
@@ -192,6 +215,14 @@ def test_a_taming_checkpoint_gives_tamings_encoder_decoder_and_codes(tmp_path):
         assert torch.equal(model.encode(x).flatten(), theirs)
         torch.testing.assert_close(model.decoder(z_q), ref["decoder"](ref["post_quant_conv"](z_q)), atol=1e-5, rtol=0)
     assert "taming/latent-diffusion VQGAN checkpoint" in (out / "README.md").read_text()
+
+    ckpt = torch.load(tmp_path / "taming" / "last.ckpt", weights_only=False)
+    torch.save({**ckpt, "callbacks": {"x": CallsShell(tmp_path / "ran")}}, tmp_path / "evil.ckpt")
+    with pytest.raises(VqgenError, match=r"would call posix\.system when loaded\. vqgen ran nothing and refuses"):
+        import_tokenizer(
+            [str(tmp_path / "evil.ckpt"), *args[1:], "--output_dir", str(tmp_path / "e"), "--pixel_range=-1,1"]
+        )
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "e").exists()
 
 
 def test_ema_weights_are_taken_where_a_checkpoint_has_them_and_gumbel_is_refused(tmp_path):
