@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from stage1_vqvae.model import VQVAEConfig
+    from stage1_vqvae.configuration import VQVAEConfig
 
 
 def build_quantizer(config: VQVAEConfig) -> nn.Module:

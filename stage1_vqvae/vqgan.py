@@ -24,55 +24,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 if TYPE_CHECKING:
-    from stage1_vqvae.model import VQVAEConfig
+    from stage1_vqvae.configuration import VQVAEConfig
 
 EXPORT_FILE = "vqgen.json"  # vqgen's metadata beside diffusers' config.json: config, data config, provenance
 EXTRA_WEIGHTS = "vqgen_extra.safetensors"  # vqgen's tensors a VQModel has no place for (EMA statistics, ...)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def check_network(cfg: VQVAEConfig) -> None:
-    """Refuse, at config time, what the chosen network cannot build (one line that names the fix)."""
-    vqgan_keys = ("block_out_channels", "attn_resolutions", "latent_channels")
-    if cfg.arch == "vqvae":
-        used = [k for k in vqgan_keys if getattr(cfg, k) is not None]
-        if used:
-            raise ValueError(f"{used} configure the vqgan network: set model.arch: vqgan, or drop them")
-        return
-    channels = cfg.block_out_channels
-    if not channels or any(c < 1 for c in channels):
-        raise ValueError(
-            "arch vqgan needs block_out_channels, one positive width per level, e.g. [128, 128, 256, 256, 512] "
-            "(taming's ch 128 x ch_mult 1,1,2,2,4)"
-        )
-    factor = 2 ** (len(channels) - 1)  # every level but the last halves the resolution
-    if factor != cfg.downsample:
-        raise ValueError(
-            f"block_out_channels has {len(channels)} levels, so the vqgan network downsamples by {factor}, but "
-            f"downsample is {cfg.downsample}: set model.downsample: {factor}, or give log2(downsample) + 1 levels"
-        )
-    if cfg.norm_num_groups < 1 or any(c % cfg.norm_num_groups for c in channels):
-        raise ValueError(
-            f"norm_num_groups {cfg.norm_num_groups} does not divide every block_out_channels {channels} "
-            "(GroupNorm needs it): change one or the other"
-        )
-    if cfg.layers_per_block < 1 or (cfg.latent_channels is not None and cfg.latent_channels < 1):
-        raise ValueError("layers_per_block and latent_channels must be positive")
-    sizes = level_sizes(cfg)
-    stray = sorted(set(cfg.attn_resolutions or []) - set(sizes))
-    if stray:
-        raise ValueError(f"attn_resolutions {stray} are not level sizes of this network; its levels are {sizes} px")
-
-
-def level_sizes(cfg: VQVAEConfig) -> list[int]:
-    """The side in pixels at which each level of the encoder works (the decoder's, reversed)."""
-    return [cfg.image_size >> i for i in range(len(cfg.block_out_channels))]
-
-
 def block_types(cfg: VQVAEConfig) -> tuple[list[str], list[str]]:
     """diffusers' down/up block types: the attention variant at the levels in attn_resolutions."""
     attn = set(cfg.attn_resolutions if cfg.attn_resolutions is not None else [cfg.grid_size])
-    sizes = level_sizes(cfg)
+    sizes = cfg.level_sizes
     down = ["AttnDownEncoderBlock2D" if s in attn else "DownEncoderBlock2D" for s in sizes]
     up = ["AttnUpDecoderBlock2D" if s in attn else "UpDecoderBlock2D" for s in reversed(sizes)]  # lowest first
     return down, up

@@ -142,14 +142,19 @@ def test_a_resumed_vqgan_run_with_restarts_and_the_gan_losses_equals_the_uninter
 
 
 def test_a_trained_vqgan_stage1_exports_and_its_export_evaluates_extracts_and_samples(tmp_path, image_folder, fake_hub):
+    from accelerate.state import AcceleratorState
+
     from sample import main as sample
     from stage1_vqvae.evaluate import main as evaluate
     from stage1_vqvae.extract import main as extract
 
     args = [*VQGAN_ARGS, "train.max_steps=4", "train.checkpoint_every=0", "model.lookup_dim=4"]
-    model_dir = train(
-        stage1_args(tmp_path / "run", image_folder, *args, "model.l2_normalize=true", "train.mixed_precision=bf16")
-    )
+    AcceleratorState._reset_state(True)  # this run sets its own precision: bf16 autocast around the vqgan network
+    try:
+        model_dir = train(stage1_args(tmp_path / "run", image_folder, *args, "model.l2_normalize=true",
+                                      "train.mixed_precision=bf16"))  # fmt: skip
+    finally:
+        AcceleratorState._reset_state(True)
     assert "export_diffusers" in (model_dir / "README.md").read_text()
     out = export_main(["--model", str(model_dir), "--output_dir", str(tmp_path / "vq")])
     assert "vq.quantize(latents)" in (out / "README.md").read_text()  # the card says how to get codes out
