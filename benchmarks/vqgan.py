@@ -6,14 +6,16 @@ VQModel at the same weights and sizes, in the same run (`make bench` calls `benc
 64 px: experiments/networks.py's f4 network (ch 32 x 1,2,4, two residual blocks, attention at the 16x16 grid),
 batch 8. 256 px: configs/imagenet256-f16's network (ch 128 x 1,1,2,2,4, attention at 16 px), batch 2. vqgen's step
 is its training loss (MSE + the quantizer's terms, EMA update) backward; diffusers' is MSE of `VQModel(x).sample`
-+ its `commit_loss`, backward. Time per image: the median of interleaved repeats. Peak memory: on a GPU
-`max_memory_allocated`; on a CPU the growth of the peak RSS over the built model, each case in a fresh process.
++ its `commit_loss`, backward. Time per image: the median of interleaved repeats. Peak memory of a step after a
+warm-up one, above what is allocated before it: on a GPU `max_memory_allocated`; on a CPU the peak RSS (VmHWM, reset
+before the step) over the resting RSS, each network alone in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -69,24 +71,44 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
+
+
+def cpu_step_peak(size: int, which: str) -> float:
+    """(In a fresh process.) MiB above the resting RSS at the peak of one step of `which`, after a warm-up step:
+    only the measured network is built, and the kernel's peak (VmHWM) is reset before the step (clear_refs 5)."""
+    from diffusers import VQModel
+
+    from stage1_vqvae.model import VQVAE, VQVAEConfig
+    from stage1_vqvae.vqgan import vqmodel_config
+
+    spec = SIZES[size]
+    cfg = VQVAEConfig(in_channels=3, image_size=size, arch="vqgan", layers_per_block=2, **spec["config"])
+    ours = VQVAE(cfg).train() if which == "vqgen" else None
+    theirs = VQModel(**vqmodel_config(cfg, cfg.codebook_dim)).train() if which == "diffusers" else None
+    x = torch.rand(spec["batch"], 3, size, size) * 2 - 1
+    step = steps(ours, theirs, x)[which]
+    step()
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
 def peak_memory(size: int, which: str) -> float:
-    """MiB one step of `which` adds to the peak over the built models (a fresh process on a CPU)."""
+    """MiB one step of `which` adds to the peak over the built model (a fresh process on a CPU)."""
     if torch.cuda.is_available():
         device = torch.device("cuda")
         fns = steps(*build(size, device))
+        fns[which]()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fns[which]()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    code = (
-        "import json, resource, sys; from benchmarks.vqgan import build, steps; import torch\n"
-        f"fns = steps(*build({size}, torch.device('cpu')))\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"fns[{which!r}]()\n"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
-    )
+    code = f"from benchmarks.vqgan import cpu_step_peak; print(cpu_step_peak({size}, {which!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
 

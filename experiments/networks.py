@@ -1,6 +1,6 @@
 """The paper's network against the VQGAN network (model.arch: vqgan) on real photographs, at equal wall-clock.
 
-    python -m experiments.networks [--budget 1200] [--prior_steps 800]
+    python -m experiments.networks [--budget 1200] [--prior_steps 800] [--reuse]
 
 The data are `experiments/photos.py`'s crops (64x64 RGB; train from 8 photos, validation from a 9th, test from 2
 photos never seen in training). Each network trains for the same wall-clock budget on this machine: a short
@@ -39,7 +39,10 @@ NETWORKS = {
 }  # fmt: skip
 
 
-def train(name: str, data: Path, steps: int, out: Path) -> dict:
+def train(name: str, data: Path, steps: int, out: Path, reuse: bool = False) -> dict:
+    summary = out / "train_summary.json"
+    if reuse and summary.is_file() and json.loads(summary.read_text())["steps"] == steps:
+        return json.loads(summary.read_text())  # this run, already trained (--reuse)
     cmd = [sys.executable, "-m", "stage1_vqvae.train", "--config", str(ROOT / "configs" / "own-cpu" / "stage1.yaml")]
     cmd += [f"train.output_dir={out}", "--overwrite_output_dir", f"data.source={data}", f"train.max_steps={steps}"]
     proc = subprocess.run([*cmd, *COMMON, *NETWORKS[name]], cwd=ROOT, capture_output=True, text=True)
@@ -48,12 +51,14 @@ def train(name: str, data: Path, steps: int, out: Path) -> dict:
     return json.loads((out / "train_summary.json").read_text())
 
 
-def seconds_per_step(name: str, data: Path) -> float:
-    short, long = (train(name, data, n, WORK / f"calibrate-{name}-{n}")["wall_time_s"] for n in (10, 40))
+def seconds_per_step(name: str, data: Path, reuse: bool) -> float:
+    short, long = (train(name, data, n, WORK / f"calibrate-{name}-{n}", reuse)["wall_time_s"] for n in (10, 40))
     return (long - short) / 30
 
 
-def prior_bits(model_dir: Path, work: Path, steps: int) -> dict:
+def prior_bits(model_dir: Path, work: Path, steps: int, reuse: bool) -> dict:
+    if reuse and (work / "eval_prior" / "metrics.json").is_file():
+        return json.loads((work / "eval_prior" / "metrics.json").read_text())
     py = sys.executable
     codes, prior = work / "codes", work / "stage2"
     for cmd in (
@@ -75,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1200.0, help="stage-1 training seconds per network")
     parser.add_argument("--prior_steps", type=int, default=800)
+    parser.add_argument("--reuse", action="store_true", help="keep the runs already in runs/bench_networks")
     args = parser.parse_args(argv)
     data = build_dataset(ROOT / "runs" / "bench_photos" / "data")
-    pace = {name: seconds_per_step(name, data) for name in NETWORKS}  # both measured before either long run
+    pace = {name: seconds_per_step(name, data, args.reuse) for name in NETWORKS}  # both measured before either long run
     print(f"seconds per step: {json.dumps({k: round(v, 3) for k, v in pace.items()})}", flush=True)
     print(
         "| network | parameters | steps | train s | test PSNR (dB) | SSIM | usage | prior test bits/code |\n"
@@ -88,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in NETWORKS:
         steps = max(1, int(args.budget / pace[name]))
-        summary = train(name, data, steps, WORK / name)
+        summary = train(name, data, steps, WORK / name, args.reuse)
         m = score(WORK / name / "model", data)
-        prior = prior_bits(WORK / name / "model", WORK / name, args.prior_steps)
+        prior = prior_bits(WORK / name / "model", WORK / name, args.prior_steps, args.reuse)
         results[name] = dict(steps=steps, summary=summary, stage1=m, prior=prior, seconds_per_step=pace[name])
         model = VQVAE.from_pretrained(WORK / name / "model")
         params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
