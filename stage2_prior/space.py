@@ -62,9 +62,18 @@ def requirements() -> list[str]:
         import tomllib
 
         reqs = list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    import gradio
+    return [*reqs, f"gradio=={gradio_version()}"]
 
-    return [*reqs, f"gradio=={gradio.__version__}"]
+
+def gradio_version() -> str:
+    """The installed gradio's version, which the Space pins (read from its metadata: importing it is not needed)."""
+    try:
+        return metadata.version("gradio")
+    except metadata.PackageNotFoundError:
+        raise VqgenError(
+            'a Space runs the app, which needs gradio, an optional extra: pip install "vqgen[app]" (or pip install '
+            "gradio)"
+        ) from None
 
 
 def is_local(pipeline: str) -> bool:
@@ -106,9 +115,7 @@ def export_space(
     push_requested: bool = False, api=None,
 ) -> Path:  # fmt: skip
     """Write the Space folder (refusing to overwrite unless asked) and, with `push_to`, upload it as a Space."""
-    from stage2_prior.app import require_gradio
-
-    require_gradio()  # the Space pins the installed gradio version
+    gradio_version()  # the Space pins the installed gradio version: a missing one is the first thing said
     if push_requested and not push_to:
         raise VqgenError("--push_to_hub needs --hub_space_id owner/name")
     if out.exists() and any(out.iterdir()) and not overwrite:
