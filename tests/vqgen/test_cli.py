@@ -18,6 +18,7 @@ def test_every_console_script_points_at_a_cli_that_parses_its_help(capsys):
     modules = {"stage1_vqvae.train", "stage1_vqvae.evaluate", "stage1_vqvae.extract", "stage2_prior.train"}
     modules |= {"stage2_prior.evaluate", "stage2_prior.export", "sample", "stage2_prior.demo"}
     modules |= {"stage2_prior.evaluate_samples", "stage2_prior.app", "vqgen.requeue"}
+    modules |= {"stage1_vqvae.export_diffusers", "stage1_vqvae.import_tokenizer"}
     assert {target.split(":")[0] for target in scripts.values()} == modules  # every CLI has a console script
     for target in scripts.values():
         module, func = target.split(":")
