@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from stage1_vqvae.from_diffusers import build
-from stage1_vqvae.from_taming import ATTENTION, KEPT
+from stage1_vqvae.from_taming import KEPT, block_param, renamed
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.pickled import load_tensors, tensors_only
 from vqgen.cli import VqgenError
@@ -48,19 +48,14 @@ def geometry(state: dict[str, torch.Tensor]) -> dict:
     )  # fmt: skip
 
 
-def _block(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{ATTENTION[head]}.{tail}" if head in ATTENTION else rest.replace("nin_shortcut", "conv_shortcut")
-
-
 def vqmodel_key(key: str) -> str:
     """One LlamaGen key in VQModel's name."""
     if m := re.fullmatch(r"(encoder|decoder)\.mid\.([012])\.(.+)", key):
         part = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}[m[2]]
-        return f"{m[1]}.mid_block.{part}.{_block(m[3])}"
+        return f"{m[1]}.mid_block.{part}.{block_param(m[3])}"
     if m := re.fullmatch(r"(encoder|decoder)\.conv_blocks\.(\d+)\.(res|attn)\.(\d+)\.(.+)", key):
         blocks = "down_blocks" if m[1] == "encoder" else "up_blocks"
-        return f"{m[1]}.{blocks}.{m[2]}.{'resnets' if m[3] == 'res' else 'attentions'}.{m[4]}.{_block(m[5])}"
+        return f"{m[1]}.{blocks}.{m[2]}.{'resnets' if m[3] == 'res' else 'attentions'}.{m[4]}.{block_param(m[5])}"
     if m := re.fullmatch(r"encoder\.conv_blocks\.(\d+)\.downsample\.conv\.(.+)", key):
         return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
     if m := re.fullmatch(r"decoder\.conv_blocks\.(\d+)\.upsample\.conv\.(.+)", key):
@@ -72,22 +67,11 @@ def vqmodel_key(key: str) -> str:
     raise VqgenError(f"the checkpoint has a tensor vqgen has no rule for: {key}")
 
 
-def vqmodel_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in state.items():
-        if key.startswith(DROPPED):
-            continue
-        name = vqmodel_key(key)
-        if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name):
-            tensor = tensor[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
-        out[name] = tensor
-    return out
-
-
 def import_llamagen(checkpoint: Path, resolution: int | None, pixel_range: list[float], use_ema: bool) -> VQVAE:
     data = load_tensors(checkpoint)
     if use_ema and "ema" not in data:
         raise VqgenError(f"{checkpoint} has no 'ema' weights (it has {sorted(data)}); drop --ema on")
     part = "ema" if use_ema else next((p for p in ("model", "state_dict") if p in data), None)
     state = tensors_only(data[part] if part else data)
-    return build(geometry(state), vqmodel_state(state), resolution, pixel_range, l2_normalize=True)
+    state = {k: v for k, v in state.items() if not k.startswith(DROPPED)}
+    return build(geometry(state), renamed(state, vqmodel_key), resolution, pixel_range, l2_normalize=True)

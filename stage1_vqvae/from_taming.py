@@ -49,7 +49,7 @@ def vqmodel_config(params: dict) -> dict:
     )  # fmt: skip
 
 
-def _block(rest: str) -> str:
+def block_param(rest: str) -> str:
     """A resnet's or attention's own parameter name in diffusers' terms."""
     head, _, tail = rest.partition(".")
     if head in ATTENTION:
@@ -62,14 +62,14 @@ def vqmodel_key(key: str, levels: int) -> str:
     up_blocks lowest first)."""
     if m := re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.+)", key):
         part = {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"}[m[2]]
-        return f"{m[1]}.mid_block.{part}.{_block(m[3])}"
+        return f"{m[1]}.mid_block.{part}.{block_param(m[3])}"
     if m := re.fullmatch(r"encoder\.down\.(\d+)\.(block|attn)\.(\d+)\.(.+)", key):
-        return f"encoder.down_blocks.{m[1]}.{'resnets' if m[2] == 'block' else 'attentions'}.{m[3]}.{_block(m[4])}"
+        return f"encoder.down_blocks.{m[1]}.{'resnets' if m[2] == 'block' else 'attentions'}.{m[3]}.{block_param(m[4])}"
     if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", key):
         return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
     if m := re.fullmatch(r"decoder\.up\.(\d+)\.(block|attn)\.(\d+)\.(.+)", key):
         up = levels - 1 - int(m[1])
-        return f"decoder.up_blocks.{up}.{'resnets' if m[2] == 'block' else 'attentions'}.{m[3]}.{_block(m[4])}"
+        return f"decoder.up_blocks.{up}.{'resnets' if m[2] == 'block' else 'attentions'}.{m[3]}.{block_param(m[4])}"
     if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)", key):
         return f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
     if m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(.+)", key):
@@ -79,11 +79,12 @@ def vqmodel_key(key: str, levels: int) -> str:
     raise VqgenError(f"the checkpoint has a tensor vqgen has no rule for: {key}")
 
 
-def vqmodel_state(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """taming's weights in VQModel's names: 1x1-conv attention weights squeezed to linear ones."""
+def renamed(state: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    """`state` under `rename(key)` (VQModel's names), 1x1-conv attention weights squeezed to linear ones; shared with
+    from_llamagen.py, whose layout is taming's under other names."""
     out = {}
     for key, tensor in state.items():
-        name = vqmodel_key(key, levels)
+        name = rename(key)
         if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name):
             tensor = tensor[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear: the same map on each pixel
         out[name] = tensor
@@ -115,5 +116,6 @@ def import_taming(checkpoint: Path, config: Path, resolution: int | None, pixel_
     weights, ema_used = model_weights(load_tensors(Path(checkpoint)), use_ema)
     if ema_used:
         logger.info("the checkpoint holds EMA weights (model_ema.*): using them, as latent-diffusion does")
-    model: VQVAE = build(vc, vqmodel_state(weights, len(vc["block_out_channels"])), resolution, pixel_range)
+    levels = len(vc["block_out_channels"])
+    model: VQVAE = build(vc, renamed(weights, lambda k: vqmodel_key(k, levels)), resolution, pixel_range)
     return model, ema_used

@@ -43,11 +43,11 @@ from vqgen.metrics.standard import MetricsConfig
 from vqgen.progress import RunStats
 from vqgen.training import (
     BaseTrainConfig,
+    Bookkeeper,
     NonFiniteGuard,
     backward_and_step,
     build_accelerator,
     check_run,
-    due,
     endless_batches,
     init_trackers,
     load_checkpoint,
@@ -56,8 +56,6 @@ from vqgen.training import (
     parse_train_args,
     prepare_run,
     run_stopper,
-    save_checkpoint,
-    stop_run,
     train_loaders,
 )
 
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> Path:
     # TRIM_INTERVAL_S: each trim makes the next steps fault their pages in again (-22% img/s on the demo when done
     # every step). Not in memory, where the data is what sets the memory.
     last_trim = time.perf_counter() if not in_memory else None
-    last_ckpt, val_metrics = resume_dir, {}
+    book, val_metrics = Bookkeeper(accelerator, tc, stopper, guard, bar, resume_dir, stream), {}
     with stopper:  # the stop signals are caught from the loop through the publish (vqgen.preemption)
         for batch in endless_batches(
             accelerator, train_dl, streaming, step, tc.gradient_accumulation_steps, tc.max_steps
@@ -180,24 +178,13 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            bar.update(1)
-            guard.observe(loss, step)
-            last, log_now, eval_now, save_now = due(step, tc)
-            stop = stopper.should_stop(accelerator) and not last  # every rank agrees (one all-reduced flag)
-            save_now = save_now or stop
-            if log_now or eval_now or save_now:
-                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-            if log_now:
+            plan = book.plan(step, loss)
+            if plan.log:
                 log_training(accelerator, bar, step, outputs, loss, lr, extra_logs, stats)
                 stats.project(step, tc, accelerator.device)
-            if eval_now:
+            if plan.evaluate:
                 val_metrics = validate(model, val_dl, accelerator, step, out, tc.eval_max_batches)
-            if save_now:
-                note = stopper.note() if stop else None
-                last_ckpt = save_checkpoint(accelerator, step, note, tc.checkpoints_total_limit, stream)
-            if stop:
-                stop_run(accelerator, stopper, step, last_ckpt)
-            if last:
+            if book.close(step, plan):
                 break
         bar.close()
 

@@ -39,11 +39,11 @@ from vqgen.images import save_image_grid
 from vqgen.progress import RunStats
 from vqgen.training import (
     BaseTrainConfig,
+    Bookkeeper,
     NonFiniteGuard,
     backward_and_step,
     build_accelerator,
     check_run,
-    due,
     endless_batches,
     init_trackers,
     load_checkpoint,
@@ -51,8 +51,6 @@ from vqgen.training import (
     parse_train_args,
     prepare_run,
     run_stopper,
-    save_checkpoint,
-    stop_run,
     train_loaders,
 )
 
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
     init_trackers(accelerator, "stage2_prior", cfg)
     bar = tqdm(total=tc.max_steps, initial=step, desc="stage 2", disable=not accelerator.is_main_process)
     stats, guard = RunStats("tokens", step), NonFiniteGuard("Lower train.learning_rate or set train.max_grad_norm")
-    last_ckpt, val = resume_dir, {}
+    book, val = Bookkeeper(accelerator, tc, stopper, guard, bar, resume_dir, stream), {}
     micro = step * tc.gradient_accumulation_steps
     with stopper:  # the stop signals are caught from the loop through the publish (vqgen.preemption)
         for batch in endless_batches(
@@ -180,31 +178,20 @@ def main(argv: list[str] | None = None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            bar.update(1)
-            guard.observe(outputs.loss, step)
-            last, log_now, eval_now, save_now = due(step, tc)
-            stop = stopper.should_stop(accelerator) and not last  # every rank agrees (one all-reduced flag)
-            save_now = save_now or stop
-            if log_now or eval_now or save_now:
-                guard.check(last_ckpt)  # one host sync, and never a save after a non-finite loss
-            if log_now:
+            plan = book.plan(step, outputs.loss)
+            if plan.log:
                 loss = outputs.loss.item()
                 accelerator.log({"train/loss": loss, "train/bits_per_code": loss / math.log(2), "train/lr": lr,
                                  "train/tokens_per_s": stats.rate()}, step=step)  # fmt: skip
                 bar.set_postfix(bits_per_code=f"{loss / math.log(2):.3f}")
                 stats.project(step, tc, accelerator.device)
-            if eval_now:
+            if plan.evaluate:
                 val = evaluate_nll(model, val_dl, accelerator, tc.eval_max_batches)
                 accelerator.log({f"val/{k}": v for k, v in val.items()}, step=step)
                 logger.info("step %d validation: %s", step, val)
                 if vqvae is not None:
                     log_samples(accelerator, model, vqvae, layout, step, out)
-            if save_now:
-                note = stopper.note() if stop else None
-                last_ckpt = save_checkpoint(accelerator, step, note, tc.checkpoints_total_limit, stream)
-            if stop:
-                stop_run(accelerator, stopper, step, last_ckpt)
-            if last:
+            if book.close(step, plan):
                 break
         bar.close()
 

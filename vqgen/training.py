@@ -311,6 +311,52 @@ def due(step: int, tc: BaseTrainConfig) -> tuple[bool, bool, bool, bool]:
     return last, log_now, eval_now, save_now
 
 
+@dataclass
+class StepPlan:
+    """What an optimizer step does beside the model's own work (`Bookkeeper.plan`)."""
+
+    last: bool
+    log: bool
+    evaluate: bool
+    save: bool
+    stop: bool
+
+
+class Bookkeeper:
+    """The loop bookkeeping both trainers share, around their own logging and evaluation:
+
+    plan = book.plan(step, loss)     # progress bar, non-finite guard, what is due, whether to stop
+    if plan.log: ...                  # the trainer's own
+    if plan.evaluate: ...
+    if book.close(step, plan): break  # the checkpoint (and the stop's exit 75), the end of the run
+    """
+
+    def __init__(self, accelerator, tc: BaseTrainConfig, stopper: Stopper, guard, bar, resume_dir, stream):
+        self.accelerator, self.tc, self.stopper, self.guard, self.bar = accelerator, tc, stopper, guard, bar
+        self.last_checkpoint, self.stream = resume_dir, stream
+
+    def plan(self, step: int, loss) -> StepPlan:
+        self.bar.update(1)
+        self.guard.observe(loss, step)
+        last, log_now, eval_now, save_now = due(step, self.tc)
+        stop = self.stopper.should_stop(self.accelerator) and not last  # every rank agrees (one all-reduced flag)
+        save_now = save_now or stop
+        if log_now or eval_now or save_now:
+            self.guard.check(self.last_checkpoint)  # one host sync, and never a save after a non-finite loss
+        return StepPlan(last, log_now, eval_now, save_now, stop)
+
+    def close(self, step: int, plan: StepPlan) -> bool:
+        """Save what the plan says (a stop's checkpoint, then exit 75); True at the run's last step."""
+        if plan.save:
+            note = self.stopper.note() if plan.stop else None
+            self.last_checkpoint = save_checkpoint(
+                self.accelerator, step, note, self.tc.checkpoints_total_limit, self.stream
+            )
+        if plan.stop:
+            stop_run(self.accelerator, self.stopper, step, self.last_checkpoint)
+        return plan.last
+
+
 def prepare_run(accelerator, objects: list, train_dl, val_dl, streaming: bool):
     """accelerator.prepare of the models and optimizers with the loaders, in one call; a stream's loader is not
     prepared (see `train_loaders`). Returns (prepared objects, train loader, validation loader)."""

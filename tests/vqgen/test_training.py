@@ -73,8 +73,8 @@ def test_the_two_trainers_keep_one_skeleton_in_one_order():
 
     skeleton = [
         "parse_train_args", "build_accelerator", "check_run", "open_run", "train_loaders", "prepare_run",
-        "load_checkpoint", "init_trackers", "RunStats", "NonFiniteGuard", "endless_batches", "accumulate",
-        "observe", "due", "check", "save_checkpoint", "wait_for_everyone", "summary", "publish", "end_training",
+        "load_checkpoint", "init_trackers", "RunStats", "NonFiniteGuard", "Bookkeeper", "endless_batches",
+        "accumulate", "plan", "close", "wait_for_everyone", "summary", "publish", "end_training",
     ]  # fmt: skip
 
     def calls_in_order(module) -> list[str]:
