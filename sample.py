@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, launch_state, run_cli
 from vqgen.files import atomic_dir, commit_dir, safe_name, write_json
 from vqgen.hub import state_fingerprint
 from vqgen.images import labelled_rows
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise VqgenError("--batch_size must be positive")
-    from accelerate import PartialState
-
-    state = PartialState()  # under a launcher every rank draws the same images; the main process writes them
+    state = launch_state()  # under a launcher every rank draws the same images; the main process writes them
     device = torch.device(args.device) if args.device else state.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VqgenError(f"--device {args.device}: no CUDA GPU is usable here; drop --device or pass --device cpu")

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.vqgan import DIFFUSERS_WEIGHTS, EXPORT_FILE, EXTRA_WEIGHTS, to_vqmodel_key, vqmodel_config
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, launch_state, run_cli
 from vqgen.files import atomic_dir, commit_dir
 from vqgen.hub import upload_folder
 
@@ -183,15 +183,23 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise VqgenError("--push_to_hub needs --hub_model_id owner/name")
+    # Under a launcher every rank checks (the same errors everywhere), then the main process alone writes: two ranks
+    # writing one folder race (issue 36's export finding).
+    state = launch_state()
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+        raise VqgenError(
+            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
+        )
     model = VQVAE.from_pretrained(args.model)
     check_exportable(model)
-    export(model, out, source=str(args.model), repo_id=args.hub_model_id)
-    print(f"saved a diffusers.VQModel ({model.config.codebook_size} codes) and vqgen's metadata to {out}")
-    if args.push_to_hub:
-        print(upload_folder(out, args.hub_model_id, private=args.hub_private_repo or None))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        export(model, out, source=str(args.model), repo_id=args.hub_model_id)
+        print(f"saved a diffusers.VQModel ({model.config.codebook_size} codes) and vqgen's metadata to {out}")
+        if args.push_to_hub:
+            print(upload_folder(out, args.hub_model_id, private=args.hub_private_repo or None))
+    state.wait_for_everyone()
     return out
 
 

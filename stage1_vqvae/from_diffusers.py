@@ -47,7 +47,12 @@ def vqgen_config(vc: dict, resolution: int | None, pixel_range: list[float], **o
     levels = len(channels)
     encoder_attention = [ENCODER_BLOCKS[t] for t in down]
     decoder_attention = [DECODER_BLOCKS[t] for t in reversed(up)]  # up blocks run from the lowest resolution
-    if encoder_attention != decoder_attention or len(down) != levels:
+    if len(down) != levels or len(up) != levels:
+        raise VqgenError(
+            f"the VQModel lists {len(down)} down and {len(up)} up block types for {levels} block_out_channels: "
+            "diffusers builds one block per type, so its config is inconsistent"
+        )
+    if encoder_attention != decoder_attention:
         raise VqgenError(
             f"attention at other levels in the encoder ({down}) than in the decoder ({up}): vqgen's vqgan network "
             "puts it at the same levels in both"

@@ -32,7 +32,7 @@ from stage1_vqvae.from_diffusers import import_vqmodel
 from stage1_vqvae.from_llamagen import import_llamagen
 from stage1_vqvae.from_taming import import_taming
 from stage1_vqvae.model import VQVAE
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, launch_state, run_cli
 from vqgen.files import atomic_dir, commit_dir
 from vqgen.hub import looks_like_repo_id, resolve_folder
 
@@ -140,9 +140,12 @@ def main(argv: list[str] | None = None) -> Path:
                         help="auto: a taming/LDM checkpoint's model_ema.* weights where it has them")  # fmt: skip
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
+    state = launch_state()  # under a launcher: every rank checks, the main process writes (as export does)
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+        raise VqgenError(
+            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
+        )
     if args.pixel_range is not None:
         pixel_range = parse_range(args.pixel_range)
     elif args.source.rstrip("/") in KNOWN_RANGES or Path(args.source).name in KNOWN_RANGES:
@@ -156,8 +159,12 @@ def main(argv: list[str] | None = None) -> Path:
     c = model.config
     # How its images are prepared: the tokenizer's side and channels; the source is the user's (data.source=...).
     model.data_config = dict(source=None, resolution=c.image_size, channels="RGB" if c.in_channels == 3 else "L")
-    write_folder(model, out)
-    print(f"imported {args.source}: {c.image_size} px, {c.grid_size}x{c.grid_size} codes of K={c.codebook_size}: {out}")
+    state.wait_for_everyone()  # every rank has read and checked the source: the main process alone writes
+    if state.is_main_process:
+        write_folder(model, out)
+        grid = f"{c.grid_size}x{c.grid_size}"
+        print(f"imported {args.source} to {out}: {c.image_size} px images, {grid} codes of K={c.codebook_size}")
+    state.wait_for_everyone()
     return out
 
 

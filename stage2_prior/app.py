@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stage2_prior.model import SamplingConfig, code_nll, grid_to_input_ids
 from stage2_prior.pipeline import VQGenPipeline, to_pil
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, launch_state, run_cli
 from vqgen.images import unit_images
 
 MAX_IMAGES = 64  # one sampling batch (the pipeline's batch_size is BATCH): the page never waits on more
@@ -209,9 +209,7 @@ def drawn_image(value) -> Image.Image | None:
 def load_model(pipeline: str, device: str | None = None) -> AppModel:
     """The pipeline (a folder or a Hub repo id) on `device`, or on Accelerate's device."""
     if device is None:
-        from accelerate import PartialState
-
-        device = PartialState().device
+        device = launch_state().device
     return AppModel(VQGenPipeline.from_pretrained(pipeline).to(device), source=str(pipeline))
 
 

@@ -18,14 +18,13 @@ import argparse
 import math
 
 import torch
-from accelerate import PartialState
 
 from stage1_vqvae.data import DataConfig, load_splits, to_model_input
 from stage1_vqvae.evaluate import discretized_gaussian_nll, fit_sigma
 from stage1_vqvae.model import VQVAE
 from stage2_prior.data import CodeDataConfig, load_code_splits
 from stage2_prior.model import bits_per_code, code_nll, codes_meta_of, grid_to_input_ids, layout_of, load_prior
-from vqgen.cli import VqgenError, report_metrics, run_cli
+from vqgen.cli import VqgenError, launch_state, report_metrics, run_cli
 from vqgen.config import from_dict
 from vqgen.hub import state_fingerprint
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             uncond[:, 1] = layout.null
             uncond_nll = sequences_nll(prior, uncond, args.batch_size)
         result["bits_per_code_unconditional"] = bits_per_code(uncond_nll, layout)
-    if PartialState().is_main_process:  # under a launcher every process computes the same: one prints
+    if launch_state().is_main_process:  # under a launcher every process computes the same: one prints
         report_metrics(result, args.output_dir)
     return result
 

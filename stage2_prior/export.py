@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from accelerate import PartialState
-
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, launch_state, run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise VqgenError("--push_to_hub needs --hub_model_id owner/name")
     # Under a launcher every rank checks and builds (the same errors everywhere), then the main process alone
     # writes: two ranks saving one folder raced (3 of 50 torchrun runs failed with "already exists").
-    state = PartialState()
+    state = launch_state()
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite_output_dir:
         raise VqgenError(

@@ -343,7 +343,31 @@ def test_commands_end_their_process_group_on_every_rank_under_torchrun(command, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = {"evaluate_prior": "metrics.json", "sample": "samples.json", "export": "pipeline.json"}[command]
     assert (out / expected).is_file()
+    # The main process alone writes and says so: on CPUs a bare PartialState() ignored ACCELERATE_USE_CPU, so both
+    # ranks came up as a lone main process and both wrote.
+    said = {"evaluate_prior": '"bits_per_code"', "sample": "wrote 4 images", "export": "saved the pipeline"}[command]
+    assert proc.stdout.count(said) == 1, proc.stdout
     assert "process group was not destroyed" not in proc.stderr
+
+
+def test_import_and_diffusers_export_under_torchrun_write_one_folder_from_the_main_process(tmp_path):
+    # Two ranks writing one folder raced (issue 36's export finding): both commands check on every rank and write
+    # on the main process alone.
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    VQModel(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, latent_channels=8,
+            num_vq_embeddings=16, norm_num_groups=8, sample_size=16, down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2).save_pretrained(tmp_path / "vq")  # fmt: skip
+    args = [str(tmp_path / "vq"), "--pixel_range=-1,1", "--output_dir", str(tmp_path / "s1")]
+    proc = run_two_processes("stage1_vqvae.import_tokenizer", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "s1" / "tokenizer_source.json").is_file() and proc.stdout.count("imported ") == 1
+    proc = run_two_processes("stage1_vqvae.export_diffusers", "--model", str(tmp_path / "s1"), "--output_dir",
+                             str(tmp_path / "vq2"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert VQModel.from_pretrained(tmp_path / "vq2").config.num_vq_embeddings == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1", "vq", "vq2"]  # no temporary folder left
 
 
 def test_a_failing_command_ends_its_process_group_too(pipeline_dir, inception_weights, tmp_path):

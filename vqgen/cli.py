@@ -39,6 +39,18 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         end_process_group()
 
 
+def launch_state():
+    """accelerate's PartialState of this launch, for the commands that need no Accelerator (export, sample.py, ...).
+
+    `PartialState()` alone ignores `ACCELERATE_USE_CPU` (only `Accelerator` and `AcceleratorState` read it), so on
+    CPUs under torchrun every rank came up as a lone main process, and the commands that let the main process alone
+    write had every rank write. Passing the flag on makes it the gloo launch that Accelerator would see."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def end_process_group() -> None:
     """Destroy the default process group, if this process started one (every command ends here, whatever way).
 
