@@ -1,5 +1,6 @@
-"""The VQ-VAE of van den Oord et al. 2017 ("Neural Discrete Representation Learning"), read top to bottom: config,
-encoder, decoder, the model and its loader; its quantizers are beside it in `quantizers.py`.
+"""The VQ-VAE of van den Oord et al. 2017 ("Neural Discrete Representation Learning"), read top to bottom: encoder,
+decoder, the model and its loader; its config is in `configuration.py` (re-exported here), its quantizers beside
+it in `quantizers.py`, the field's VQGAN network (`model.arch: vqgan`) in `vqgan.py`.
 
     encoder:  x -> [4x4 stride-2 conv, ReLU] * log2(downsample) -> 3x3 conv -> residual blocks -> ReLU -> 1x1 -> z_e
     quantize: k = argmin_j ||z_e - e_j||^2,  z_q = e_k  (straight-through: the encoder receives dL/dz_q)
