@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Optional: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU-only torch where that index is reachable.
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast lint bench bench-data bench-photos bench-own-cpu ablation install clean
+.PHONY: demo test test-fast lint bench bench-data bench-photos bench-networks bench-own-cpu ablation install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-photos: $(STAMP)
 	# Real photographs offline: the image files inside the scikit-image and scikit-learn wheels (dev-only).
 	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
 	$(BIN)/python -m experiments.photos
+
+bench-networks: $(STAMP)
+	# The paper's network against the vqgan network at equal wall-clock on the same photo crops (~45 min).
+	$(BIN)/pip install -q --no-deps scikit-image scikit-learn
+	$(BIN)/python -m experiments.networks
 
 bench-own-cpu: $(STAMP)
 	# The README's own-images walkthrough with configs/own-cpu/, timed command by command, on photo crops in three

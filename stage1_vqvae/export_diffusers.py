@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from safetensors.torch import save_file
 
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.vqgan import DIFFUSERS_WEIGHTS, EXPORT_FILE, EXTRA_WEIGHTS, to_vqmodel_key, vqmodel_config
-from vqgen.cli import VqgenError, launch_state, run_cli
+from vqgen.cli import VqgenError, launch_state, refuse_existing, run_cli
 from vqgen.files import atomic_dir, commit_dir
 from vqgen.hub import upload_folder
 
@@ -165,8 +166,6 @@ def export(model: VQVAE, output_dir: Path, source: str = "", repo_id: str | None
         ModelCard(card).save(tmp / "README.md")
         commit_dir(tmp, output_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
     # writing one folder race (issue 36's export finding).
     state = launch_state()
     out = Path(args.output_dir)
-    if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(
-            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
-        )
+    refuse_existing(out, args.overwrite_output_dir)
     model = VQVAE.from_pretrained(args.model)
     check_exportable(model)
     state.wait_for_everyone()

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from stage1_vqvae.data import LazyImageSplit, data_config_for, to_model_input
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.sources import find_columns, load_source
-from vqgen.cli import VqgenError, run_cli
+from vqgen.cli import VqgenError, refuse_existing, run_cli
 from vqgen.codes import CODES_METADATA, CodesMeta, codes_fingerprint
 from vqgen.config import to_dict
 from vqgen.files import atomic_dir, commit_dir, release_freed_memory
@@ -202,8 +202,7 @@ def extract(
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise VqgenError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+    refuse_existing(out, overwrite)
     if shard_rows < 1:
         raise VqgenError(f"--shard_rows must be positive, got {shard_rows}")
     cfg = model.config

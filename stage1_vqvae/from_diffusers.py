@@ -115,10 +115,10 @@ def vqgen_state(vq_state: dict[str, torch.Tensor], model: VQVAE) -> dict[str, to
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def build(vc: dict, vq_state: dict, resolution: int | None, pixel_range: list[float], **options) -> VQVAE:
-    """vqgen's model of a VQModel config and its weights (in VQModel's names); the converters of other formats
+def build(config: VQVAEConfig, vq_state: dict) -> VQVAE:
+    """vqgen's model of a config (`vqgen_config`) and weights in VQModel's names; the converters of other formats
     (from_taming.py, from_llamagen.py) rename into those names and come here."""
-    model = VQVAE(vqgen_config(vc, resolution, pixel_range, **options))
+    model = VQVAE(config)
     try:
         model.load_state_dict(vqgen_state(vq_state, model), strict=True)
     except RuntimeError as e:
@@ -133,5 +133,5 @@ def import_vqmodel(folder: Path, resolution: int | None, pixel_range: list[float
     vc = json.loads(config_file.read_text())
     if vc.get("_class_name", "VQModel") != "VQModel":
         raise VqgenError(f"{folder} holds a diffusers {vc['_class_name']}, not a VQModel")
-    vqgen_config(vc, resolution, pixel_range)  # refuse what cannot be built before reading any weights
-    return build(vc, read_weights(folder), resolution, pixel_range)
+    config = vqgen_config(vc, resolution, pixel_range)  # refuses what cannot be built before any weights are read
+    return build(config, read_weights(folder))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from stage1_vqvae.from_diffusers import build
+from stage1_vqvae.from_diffusers import build, vqgen_config
 from stage1_vqvae.from_taming import KEPT, block_param, renamed
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.pickled import load_tensors, tensors_only
@@ -74,4 +74,5 @@ def import_llamagen(checkpoint: Path, resolution: int | None, pixel_range: list[
     part = "ema" if use_ema else next((p for p in ("model", "state_dict") if p in data), None)
     state = tensors_only(data[part] if part else data)
     state = {k: v for k, v in state.items() if not k.startswith(DROPPED)}
-    return build(geometry(state), renamed(state, vqmodel_key), resolution, pixel_range, l2_normalize=True)
+    config = vqgen_config(geometry(state), resolution, pixel_range, l2_normalize=True)
+    return build(config, renamed(state, vqmodel_key))

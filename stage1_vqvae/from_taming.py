@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from stage1_vqvae.from_diffusers import build
+from stage1_vqvae.from_diffusers import build, vqgen_config
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.pickled import load_tensors, tensors_only
 from vqgen.cli import VqgenError
@@ -113,9 +113,10 @@ def import_taming(checkpoint: Path, config: Path, resolution: int | None, pixel_
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
         raise VqgenError(f"--config {config}: not a readable taming/LDM config with model.params ({e})") from None
     vc = vqmodel_config(params)
+    config = vqgen_config(vc, resolution, pixel_range)  # refuses what cannot be built before the checkpoint is read
     weights, ema_used = model_weights(load_tensors(Path(checkpoint)), use_ema)
     if ema_used:
         logger.info("the checkpoint holds EMA weights (model_ema.*): using them, as latent-diffusion does")
     levels = len(vc["block_out_channels"])
-    model: VQVAE = build(vc, renamed(weights, lambda k: vqmodel_key(k, levels)), resolution, pixel_range)
+    model: VQVAE = build(config, renamed(weights, lambda k: vqmodel_key(k, levels)))
     return model, ema_used

@@ -32,7 +32,7 @@ from stage1_vqvae.from_diffusers import import_vqmodel
 from stage1_vqvae.from_llamagen import import_llamagen
 from stage1_vqvae.from_taming import import_taming
 from stage1_vqvae.model import VQVAE
-from vqgen.cli import VqgenError, launch_state, run_cli
+from vqgen.cli import VqgenError, launch_state, refuse_existing, run_cli
 from vqgen.files import atomic_dir, commit_dir
 from vqgen.hub import looks_like_repo_id, resolve_folder
 
@@ -142,14 +142,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     state = launch_state()  # under a launcher: every rank checks, the main process writes (as export does)
     out = Path(args.output_dir)
-    if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(
-            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
-        )
+    refuse_existing(out, args.overwrite_output_dir)
     if args.pixel_range is not None:
         pixel_range = parse_range(args.pixel_range)
-    elif args.source.rstrip("/") in KNOWN_RANGES or Path(args.source).name in KNOWN_RANGES:
-        pixel_range = KNOWN_RANGES.get(args.source.rstrip("/")) or KNOWN_RANGES[Path(args.source).name]
+    elif (known := KNOWN_RANGES.get(args.source.rstrip("/"), KNOWN_RANGES.get(Path(args.source).name))) is not None:
+        pixel_range = known
     else:
         raise VqgenError(
             f"the pixel range {args.source} was trained on is not known to vqgen: pass --pixel_range -1,1 (taming, "

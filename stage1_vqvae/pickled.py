@@ -43,9 +43,6 @@ class Inert:
     def __setstate__(self, state):
         pass
 
-    def __call__(self, *args, **kwargs):
-        return Inert()
-
 
 # Functions that only rebuild data (numpy arrays and scalars, old-protocol objects): read as placeholders too.
 DATA_FUNCTIONS = {

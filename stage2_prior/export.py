@@ -15,7 +15,7 @@ from pathlib import Path
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import load_prior
 from stage2_prior.pipeline import VQGenPipeline
-from vqgen.cli import VqgenError, launch_state, run_cli
+from vqgen.cli import VqgenError, launch_state, refuse_existing, run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> Path:
     # writes: two ranks saving one folder raced (3 of 50 torchrun runs failed with "already exists").
     state = launch_state()
     out = Path(args.output_dir)
-    if out.exists() and not args.overwrite_output_dir:
-        raise VqgenError(
-            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
-        )
+    refuse_existing(out, args.overwrite_output_dir)
     pipe = VQGenPipeline(VQVAE.from_pretrained(args.vqvae), load_prior(args.prior))
     state.wait_for_everyone()  # every rank has checked the folder before it is written
     if state.is_main_process:

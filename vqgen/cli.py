@@ -39,6 +39,14 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         end_process_group()
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """The one refusal of an output folder that already exists (every rank raises it alike under a launcher)."""
+    if Path(out).exists() and not overwrite:
+        raise VqgenError(
+            f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir", every_rank=True
+        )
+
+
 def launch_state():
     """accelerate's PartialState of this launch, for the commands that need no Accelerator (export, sample.py, ...).
 
