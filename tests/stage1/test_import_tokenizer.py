@@ -82,6 +82,13 @@ def test_an_unknown_range_a_spatial_norm_and_a_pickle_that_runs_code_are_refused
     (tmp_path / "movq" / "config.json").write_text(json.dumps({**config, "norm_type": "spatial"}))
     with pytest.raises(VqgenError, match="norm_type 'spatial' .* only norm_type 'group' VQModels can be imported"):
         import_tokenizer([str(tmp_path / "movq"), "--output_dir", str(tmp_path / "b"), "--pixel_range=-1,1"])
+    for change, message in (
+        ({"down_block_types": ["DownEncoderBlock2D"]}, "lists 1 down and 2 up block types for 2 block_out_channels"),
+        ({"up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, "attention at other levels in the encoder"),
+    ):
+        (tmp_path / "movq" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(VqgenError, match=message):
+            import_tokenizer([str(tmp_path / "movq"), "--output_dir", str(tmp_path / "b"), "--pixel_range=-1,1"])
 
     class RunsCode:  # a pickle whose loading would call os.system
         def __reduce__(self):
