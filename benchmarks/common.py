@@ -1,5 +1,5 @@
 """What every benchmark script shares: interleaved median timing, the reference matmul rate measured beside it,
-FLOP counts, and the markdown rows they print."""
+FLOP counts, the markdown rows they print, and a random Inception for machines without its weights file."""
 
 from __future__ import annotations
 
@@ -74,3 +74,19 @@ def demo_codes_meta():
         vqvae_location=None,
         codes_fingerprint="0" * 64,
     )
+
+
+def random_inception(seed: int = 0):
+    """torch-fidelity's Inception-V3 module with random weights (benchmarks and tests run without the real file):
+    its constructor would download the weights, so that one call and the state-dict load are skipped for it.
+    Save `.state_dict()` for a weights file in torch-fidelity's own format."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with torch.random.fork_rng(), mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None):
+        torch.manual_seed(seed)
+        with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None):
+            net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    net.fc.weight.data.mul_(0.05)  # logits of a few units, as a trained classifier's (softmax stays finite)
+    return net

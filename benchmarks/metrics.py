@@ -3,11 +3,12 @@
     python -m benchmarks.metrics [--num_images 10000] [--batch_size 100] [--weights FILE]
 
 Two sets of `num_images` 32x32 RGB images (a sample set and a reference set), scored for FID, KID, IS and
-precision/recall: vqgen (`features_of` + `vqgen.metrics.scores`) and torch-fidelity 0.4 (`calculate_metrics` with
-Inception features for all four), the two interleaved twice and the faster of each kept. Both use the same
-Inception file: the real one from the torch hub cache when it is there, else a random network of the same
-architecture (the speed is the same; the figures are then meaningless but must still agree). Drawing samples is
-not part of it (timed in `benchmarks.run`'s sampling rows).
+precision/recall: vqgen (`features_of` + `vqgen.metrics.scores`: torch-fidelity's extractor and metric functions
+under vqgen's batching) and torch-fidelity 0.4 (`calculate_metrics` with Inception features for all four), the
+two interleaved twice and the faster of each kept. Both use the same Inception file: the real one from the torch
+hub cache when it is there, else a random network of the same architecture (the speed is the same; the figures
+are then meaningless but must still agree). Drawing samples is not part of it (timed in `benchmarks.run`'s
+sampling rows).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import random_inception
 from vqgen.metrics import scores
 from vqgen.metrics.fidelity import features_of
-from vqgen.metrics.inception import InceptionFeatures, build_inception
-from vqgen.metrics.weights import INCEPTION, find_weights
+from vqgen.metrics.inception import InceptionFeatures
+from vqgen.metrics.standard import INCEPTION, find_weights
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -49,7 +51,7 @@ def vqgen_scores(extractor, fake, real, batch_size: int) -> dict:
     kid, _ = scores.kernel_distance(f["pool"], r["pool"], subset_size=min(1000, len(fake)))
     precision, recall = scores.precision_recall(f["pool"], r["pool"])
     return {
-        "fid": scores.frechet_distance(scores.GaussianStats.of(f["pool"]), scores.GaussianStats.of(r["pool"])),
+        "fid": scores.frechet_distance(scores.gaussian_stats(f["pool"]), scores.gaussian_stats(r["pool"])),
         "kid": kid, "is": scores.inception_score(f["logits_unbiased"])[0], "precision": precision, "recall": recall,
     }  # fmt: skip
 
@@ -73,7 +75,7 @@ def bench(num_images: int, batch_size: int, weights: str | None, row=None, repea
     if path is None:  # a random network of the same architecture: the same cost
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "inception-random.pth"
-        torch.save(build_inception().state_dict(), path)
+        torch.save(random_inception().state_dict(), path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = InceptionFeatures(path).to(device)
     fake, real = images(num_images, 0), images(num_images, 1)

@@ -47,12 +47,9 @@ def make_images(root: Path) -> Path:
 
 
 def random_inception(path: Path) -> Path:
-    from vqgen.metrics.inception import build_inception
+    from benchmarks.common import random_inception as build
 
-    torch.manual_seed(0)
-    net = build_inception()
-    net.fc.weight.data.mul_(0.05)
-    torch.save(net.state_dict(), path)
+    torch.save(build().state_dict(), path)
     return path
 
 

@@ -34,7 +34,7 @@ from stage1_vqvae.sources import _cache_root
 from vqgen.cli import report_metrics, run_cli
 from vqgen.metrics import standard
 from vqgen.metrics.fidelity import ReferenceSplit, eval_batch_size
-from vqgen.metrics.scores import GaussianStats, frechet_distance
+from vqgen.metrics.scores import frechet_distance, gaussian_stats
 
 SIGMA_GRID = [0.5 * 2 ** (i / 4) for i in range(37)]  # 0.5 .. 256 pixel levels, 4 per octave
 
@@ -251,12 +251,12 @@ def reconstruction_fidelity(model, split, loader, accelerator, inception=None, l
     unwrapped.train(was_training)
     out = {}
     if inception is not None:
-        out["rfid"] = frechet_distance(GaussianStats.of(torch.cat(pools)), ref.stats)
+        out["rfid"] = frechet_distance(gaussian_stats(torch.cat(pools)), ref.stats)
         out["rfid_num_images"] = len(ref.pool)
         out["inception_weights_sha256"] = inception.digest
     if lpips is not None:
         out["lpips"] = float(torch.cat(distances).mean())
-        out["lpips_net"] = f"{lpips.net} (v0.1)"
+        out["lpips_net"] = f"{lpips.pnet_type} (v0.1)"
     return out
 
 

@@ -22,7 +22,6 @@ folder's fingerprint, so the chain reaches back to the source file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from stage1_vqvae.from_llamagen import import_llamagen
 from stage1_vqvae.from_taming import import_taming
 from stage1_vqvae.model import VQVAE
 from vqgen.cli import VqgenError, launch_state, refuse_existing, run_cli
-from vqgen.files import atomic_dir, commit_dir
+from vqgen.files import atomic_dir, commit_dir, file_sha256
 from vqgen.hub import looks_like_repo_id, resolve_folder
 
 # The pixel range each known source's tokenizer was trained on (read from its training code, not its config).
@@ -54,14 +53,6 @@ def parse_range(text: str) -> list[float]:
     except ValueError:
         raise VqgenError(f"--pixel_range {text!r}: expected two numbers, low,high (e.g. -1,1 or 0,1)") from None
     return [lo, hi]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stated_license(root: Path) -> str:

@@ -9,9 +9,10 @@ and a PatchGAN discriminator with the hinge loss and VQGAN's adaptive weight. Th
 
 The perceptual loss is LPIPS's (Zhang et al. 2018) distance on VGG16 features (relu1_2, relu2_2, relu3_3,
 relu4_3, relu5_3): channel-normalised feature differences, squared, weighted per channel by LPIPS's linear
-layers when given (`loss.lpips_weights`) or summed, averaged over space, summed over layers. Nothing is ever
-downloaded: the VGG16 weights come from a file the user points to or the torch hub cache; a missing file is one
-error that says where to get it. The network's widths are read from the file, so tests use a tiny one.
+layers when given (`loss.lpips_weights`) or summed, averaged over space, summed over layers: the `lpips`
+package's network (vqgen.metrics.lpips, shared with the LPIPS metric). Nothing is ever downloaded: the VGG16
+weights come from a file the user points to or the torch hub cache; a missing file is one error that says where to
+get it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from torch import nn
 
 from vqgen.cli import VqgenError
 from vqgen.config import option
-from vqgen.metrics.lpips import LPIPS, VGG16_CONVS, VGG16_POOLS, VGG16_TAPS  # noqa: F401 (the tests' layout)
 
 
 @dataclass
 class LossConfig:
     perceptual_weight: float = option(0.0, "p; 0: off (the paper). LlamaGen and VQGAN use 1.0")
     perceptual_weights: str | None = option(None, "VGG16 weights (.pth or .safetensors); null: the torch hub cache")
-    lpips_weights: str | None = option(None, "optional LPIPS linear layers (the lpips package's weights/v0.1/vgg.pth)")
+    lpips_weights: str | None = option(
+        None, "LPIPS linear layers (the lpips package's weights/v0.1/vgg.pth); null: unit"
+    )
     adversarial_weight: float = option(0.0, "a; 0: off (the paper). VQGAN: 0.8, LlamaGen: 0.5")
     disc_start: int = option(0, "optimizer step at which the discriminator and the adversarial term start")
     disc_layers: int = option(3, "PatchGAN depth: stride-2 4x4 convs after the first (pix2pix's n_layers)")
@@ -57,10 +59,14 @@ class LossConfig:
 # Perceptual loss
 
 
-def PerceptualLoss(vgg_weights: str | None = None, lpips_weights: str | None = None) -> LPIPS:
+def PerceptualLoss(vgg_weights: str | None = None, lpips_weights: str | None = None) -> nn.Module:
     """LPIPS's VGG16 distance (B,) between two image batches in [-1, 1], frozen; unit channel weights when no
-    linear layers are given (vqgen.metrics.lpips holds the network, shared with the LPIPS metric)."""
-    return LPIPS("vgg", vgg_weights, lpips_weights, lin_required=False, flags=FLAGS)
+    linear layers are given."""
+    from vqgen.metrics.lpips import LPIPS  # the lpips package (and scipy) only when the loss is on
+    from vqgen.metrics.standard import VGG16, find_weights
+
+    backbone = find_weights(VGG16, vgg_weights, FLAGS[0], required=True)
+    return LPIPS("vgg", backbone, lpips_weights, linear=lpips_weights is not None)
 
 
 FLAGS = ("loss.perceptual_weights", "loss.lpips_weights")

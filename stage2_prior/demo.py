@@ -120,7 +120,7 @@ def standard_figures(out: Path, t: dict, num_samples: int) -> dict | str:
     """The Inception figures (rFID/LPIPS of the first RFID_IMAGES test images; FID, KID, IS, precision/recall of
     the samples against the first FID_TEST_IMAGES, one size-matched real draw) when the Inception file is in the
     torch hub cache, after saying how long they will take; else the one line a user gets, saying where to get it."""
-    from vqgen.metrics.weights import INCEPTION, find_weights, missing_message
+    from vqgen.metrics.standard import INCEPTION, find_weights, missing_message
 
     if find_weights(INCEPTION, None, "--inception_weights") is None:
         return "error: " + missing_message(INCEPTION, "--inception_weights")

@@ -41,18 +41,10 @@ from torch.utils.data import DataLoader
 
 from stage1_vqvae.data import DataConfig, data_config_for, load_splits
 from stage1_vqvae.sources import _cache_root
+from stage2_prior.references import check_like, draw_like, score_samples
 from vqgen.cli import VqgenError, report_metrics, run_cli
 from vqgen.metrics import scores, standard
-from vqgen.metrics.fidelity import (
-    KEYS,
-    ReferenceSplit,
-    check_like,
-    draw_like,
-    eval_batch_size,
-    features_of,
-    gather_rows,
-    score_samples,
-)
+from vqgen.metrics.fidelity import KEYS, ReferenceSplit, eval_batch_size, features_of, gather_rows
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

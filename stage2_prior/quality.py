@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stage2_prior import references
 from vqgen.cli import VqgenError, run_cli
 from vqgen.files import write_json
-from vqgen.metrics import fidelity
 
 
 class SmallClassifier(nn.Module):
@@ -153,7 +153,7 @@ def draw_like(labels: torch.Tensor, asked: torch.Tensor, generator: torch.Genera
     """Indices of random rows with the class counts of `asked` (N,): a real set laid out like the samples,
     whatever classes they were asked for (100 threes get 100 real threes). vqgen.metrics' draw, shared with the
     Inception metrics."""
-    return fidelity.draw_like(labels, asked, len(asked), generator)
+    return references.draw_like(labels, asked, len(asked), generator)
 
 
 class Judge:

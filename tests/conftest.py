@@ -240,42 +240,40 @@ def inception_weights(tmp_path_factory) -> Path:
     offline. He-initialised convs; batch-norm statistics calibrated on 24 structured images (as a trained network's
     are on its data), so the features vary from image to image as real Inception features do (FID ~100, KID ~0.1
     between two image sets) rather than collapsing to a constant."""
-    from vqgen.metrics.inception import build_inception, tf1_resize
+    from benchmarks.common import random_inception
 
     with torch.random.fork_rng():
+        net = random_inception(seed=0)
         torch.manual_seed(0)
-        net = build_inception()
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = None  # a cumulative average over the calibration batch
                 m.reset_running_stats()
-        net.fc.weight.data.mul_(0.05)  # logits of a few units, as a trained classifier's (softmax stays finite)
         rng = np.random.default_rng(0)
         calibration = np.stack([make_digit_like(rng, c % 4, 32) for c in range(24)])  # (24, 32, 32)
-        x = torch.from_numpy(calibration)[:, None].expand(-1, 3, -1, -1).float()  # (24, 3, 32, 32)
+        x = torch.from_numpy(calibration).to(torch.uint8)[:, None].expand(-1, 3, -1, -1)  # (24, 3, 32, 32)
         with torch.no_grad():
-            net.train()((tf1_resize(x) - 128) / 128)
+            net.train()(x)  # torch-fidelity's own resize and scaling, then batch statistics
     path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
     torch.save(net.state_dict(), path)
     return path
 
 
-@pytest.fixture
-def tiny_vgg(tmp_path):
-    """A VGG16-layout weights file as torchvision saves it (features.* and classifier.*), at toy widths."""
-    from stage1_vqvae.losses import VGG16_CONVS
-
-    from helpers import WIDTHS
+@pytest.fixture(scope="session")
+def vgg16_file(tmp_path_factory):
+    """A random VGG16 weights file as torchvision saves it (features.* at full width, and a classifier tensor),
+    He-initialised so that features stay of unit scale through the 13 convs: (path, state)."""
+    from helpers import VGG16_CONVS, VGG16_WIDTHS
 
     g = torch.Generator().manual_seed(0)
     state, prev = {}, 3
-    for i, w in zip(VGG16_CONVS, WIDTHS):
-        state[f"features.{i}.weight"] = torch.randn(w, prev, 3, 3, generator=g) * 0.3
+    for i, w in zip(VGG16_CONVS, VGG16_WIDTHS):
+        state[f"features.{i}.weight"] = torch.randn(w, prev, 3, 3, generator=g) * (2 / (9 * prev)) ** 0.5
         state[f"features.{i}.bias"] = torch.randn(w, generator=g) * 0.1
         prev = w
     state["classifier.0.weight"] = torch.zeros(4, 4)
-    path = tmp_path / "vgg16-tiny.pth"
+    path = tmp_path_factory.mktemp("vgg16") / "vgg16-random.pth"
     torch.save(state, path)
     return path, state

@@ -45,7 +45,11 @@ def stage1_args(out, image_folder, *extra) -> list[str]:
     ]
 
 
-WIDTHS = [2, 2, 4, 4, 6, 6, 6, 8, 8, 8, 8, 8, 8]  # VGG16's layout at toy widths (64 ... 512 in the real one)
+# torchvision's VGG16 `features` up to LPIPS's last tap: conv indices and widths, pools, the ReLUs LPIPS reads
+VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+VGG16_POOLS = (4, 9, 16, 23)
+VGG16_TAPS = (3, 8, 15, 22, 29)
 
 # The vqgan network at test size: 3 levels (16, 8, 4 px) of 16-32 channels, attention at the 4x4 code grid.
 VQGAN_ARGS = [

@@ -1,8 +1,9 @@
-"""Files written so that a reader never sees half of one: atomic folders, JSON and YAML; safe path names; and
-handing freed heap memory back to the OS."""
+"""Files written so that a reader never sees half of one: atomic folders, JSON and YAML; safe path names; a file's
+sha256; and handing freed heap memory back to the OS."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -73,3 +74,12 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 
 from vqgen.cli import VqgenError
 
@@ -70,6 +70,14 @@ def load_safetensors_model(model: torch.nn.Module, model_id: str, *, map_locatio
         raise VqgenError(f"{weights} does not match the model built from its config.json: {str(e)[:300]}") from None
     model.eval()
     return model
+
+
+def read_state_dict(path: Path, what: str) -> dict:
+    """A state dict from .pth (tensors only: no code runs) or .safetensors; one error for a foreign file."""
+    try:
+        return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file raises many types
+        raise VqgenError(f"{what} {path} cannot be read ({type(e).__name__}: {str(e)[:150]})") from None
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:

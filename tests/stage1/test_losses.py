@@ -7,9 +7,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from stage1_vqvae.losses import (
-    VGG16_CONVS,
-    VGG16_POOLS,
-    VGG16_TAPS,
     LossConfig,
     PatchDiscriminator,
     PerceptualLoss,
@@ -20,7 +17,7 @@ from stage1_vqvae.losses import (
 from stage1_vqvae.train import main
 from vqgen.cli import VqgenError
 
-from helpers import WIDTHS, resumed_equals_uninterrupted, stage1_args
+from helpers import VGG16_CONVS, VGG16_POOLS, VGG16_TAPS, VGG16_WIDTHS, resumed_equals_uninterrupted, stage1_args
 
 
 def reference_lpips(state, a, b, lin=None):
@@ -52,14 +49,14 @@ def reference_lpips(state, a, b, lin=None):
     return total
 
 
-def test_the_perceptual_distance_equals_lpips_written_out(tiny_vgg, tmp_path):
-    path, state = tiny_vgg
+def test_the_perceptual_distance_equals_lpips_written_out(vgg16_file, tmp_path):
+    path, state = vgg16_file
     g = torch.Generator().manual_seed(1)
     a, b = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1, torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
     loss = PerceptualLoss(str(path))
     assert torch.allclose(loss(a, b), reference_lpips(state, a, b), rtol=1e-4, atol=1e-6)
     assert torch.allclose(loss(a, a), torch.zeros(3), atol=1e-6)
-    widths = [WIDTHS[VGG16_CONVS.index(t - 1)] for t in VGG16_TAPS]
+    widths = [VGG16_WIDTHS[VGG16_CONVS.index(t - 1)] for t in VGG16_TAPS]
     lin = [torch.rand(w, generator=g) for w in widths]
     torch.save({f"lin{j}.model.1.weight": w.view(1, -1, 1, 1) for j, w in enumerate(lin)}, tmp_path / "lin.pth")
     weighted = PerceptualLoss(str(path), str(tmp_path / "lin.pth"))
@@ -76,7 +73,7 @@ def test_missing_or_foreign_perceptual_weights_are_one_clear_error_and_nothing_i
     with pytest.raises(VqgenError, match=r"loss.perceptual_weights=.*nope.pth does not exist"):
         PerceptualLoss(str(tmp_path / "nope.pth"))
     torch.save({"something.weight": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(VqgenError, match="is not torchvision VGG16 weights"):
+    with pytest.raises(VqgenError, match=r"is not torchvision's vgg16-397923af\.pth layout.*Missing key"):
         PerceptualLoss(str(tmp_path / "other.pth"))
     (tmp_path / "broken.pth").write_bytes(b"\x00" * 10)
     with pytest.raises(VqgenError, match="cannot be read"):
@@ -140,8 +137,8 @@ def test_the_discriminator_learns_the_sign_of_the_fakes_it_is_judged_on_in_the_g
         assert disc(blur(blocks(g, 16))).mean() < -0.5 and disc(blocks(g, 16)).mean() > 0.5
 
 
-def test_a_resumed_adversarial_perceptual_run_equals_the_uninterrupted_one(tmp_path, image_folder, tiny_vgg):
-    vgg, _ = tiny_vgg
+def test_a_resumed_adversarial_perceptual_run_equals_the_uninterrupted_one(tmp_path, image_folder, vgg16_file):
+    vgg, _ = vgg16_file
     common = ["train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
     common += ["loss.adversarial_weight=0.5", "loss.disc_start=2", "loss.disc_layers=2", "loss.disc_channels=8"]
     common += ["loss.perceptual_weight=1.0", f"loss.perceptual_weights={vgg}"]

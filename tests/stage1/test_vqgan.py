@@ -127,9 +127,9 @@ def test_a_network_the_config_cannot_build_stops_at_the_start_with_one_line(tmp_
 
 
 def test_a_resumed_vqgan_run_with_restarts_and_the_gan_losses_equals_the_uninterrupted_one(
-    tmp_path, image_folder, tiny_vgg
+    tmp_path, image_folder, vgg16_file
 ):
-    vgg, _ = tiny_vgg
+    vgg, _ = vgg16_file
     common = [*VQGAN_ARGS, "train.max_steps=7", "train.checkpoint_every=3", "train.checkpoints_total_limit=5"]
     common += ["model.dead_code_window=2", "model.kmeans_init=true"]
     common += ["loss.adversarial_weight=0.5", "loss.disc_start=2", "loss.disc_layers=2", "loss.disc_channels=8"]

@@ -12,8 +12,8 @@ from PIL import Image
 from stage1_vqvae.data import DataConfig, ImageSplit
 from stage1_vqvae.sources import load_source
 from stage2_prior.evaluate_samples import main as evaluate_samples
+from stage2_prior.references import draw_like
 from vqgen.cli import VqgenError
-from vqgen.metrics.fidelity import draw_like
 
 from helpers import RGBImages, run_two_processes, sample_metrics_args
 
@@ -147,7 +147,7 @@ def test_bad_input_is_one_error_before_any_sample_is_drawn(pipeline_dir, incepti
 
 
 def test_images_of_another_size_or_channel_count_are_scored_with_one_warning_each(caplog):
-    from vqgen.metrics.fidelity import check_like
+    from stage2_prior.references import check_like
 
     with caplog.at_level("WARNING"):
         check_like((1, 16, 16), (1, 16, 16))
@@ -176,7 +176,7 @@ def test_the_demo_caps_its_inception_work_and_says_its_size_first(tmp_path, monk
     from stage2_prior import demo
 
     steps = []
-    monkeypatch.setattr("vqgen.metrics.weights.find_weights", lambda *a: "found")
+    monkeypatch.setattr("vqgen.metrics.standard.find_weights", lambda *a: "found")
     monkeypatch.setattr(demo, "run_step", lambda name, args, t: steps.append([str(a) for a in args]))
     for name, figures in (("samples_inception", {"fid": 1.0}), ("stage1_inception", {"rfid": 2.0, "lpips": 0.1})):
         (tmp_path / name).mkdir()

@@ -1,6 +1,7 @@
 """The standard metrics against their reference implementations, with weight files the tests make themselves:
-FID, KID, IS and precision/recall against torch-fidelity 0.4 (features, then figures, to 1e-4 relative), LPIPS
-against the `lpips` package, on two image sizes and on L and RGB images; and the missing-weights errors."""
+FID, KID, IS and precision/recall against torch-fidelity 0.4's `calculate_metrics` (features, then figures, to 1e-4
+relative) and against their definitions written out; LPIPS against the `lpips` package, on two image sizes and on
+L and RGB images; and the missing-weights errors."""
 
 import os
 
@@ -11,9 +12,9 @@ import torch
 from vqgen.cli import VqgenError
 from vqgen.metrics import scores
 from vqgen.metrics.fidelity import features_of
-from vqgen.metrics.inception import InceptionFeatures, tf1_resize
+from vqgen.metrics.inception import InceptionFeatures
 from vqgen.metrics.lpips import LPIPS
-from vqgen.metrics.weights import INCEPTION, cache_path
+from vqgen.metrics.standard import INCEPTION, MetricsConfig, cache_path, load_inception, load_lpips
 
 from helpers import RGBImages, lpips_reference
 
@@ -36,15 +37,6 @@ def image_set(n: int, size: int, channels: int, shift: float, seed: int) -> torc
 
 def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
-
-
-def test_tf1_resize_equals_torch_fidelitys_bilinear_resize():
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x as ref
-
-    x = torch.rand(2, 3, 17, 32) * 255
-    for size in (299, 64, 8):
-        want = ref(x, size=(size, size), align_corners=False)
-        assert torch.allclose(tf1_resize(x, size), want, atol=1e-3, rtol=0)
 
 
 @pytest.mark.slow
@@ -72,7 +64,7 @@ def test_fid_kid_is_precision_recall_equal_torch_fidelity(inception_weights, siz
     precision, recall = scores.precision_recall(f_fake["pool"], f_real["pool"])
     got = {
         "frechet_inception_distance": scores.frechet_distance(
-            scores.GaussianStats.of(f_fake["pool"]), scores.GaussianStats.of(f_real["pool"])
+            scores.gaussian_stats(f_fake["pool"]), scores.gaussian_stats(f_real["pool"])
         ),
         "kernel_inception_distance_mean": kid_mean, "kernel_inception_distance_std": kid_std,
         "inception_score_mean": is_mean, "inception_score_std": is_std, "precision": precision, "recall": recall,
@@ -82,32 +74,41 @@ def test_fid_kid_is_precision_recall_equal_torch_fidelity(inception_weights, siz
     assert got["frechet_inception_distance"] > 1e-3 and 0 < precision < 1  # a real difference was measured
 
 
-def test_the_scores_equal_torch_fidelity_on_features_of_several_shapes():
-    """The figures alone, on larger feature sets than Inception can make quickly here (FID at rank-deficient
-    and full-rank covariances, KID at torch-fidelity's default 100 subsets)."""
-    from torch_fidelity import metric_fid, metric_isc, metric_kid, metric_prc
+def test_the_scores_equal_their_definitions_written_out():
+    """The figures vqgen takes from torch-fidelity's functions, at the settings vqgen passes, against the papers'
+    definitions computed here independently (float64 numpy/scipy), on feature sets larger than Inception makes
+    quickly here: FID at rank-deficient and full-rank covariances, KID with subsets of all rows (every subset is
+    then the whole set, so the mean is the full unbiased MMD^2 and the std 0), IS over 10 splits, precision and
+    recall by brute force."""
+    import scipy.linalg
 
     g = torch.Generator().manual_seed(0)
     for n1, n2, d in ((120, 150, 2048), (600, 500, 64)):
         a, b = torch.rand(n1, d, generator=g) ** 2 * 3, torch.rand(n2, d, generator=g) ** 2 * 3 + 0.05
-        ref = metric_fid.fid_statistics_to_metric(
-            metric_fid.fid_features_to_statistics(a), metric_fid.fid_features_to_statistics(b), False
-        )["frechet_inception_distance"]
-        assert relative(scores.frechet_distance(scores.GaussianStats.of(a), scores.GaussianStats.of(b)), ref) < 1e-4
-        kid = metric_kid.kid_features_to_metric(
-            a, b, kid_subsets=100, kid_subset_size=100, verbose=False, rng_seed=2020, kid_kernel="poly",
-            kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
-        )  # fmt: skip
-        mean, std = scores.kernel_distance(a, b, subset_size=100)
-        assert relative(mean, kid["kernel_inception_distance_mean"]) < 1e-4
-        assert relative(std, kid["kernel_inception_distance_std"]) < 1e-4
+        x, y = a.double().numpy(), b.double().numpy()
+        s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        fid = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+        assert relative(scores.frechet_distance(scores.gaussian_stats(a), scores.gaussian_stats(b)), fid) < 1e-4
+
+        m = min(n1, n2)
+        k = lambda p, q: (p @ q.T / p.shape[1] + 1) ** 3  # noqa: E731 (the cubic kernel of Binkowski et al.)
+        kxx, kyy, kxy = k(x[:m], x[:m]), k(y[:m], y[:m]), k(x[:m], y[:m])
+        mmd = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+        mean, std = scores.kernel_distance(a[:m], b[:m], subset_size=m)
+        assert relative(mean, mmd) < 1e-4 and std < 1e-4 * abs(mmd)
+
         logits = torch.randn(n1, 1008, generator=g) * 3
-        isc = metric_isc.isc_features_to_metric(logits)
-        assert relative(scores.inception_score(logits)[0], isc["inception_score_mean"]) < 1e-4
-        prc = metric_prc.prc_features_to_metric(
-            a, b, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False
-        )
-        assert scores.precision_recall(a, b, chunk=37) == (prc["precision"], prc["recall"])
+        p = torch.softmax(logits.double(), 1)[torch.from_numpy(np.random.RandomState(2020).permutation(n1))].numpy()
+        chunks = [p[i * n1 // 10 : (i + 1) * n1 // 10] for i in range(10)]
+        split_scores = [np.exp((c * (np.log(c) - np.log(c.mean(0)))).sum(1).mean()) for c in chunks]
+        assert relative(scores.inception_score(logits)[0], float(np.mean(split_scores))) < 1e-6
+
+        dist = lambda p, q: np.sqrt(((p[:, None] - q[None]) ** 2).sum(-1))  # noqa: E731 (brute force)
+        radius_x, radius_y = np.sort(dist(x, x), 1)[:, 3], np.sort(dist(y, y), 1)[:, 3]  # 3rd neighbour, self at 0
+        precision = (dist(x, y) <= radius_y[None] * (1 + 1e-6)).any(1).mean()
+        recall = (dist(y, x) <= radius_x[None] * (1 + 1e-6)).any(1).mean()
+        assert scores.precision_recall(a, b, chunk=37) == pytest.approx((precision, recall), abs=1.5 / min(n1, n2))
 
 
 def test_too_few_images_for_a_metric_is_one_clear_error():
@@ -136,29 +137,52 @@ def test_lpips_equals_the_lpips_package(tmp_path, net):
 def test_missing_weights_are_one_error_naming_the_file_size_checksum_and_source(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(VqgenError) as e:
-        InceptionFeatures(None)
+        load_inception(MetricsConfig(standard="on"))
     message = str(e.value)
     for phrase in (
-        INCEPTION.name,
+        "weights-inception-2015-12-05-6726825d.pth",
         "95.6 MB",
-        INCEPTION.sha256,
-        INCEPTION.url,
+        "6726825d",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
         "downloads nothing",
         "--inception_weights",
     ):
         assert phrase in message, phrase
     with pytest.raises(VqgenError, match=r"alexnet-owt-7be5be79\.pth.*233\.1 MB.*--lpips_backbone"):
-        LPIPS("alex", None, None)
-    from torchvision.models import alexnet
-
-    torch.save(alexnet().state_dict(), tmp_path / "alex.pth")  # a backbone, but no linear layers anywhere
-    with pytest.raises(VqgenError, match=r"lpips-v0\.1-alex\.pth.*6,009 bytes.*df73285e.*--lpips_weights"):
-        LPIPS("alex", str(tmp_path / "alex.pth"), None)
+        load_lpips(MetricsConfig(standard="on", lpips_net="alex"))
     with pytest.raises(VqgenError, match="does not exist"):
-        InceptionFeatures(tmp_path / "nope.pth")
+        load_inception(MetricsConfig(standard="on", inception_weights=str(tmp_path / "nope.pth")))
+    assert load_inception(MetricsConfig(standard="auto")) is None and load_lpips(MetricsConfig(standard="off")) is None
     (tmp_path / "foreign.pth").write_bytes(b"\x00" * 8)
     with pytest.raises(VqgenError, match="cannot be read"):
         InceptionFeatures(tmp_path / "foreign.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(VqgenError, match="is not torch-fidelity's Inception-V3"):
+        InceptionFeatures(tmp_path / "other.pth")
+
+
+def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_opens_it(tmp_path):
+    """torch-fidelity loads the file with weights_only=False; vqgen's check comes first."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(VqgenError, match="cannot be read"):
+        InceptionFeatures(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_lpips_takes_the_linear_layers_the_package_ships_and_refuses_a_missing_file(tmp_path):
+    ref, backbone, lin = lpips_reference(tmp_path, "alex")
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(LPIPS("alex", backbone, None)(a, b), LPIPS("alex", backbone, lin)(a, b))
+    with pytest.raises(VqgenError, match=r"nope\.pth cannot be read"):
+        LPIPS("alex", backbone, str(tmp_path / "nope.pth"))
+    with pytest.raises(VqgenError, match="cannot score 16x16 images.*vgg"):
+        LPIPS("alex", backbone, None).check_size(16, 16)
 
 
 def test_weights_in_the_torch_hub_cache_are_found_without_a_flag(tmp_path, monkeypatch, inception_weights):
@@ -167,8 +191,10 @@ def test_weights_in_the_torch_hub_cache_are_found_without_a_flag(tmp_path, monke
     target.parent.mkdir(parents=True)
     os.symlink(inception_weights, target)
     x = image_set(2, 16, 3, 0.5, 0)
-    assert torch.equal(InceptionFeatures(None)(x)["pool"], InceptionFeatures(inception_weights)(x)["pool"])
-    assert np.isfinite(InceptionFeatures(None)(x)["logits_unbiased"].numpy()).all()
+    found = load_inception(MetricsConfig(standard="on"))
+    assert found.weights_path == target
+    assert torch.equal(found(x)["pool"], InceptionFeatures(inception_weights)(x)["pool"])
+    assert np.isfinite(found(x)["logits_unbiased"].numpy()).all()
 
 
 class MeanColours(torch.nn.Module):
