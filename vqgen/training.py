@@ -25,6 +25,7 @@ from vqgen.cli import VqgenError
 from vqgen.config import builtin_configs, config_help, load_config, option, to_dict
 from vqgen.files import dump_yaml, write_json
 from vqgen.preemption import EXIT_PREEMPTED, Stopper, mark_stopped, parse_duration, signal_numbers, worker_init_for
+from vqgen.sharding import check_fsdp_backend, check_fsdp_wrap
 from vqgen.streaming import StreamBatches, stream_loader
 
 
@@ -149,6 +150,7 @@ def build_accelerator(tc: BaseTrainConfig, out: Path, kwargs_handlers=()):
         kwargs_handlers=list(kwargs_handlers),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
+    check_fsdp_backend(accelerator)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -361,6 +363,7 @@ def prepare_run(accelerator, objects: list, train_dl, val_dl, streaming: bool):
     """accelerator.prepare of the models and optimizers with the loaders, in one call; a stream's loader is not
     prepared (see `train_loaders`). Returns (prepared objects, train loader, validation loader)."""
     loaders = [val_dl] if streaming else [train_dl, val_dl]
+    check_fsdp_wrap(accelerator, objects[0])
     prepared = accelerator.prepare(*objects, *loaders)
     objects, loaders = list(prepared[: len(objects)]), list(prepared[len(objects) :])
     return (objects, train_dl, loaders[0]) if streaming else (objects, loaders[0], loaders[1])

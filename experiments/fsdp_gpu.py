@@ -1,0 +1,121 @@
+"""The FSDP checks that need GPUs: Accelerate (1.16) runs FSDP only on accelerators (on CPUs vqgen refuses the
+FSDP config in one line, tests/vqgen/test_sharding.py), so the sharded prior is checked here, with the shipped
+config, on a machine with at least 2 GPUs:
+
+    python -m experiments.fsdp_gpu [--work runs/fsdp-gpu] [--num_processes 2]
+
+1. DDP and FSDP (fp32, same seed, same global batch) train the tiny prior for 6 steps: their weights must agree
+   to 1e-4 (absolute, float32 reductions in another order).
+2. FSDP killed with SIGKILL after its step-3 checkpoint, then `--resume_from_checkpoint latest`: the final weights
+   must equal an uninterrupted FSDP run's bit for bit; the checkpoint must be sharded (pytorch_model_fsdp_0/).
+3. FSDP with SIGTERM once the first checkpoint exists, under `vqgen.requeue`: exit 75, both ranks at the same step,
+   a complete checkpoint, and `auto` resumes it to the end.
+4. The pipelines exported from the DDP and the FSDP runs sample the same images (to 1/255).
+Prints one line per check and exits 1 if any fails. Not run on the project's machines (no GPU lent so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from experiments.launcher_exits import setup
+
+ROOT = Path(__file__).resolve().parent.parent
+FSDP = ROOT / "configs" / "accelerate" / "fsdp_bf16.yaml"
+
+
+def launch(config: list[str], out: Path, *extra: str, wrap: bool = False) -> subprocess.Popen:
+    """`accelerate launch` of the tiny prior (fp32: comparable across DDP and FSDP) into `out`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *config, "--mixed_precision", "no", "-m",
+           "stage2_prior.train", "--config", "configs/tiny/stage2.yaml", "--output_dir", str(out),
+           f"data.codes={CODES}", "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=0",
+           "train.batch_size=8", "train.seed=0", *extra]  # fmt: skip
+    if wrap:  # exits 75 when a rank stopped for a requeue (the launcher itself reports 1)
+        cmd = [sys.executable, "-m", "vqgen.requeue", *cmd]
+    return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def wait_for(path_glob: str, root: Path, timeout: float = 600) -> None:
+    end = time.time() + timeout
+    while not list(root.glob(path_glob)) and time.time() < end:
+        time.sleep(0.2)
+
+
+def main(argv=None) -> int:
+    global CODES
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/fsdp-gpu")
+    parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count())
+    args = parser.parse_args(argv)
+    if args.num_processes < 2:
+        print(f"needs at least 2 GPUs for a sharded run, found {torch.cuda.device_count()}")
+        return 2
+    work = Path(args.work)
+    CODES = setup(work / "artefacts")["codes"]
+    n = ["--num_processes", str(args.num_processes)]
+    ddp, fsdp = ["--multi_gpu", *n], ["--config_file", str(FSDP), *n]
+    results = {}
+
+    for name, config in (("ddp", ddp), ("fsdp", fsdp), ("fsdp-again", fsdp)):
+        assert launch(config, work / name, "--overwrite_output_dir").wait() == 0, name
+    results["fsdp equals ddp (max |dw|)"] = max_diff(weights(work / "ddp"), weights(work / "fsdp"))
+    ok = {"fsdp equals ddp (max |dw|)": results["fsdp equals ddp (max |dw|)"] < 1e-4}
+
+    killed = work / "fsdp-killed"
+    proc = launch(fsdp, killed, "--overwrite_output_dir")
+    wait_for("checkpoints/checkpoint_3/trainer_state.json", killed)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ok["checkpoint sharded"] = (killed / "checkpoints" / "checkpoint_3" / "pytorch_model_fsdp_0").is_dir()
+    assert launch(fsdp, killed, "--resume_from_checkpoint", "latest").wait() == 0
+    results["kill -9 + latest vs uninterrupted"] = max_diff(weights(work / "fsdp"), weights(killed))
+    ok["kill -9 + latest vs uninterrupted"] = results["kill -9 + latest vs uninterrupted"] == 0.0
+
+    stopped = work / "fsdp-sigterm"
+    proc = launch(fsdp, stopped, "--overwrite_output_dir", "train.max_steps=200", wrap=True)
+    wait_for("checkpoints/checkpoint_3/trainer_state.json", stopped)
+    os.killpg(proc.pid, signal.SIGTERM)
+    results["sigterm exit"] = proc.wait()
+    ok["sigterm exit"] = results["sigterm exit"] == 75
+    resumed = launch(fsdp, stopped, "--resume_from_checkpoint", "auto", "train.max_steps=200").wait()
+    ok["sigterm then auto"] = resumed == 0 and (stopped / "model" / "model.safetensors").is_file()
+
+    from stage1_vqvae.model import VQVAE
+    from stage2_prior.model import load_prior
+    from stage2_prior.pipeline import VQGenPipeline
+
+    vqvae = VQVAE.from_pretrained(setup(work / "artefacts")["vqvae"])
+    images = []
+    for name in ("ddp", "fsdp"):
+        pipe = VQGenPipeline(vqvae, load_prior(work / name / "model"))
+        out = pipe(num_images=8, generator=torch.Generator().manual_seed(0), output_type="pt")
+        images.append(out.images)
+    results["exported pipelines' samples (max |dx|)"] = float((images[0] - images[1]).abs().max())
+    ok["exported pipelines' samples"] = results["exported pipelines' samples (max |dx|)"] <= 1 / 255
+    print(json.dumps({"results": results, "ok": ok}, indent=1))
+    return 0 if all(ok.values()) else 1
+
+
+CODES: Path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
