@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,8 +36,27 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0" or not e.every_rank:
             print(f"error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as e:  # (torch.distributed.DistBackendError is one)
+        if not peer_lost(e):
+            raise
+        said = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:100]  # gloo's "[file:line] " prefix dropped
+        print(f"\nerror: this process (rank {os.environ.get('RANK', '?')}) lost contact with another process of the "
+              f"job during a collective ({said}): a node or process died. The last complete checkpoint is intact: "
+              "requeue the same command with --resume_from_checkpoint auto", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
     finally:
         end_process_group()
+
+
+# What gloo and NCCL say when the other end of a collective is gone (a killed process, a failed node).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Watchdog caught collective operation timeout", "Socket Timeout")  # fmt: skip
+
+
+def peer_lost(e: BaseException) -> bool:
+    dist = sys.modules.get("torch.distributed")
+    launched = dist is not None and dist.is_available() and dist.is_initialized()
+    return launched and (type(e).__name__ == "DistBackendError" or any(m in str(e) for m in PEER_LOST))
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
