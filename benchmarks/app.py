@@ -112,14 +112,14 @@ def bench(pipeline: str, repeats: int, row, screenshot: Path | None = None) -> N
     import gradio  # noqa: F401
     from gradio_client import Client
 
-    from stage2_prior.app import build_app, load_model
+    from stage2_prior.app import build_app, load_model, serve
 
     imports = time.perf_counter() - start
     start = time.perf_counter()
     model = load_model(pipeline, "cpu")
     demo = build_app(model)
     port = free_port()
-    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    serve(demo, prevent_thread_lock=True, server_port=port, quiet=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     started = time.perf_counter() - start
     row("app start (load pipeline, build page, serve)", f"{started:.2f} s", "< 10 s",

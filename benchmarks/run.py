@@ -1,6 +1,6 @@
 """`make bench`: speed figures as ratios against baselines measured in the same run (these machines are noisy).
 
-    python -m benchmarks.run [--only quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app]
+    python -m benchmarks.run [--only quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app,app-load]
         [--repeats 7]
 
 Every timing is the median of interleaved repeats. The reference rate is the fp32 rate of a 2048^3 torch.mm,
@@ -224,7 +224,8 @@ def bench_demo() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app")
+    parser.add_argument("--only", default="quantizer,stage1,vqgan,stage2,sampling,jacobi,extraction,demo,metrics,app,"
+                        "app-load")  # fmt: skip
     parser.add_argument("--metrics_images", type=int, default=None,
                         help="images per set of the metrics row (default: 10000 on a GPU, 1000 on a CPU)")  # fmt: skip
     parser.add_argument("--pipeline", default=str(ROOT / "runs" / "demo" / "pipeline"), help="a trained pipeline")
@@ -269,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
             bench_app(args.pipeline, args.repeats, row)
         else:
             print(f"no pipeline at {args.pipeline}: run `make demo` first for the app's rows", file=sys.stderr)
+    if "app-load" in which and (Path(args.pipeline) / "pipeline.json").is_file():  # many visitors at once
+        from benchmarks.app_load import bench as bench_app_load
+
+        bench_app_load(args.pipeline, [1, 4, 16, 32], 3, row)
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

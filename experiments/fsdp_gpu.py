@@ -1,6 +1,6 @@
 """The FSDP checks that need GPUs: Accelerate (1.16) runs FSDP only on accelerators (on CPUs vqgen refuses the
 FSDP config in one line, tests/vqgen/test_sharding.py), so the sharded prior is checked here, with the shipped
-config, on a machine with at least 2 GPUs:
+config, on a machine with 2 or more GPUs (with one, the same checks run FSDP as a single process):
 
     python -m experiments.fsdp_gpu [--work runs/fsdp-gpu] [--num_processes 2]
 
@@ -65,13 +65,16 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/fsdp-gpu")
     parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count())
     args = parser.parse_args(argv)
-    if args.num_processes < 2:
-        print(f"needs at least 2 GPUs for a sharded run, found {torch.cuda.device_count()}")
+    if args.num_processes < 1:
+        print("needs a GPU: Accelerate runs FSDP only on accelerators")
         return 2
+    if args.num_processes == 1:  # the FSDP code path (wrap, sharded checkpoint format, gather) without a 2nd rank
+        print("one GPU: FSDP runs as one process, compared with a plain one-process run; no parameter is split")
     work = Path(args.work)
     CODES = setup(work / "artefacts")["codes"]
     n = ["--num_processes", str(args.num_processes)]
-    ddp, fsdp = ["--multi_gpu", *n], ["--config_file", str(FSDP), *n]
+    ddp = ["--multi_gpu", *n] if args.num_processes > 1 else n
+    fsdp = ["--config_file", str(FSDP), *n]
     results = {}
 
     for name, config in (("ddp", ddp), ("fsdp", fsdp), ("fsdp-again", fsdp)):

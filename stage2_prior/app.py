@@ -347,12 +347,24 @@ def build_app(model: AppModel):
     return demo
 
 
+QUEUE_SIZE = 16  # visitors waiting at most (besides the one being served)
+
+
+def serve(demo, queue_size: int = QUEUE_SIZE, **launch_kwargs):
+    """Serve the page: one generation at a time (one model on one device) and at most `queue_size` visitors waiting.
+    Past that Gradio answers at once that the queue is full ("busy"), instead of letting a crowd wait without end
+    and the waiting requests grow the server's memory; a visitor who leaves while waiting drops out of the queue."""
+    demo.queue(default_concurrency_limit=1, max_size=queue_size).launch(**launch_kwargs)
+    return demo
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="Gradio's temporary public link")
+    parser.add_argument("--queue_size", type=int, default=QUEUE_SIZE, help="visitors waiting at most; more: busy")
     parser.add_argument("--device", default=None, help="default: Accelerate's device (cuda when available)")
     parser.add_argument("--export_space", default=None, metavar="DIR", help="write a Hub Space folder and exit")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="with --export_space")
@@ -370,8 +382,7 @@ def main(argv: list[str] | None = None):
         raise VqgenError("--push_to_hub and --hub_space_id go with --export_space DIR")
     require_gradio()  # before the pipeline loads: a missing extra is the first thing said
     demo = build_app(load_model(args.pipeline, args.device))
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
-    return demo
+    return serve(demo, args.queue_size, server_name=args.host, server_port=args.port, share=args.share)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -29,10 +29,9 @@ APP = '''"""The Space's entry point: the vqgen app over {pipeline!r}.
 Made by python -m stage2_prior.app --export_space; the page is stage2_prior/app.py.
 """
 
-from stage2_prior.app import build_app, load_model
+from stage2_prior.app import build_app, load_model, serve
 
-demo = build_app(load_model({pipeline!r}))
-demo.queue(default_concurrency_limit=1).launch()
+demo = serve(build_app(load_model({pipeline!r})))
 '''
 
 README = """---

@@ -25,12 +25,12 @@ def live(pipeline_dir):
     """(the app's model, a gradio_client.Client of the page served on a free localhost port, its URL)."""
     from gradio_client import Client
 
-    from stage2_prior.app import build_app, load_model
+    from stage2_prior.app import build_app, load_model, serve
 
     model = load_model(str(pipeline_dir), "cpu")
     demo = build_app(model)
     port = free_port()
-    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    serve(demo, prevent_thread_lock=True, server_port=port, quiet=True)
     try:
         yield model, Client(f"http://127.0.0.1:{port}/", verbose=False), f"http://127.0.0.1:{port}/"
     finally:
@@ -200,11 +200,15 @@ def test_the_exported_space_builds_its_page_from_its_own_files(pipeline_dir, tmp
     from stage2_prior.space import export_space
 
     out = export_space(str(pipeline_dir), tmp_path / "space")
-    # The Space's own app.py, with launch() replaced by a check: its copied packages and bundled pipeline load.
-    script = (out / "app.py").read_text().replace(".launch()", ".config and print('built', flush=True)")
+    # The Space's own app.py, serving through the app's bounded queue, with serving replaced by a check: its copied
+    # packages and bundled pipeline load.
+    script = (out / "app.py").read_text()
+    assert "demo = serve(build_app(" in script
+    script = script.replace("demo = serve(build_app(", "demo = (build_app(") + "\ndemo.config and print('built')\n"
     script += "\nimport stage2_prior, vqgen\nprint(stage2_prior.__file__, vqgen.__file__)\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(out)})  # fmt: skip
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(out)},
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     built, files = proc.stdout.strip().splitlines()[-2:]
     assert built == "built" and all(f.startswith(str(out)) for f in files.split())  # the Space's copies, not ours
@@ -268,3 +272,65 @@ def test_an_unconditional_pipeline_hides_the_class_and_redraws_with_num_images(s
                       temperature=1.0, guidance_scale=1.0)  # fmt: skip
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, want.images))
     assert "--num_images 2" in record["sample_py"] and "--guidance_scale" not in record["sample_py"]
+
+
+LEAVER = """
+import time
+from gradio_client import Client
+job = Client({url!r}, verbose=False).submit("a", 1, 1.0, 1.0, 0, 1.0, 1, "sequential", api_name="/generate")
+while job.status().code.name != "IN_QUEUE":
+    time.sleep(0.02)
+print("waiting", flush=True)
+job.result()
+"""
+
+
+def test_a_burst_past_the_queue_is_told_busy_a_leaver_frees_its_place_and_the_page_serves_on(pipeline_dir):
+    """A page with room for 2 waiting visitors, generation slowed to 3 s: 8 visitors at once get 3 grids and 5
+    "queue is full" answers at once, no other error; a visitor who leaves while waiting gives up their place (the
+    next one starts as the running generation ends); afterwards a request is served as before. (A visitor who
+    leaves mid-generation does not stop it: Gradio runs it to its end; docs/benchmarks.md.)"""
+    import time
+
+    from gradio_client import Client
+    from gradio_client.utils import QueueError
+
+    from stage2_prior.app import build_app, load_model, serve
+
+    model = load_model(str(pipeline_dir), "cpu")
+    starts, real = [], model.generate
+
+    def slow(*args, **kwargs):
+        starts.append(time.monotonic())
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    model.generate = slow
+    port = free_port()
+    demo = serve(build_app(model), 2, prevent_thread_lock=True, server_port=port, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        client = Client(url, verbose=False)
+        jobs = [client.submit("a", 2, 1.0, 1.0, 0, 1.0, i, "sequential", api_name="/generate") for i in range(8)]
+        served, busy = 0, 0
+        for job in jobs:
+            try:
+                served += len(job.result(timeout=60)[0]) == 2
+            except QueueError as e:
+                busy += "Queue is full" in str(e)
+        assert (served, busy) == (3, 5)
+
+        starts.clear()
+        first = client.submit("a", 1, 1.0, 1.0, 0, 1.0, 0, "sequential", api_name="/generate")
+        while not starts:
+            time.sleep(0.05)
+        leaver = subprocess.Popen([sys.executable, "-c", LEAVER.format(url=url)], stdout=subprocess.PIPE, text=True)
+        assert leaver.stdout.readline().strip() == "waiting"  # in the queue, behind the first
+        leaver.kill()
+        leaver.wait()
+        images, record = client.predict("a", 1, 1.0, 1.0, 0, 1.0, 2, "sequential", api_name="/generate")
+        first.result(timeout=30)
+        assert len(starts) == 2 and starts[1] - starts[0] < 3.6  # the leaver's 3 s never ran
+        assert len(images) == 1 and record["seed"] == 2
+    finally:
+        demo.close()
