@@ -20,9 +20,13 @@ The work lives in `AppModel` (plain Python, tested directly); `build_app` only l
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextvars
 import functools
+import inspect
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -213,15 +217,45 @@ def load_model(pipeline: str, device: str | None = None) -> AppModel:
     return AppModel(VQGenPipeline.from_pretrained(pipeline).to(device), source=str(pipeline))
 
 
-def _progress(gr_progress, total: int):
-    """A pipeline progress callback (codes done) that moves Gradio's progress bar."""
+class VisitorLeft(Exception):
+    """Raised into the sampler at its next step once the visitor who asked has gone."""
+
+
+def _progress(gr_progress, total: int, left=None):
+    """A pipeline progress callback (codes done) that moves Gradio's progress bar; once `left` is set, it stops the
+    sampling at its next step."""
     done = [0]
 
     def update(m: int) -> None:
+        if left is not None and left.is_set():
+            raise VisitorLeft
         done[0] += m
         gr_progress((min(done[0], total), total), desc="sampling codes", unit="codes")
 
     return update
+
+
+# One long-lived sampling thread: the page serves one generation at a time, and a gone visitor's generation must
+# stop before the next one runs (it does at its next step; the next job waits behind it on this thread).
+SAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqgen-sampler")
+
+
+def _leavable(gr, work, poll: float = 0.2):
+    """Run `work(left)` on the sampling thread and yield nothing (gr.skip) every `poll` s until it returns, then
+    its result.
+
+    Gradio runs a started function to its end even when the visitor has gone, holding the one slot; but it checks
+    between the yields of a generator and drops a gone visitor's generator there, which frees the slot. Closing this
+    generator sets `left`, which `work` passes to the sampler's progress callback: the sampling stops at its next
+    step instead of computing for nobody ahead of the next visitor's."""
+    left = threading.Event()
+    job = SAMPLER.submit(contextvars.copy_context().run, work, left)  # (the context carries the page's progress bar)
+    try:
+        while not concurrent.futures.wait([job], timeout=poll).done:
+            yield gr.skip(), gr.skip()
+    finally:
+        left.set()
+    yield job.result()  # (re-raises what the sampling raised, where Gradio shows it)
 
 
 def _on_page(gr, fn):
@@ -234,7 +268,14 @@ def _on_page(gr, fn):
         except VqgenError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
-    return run
+    @functools.wraps(fn)
+    def run_generator(*args, **kwargs):  # (Gradio serves a generator function as one, and only then)
+        try:
+            yield from fn(*args, **kwargs)
+        except VqgenError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return run_generator if inspect.isgeneratorfunction(fn) else run
 
 
 def _generate_tab(gr, model: AppModel) -> None:
@@ -245,8 +286,12 @@ def _generate_tab(gr, model: AppModel) -> None:
         progress=gr.Progress(),  # noqa: B008 (Gradio's idiom: it fills this argument with the page's bar)
     ):  # fmt: skip
         settings = model.settings(guidance, temperature, top_k, top_p)
-        track = _progress(progress, int(n) * layout.num_codes)
-        return model.generate(class_name, n, settings, seed, decoding, progress=track)
+
+        def work(left):
+            track = _progress(progress, int(n) * layout.num_codes, left)
+            return model.generate(class_name, n, settings, seed, decoding, progress=track)
+
+        yield from _leavable(gr, work)
 
     with gr.Row():
         with gr.Column(scale=1):
