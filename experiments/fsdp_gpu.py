@@ -6,8 +6,9 @@ config, on a machine with 2 or more GPUs (with one, the same checks run FSDP as 
 
 1. DDP and FSDP (fp32, same seed, same global batch) train the tiny prior for 6 steps: their weights must agree
    to 1e-4 (absolute, float32 reductions in another order).
-2. FSDP killed with SIGKILL after its step-3 checkpoint, then `--resume_from_checkpoint latest`: the final weights
-   must equal an uninterrupted FSDP run's bit for bit; the checkpoint must be sharded (pytorch_model_fsdp_0/).
+2. FSDP killed with SIGKILL at its first checkpoint (600 steps planned), then `--resume_from_checkpoint latest`:
+   the final weights must equal an uninterrupted 600-step FSDP run's bit for bit; the checkpoint must be sharded
+   (pytorch_model_fsdp_0/).
 3. FSDP with SIGTERM once the first checkpoint exists, under `vqgen.requeue`: exit 75, both ranks at the same step,
    a complete checkpoint, and `auto` resumes it to the end.
 4. The pipelines exported from the DDP and the FSDP runs sample the same images (to 1/255).
@@ -17,6 +18,7 @@ Prints one line per check and exits 1 if any fails. Not run on the project's mac
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -34,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FSDP = ROOT / "configs" / "accelerate" / "fsdp_bf16.yaml"
 
 
-def launch(config: list[str], out: Path, *extra: str, wrap: bool = False) -> subprocess.Popen:
+def launch(config: list[str], out: Path, *extra: str, codes: Path, wrap: bool = False) -> subprocess.Popen:
     """`accelerate launch` of the tiny prior (fp32: comparable across DDP and FSDP) into `out`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *config, "--mixed_precision", "no", "-m",
            "stage2_prior.train", "--config", "configs/tiny/stage2.yaml", "--output_dir", str(out),
-           f"data.codes={CODES}", "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=0",
+           f"data.codes={codes}", "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=0",
            "train.batch_size=8", "train.seed=0", *extra]  # fmt: skip
     if wrap:  # exits 75 when a rank stopped for a requeue (the launcher itself reports 1)
         cmd = [sys.executable, "-m", "vqgen.requeue", *cmd]
@@ -72,7 +74,6 @@ def wait_for(path_glob: str, root: Path, timeout: float = 600) -> None:
 
 
 def main(argv=None) -> int:
-    global CODES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/fsdp-gpu")
     parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count())
@@ -87,43 +88,46 @@ def main(argv=None) -> int:
     if args.num_processes == 1:  # the FSDP code path (wrap, sharded checkpoint format, gather) without a 2nd rank
         print("one GPU: FSDP runs as one process, compared with a plain one-process run; no parameter is split")
     work = Path(args.work)
-    CODES = setup(work / "artefacts")["codes"]
+    run = functools.partial(launch, codes=setup(work / "artefacts")["codes"])
     n = ["--num_processes", str(args.num_processes)]
     ddp = ["--multi_gpu", *n] if args.num_processes > 1 else n
     fsdp = ddp if args.cpu_dry_run else ["--config_file", str(FSDP), *n]
     results = {}
 
     for name, config in (("ddp", ddp), ("fsdp", fsdp), ("fsdp-again", fsdp)):
-        assert launch(config, work / name, "--overwrite_output_dir").wait() == 0, name
+        assert run(config, work / name, "--overwrite_output_dir").wait() == 0, name
     results["fsdp equals ddp (max |dw|)"] = max_diff(weights(work / "ddp"), weights(work / "fsdp"))
     ok = {"fsdp equals ddp (max |dw|)": results["fsdp equals ddp (max |dw|)"] < 1e-4}
 
     long = ["--overwrite_output_dir", "train.max_steps=1000000", "train.checkpoints_total_limit=2"]
 
-    def newest(run: Path) -> int:
-        wait_for("checkpoints/checkpoint_*/trainer_state.json", run)
-        return max(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoints/*/trainer_state.json"))
+    def newest(folder: Path) -> int:
+        wait_for("checkpoints/checkpoint_*/trainer_state.json", folder)
+        return max(int(p.parent.name.split("_")[1]) for p in folder.glob("checkpoints/*/trainer_state.json"))
 
+    # Killed at its first checkpoint, resumed, and compared with a run never killed: all three planned for the same
+    # number of steps (the learning-rate schedule follows train.max_steps).
+    planned = ["train.max_steps=600", "train.checkpoints_total_limit=2"]
     killed = work / "fsdp-killed"
-    proc = launch(fsdp, killed, *long)
+    proc = run(fsdp, killed, "--overwrite_output_dir", *planned)
     newest(killed)
     signal_tree(proc, signal.SIGKILL)
     proc.wait()
-    target = newest(killed) + 3  # the uninterrupted reference trains exactly as far
+    assert not (killed / "model").exists(), "the run finished before the kill: raise train.max_steps"
     if not args.cpu_dry_run:
         ok["checkpoint sharded"] = any(killed.glob("checkpoints/*/pytorch_model_fsdp_0"))
-    assert launch(fsdp, killed, "--resume_from_checkpoint", "latest", f"train.max_steps={target}").wait() == 0
-    assert launch(fsdp, work / "fsdp-straight", "--overwrite_output_dir", f"train.max_steps={target}").wait() == 0
+    assert run(fsdp, killed, "--resume_from_checkpoint", "latest", *planned).wait() == 0
+    assert run(fsdp, work / "fsdp-straight", "--overwrite_output_dir", *planned).wait() == 0
     results["kill -9 + latest vs uninterrupted"] = max_diff(weights(work / "fsdp-straight"), weights(killed))
     ok["kill -9 + latest vs uninterrupted"] = results["kill -9 + latest vs uninterrupted"] == 0.0
 
     stopped = work / "fsdp-sigterm"
-    proc = launch(fsdp, stopped, *long, wrap=True)
+    proc = run(fsdp, stopped, *long, wrap=True)
     newest(stopped)
     signal_tree(proc, signal.SIGTERM, workers_only=True)  # as docs/slurm/vqgen.sbatch forwards a preemption
     results["sigterm exit"] = proc.wait()
     ok["sigterm exit"] = results["sigterm exit"] == 75
-    resumed = launch(fsdp, stopped, "--resume_from_checkpoint", "auto", f"train.max_steps={newest(stopped) + 3}")
+    resumed = run(fsdp, stopped, "--resume_from_checkpoint", "auto", f"train.max_steps={newest(stopped) + 3}")
     ok["sigterm then auto"] = resumed.wait() == 0 and (stopped / "model" / "model.safetensors").is_file()
 
     from stage1_vqvae.model import VQVAE
@@ -140,9 +144,6 @@ def main(argv=None) -> int:
     ok["exported pipelines' samples"] = results["exported pipelines' samples (max |dx|)"] <= 1 / 255
     print(json.dumps({"results": results, "ok": ok}, indent=1))
     return 0 if all(ok.values()) else 1
-
-
-CODES: Path
 
 
 if __name__ == "__main__":

@@ -397,8 +397,8 @@ QUEUE_SIZE = 16  # visitors waiting at most (besides the one being served)
 
 def serve(demo, queue_size: int = QUEUE_SIZE, **launch_kwargs):
     """Serve the page: one generation at a time (one model on one device) and at most `queue_size` visitors waiting.
-    Past that Gradio answers at once that the queue is full ("busy"), instead of letting a crowd wait without end
-    and the waiting requests grow the server's memory; a visitor who leaves while waiting drops out of the queue."""
+    Past that Gradio answers at once that the queue is full ("busy") instead of letting a crowd wait without end
+    (docs/benchmarks.md: the wait is what grows with the crowd); a visitor who leaves drops out of the queue."""
     demo.queue(default_concurrency_limit=1, max_size=queue_size).launch(**launch_kwargs)
     return demo
 

@@ -7,6 +7,7 @@ killed with SIGKILL ends the other node within a bounded time with one clear lin
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def start_nodes(module: str, config: str, out: Path, extra: list[str], command: 
     env = dict(os.environ, MODULE=module, CONFIG=config, OUT=str(out), EXTRA=" ".join(extra), NNODES="2",
                NPROCS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LAUNCH_ARGS="--multi_gpu",
                ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # fmt: skip
-    env["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return [
         subprocess.Popen(["bash", "-c", command], env={**env, "SLURM_NODEID": str(rank)}, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -7,6 +7,7 @@ the config), and a model it cannot wrap is one line. The sharded training itself
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ FSDP_CONFIG = os.path.join(ROOT, "configs", "accelerate", "fsdp_bf16.yaml")
 
 
 def test_the_shipped_fsdp_config_names_no_wrap_class_so_it_follows_the_model():
-    cfg = yaml.safe_load(open(FSDP_CONFIG))
+    cfg = yaml.safe_load(Path(FSDP_CONFIG).read_text())
     assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2
     assert cfg["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert "fsdp_transformer_layer_cls_to_wrap" not in cfg["fsdp_config"]
