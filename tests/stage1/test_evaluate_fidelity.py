@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch_fidelity
 from huggingface_hub import ModelCard
 
 from stage1_vqvae.data import DataConfig, ImageSplit, to_model_input
@@ -14,8 +15,6 @@ from stage1_vqvae.sources import load_source
 from vqgen.cli import VqgenError
 
 from helpers import RGBImages, lpips_reference, run_two_processes
-
-torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
 
 def evaluate_args(model_dir, out, weights, backbone, lin, *extra):

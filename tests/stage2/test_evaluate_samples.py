@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 from PIL import Image
 
 from stage1_vqvae.data import DataConfig, ImageSplit
@@ -16,8 +17,6 @@ from stage2_prior.references import draw_like
 from vqgen.cli import VqgenError
 
 from helpers import RGBImages, run_two_processes, sample_metrics_args
-
-torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
 
 def write_folder(folder, images):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 
 from vqgen.cli import VqgenError
 from vqgen.metrics import scores
@@ -17,8 +18,6 @@ from vqgen.metrics.lpips import LPIPS
 from vqgen.metrics.standard import INCEPTION, MetricsConfig, cache_path, load_inception, load_lpips
 
 from helpers import RGBImages, lpips_reference
-
-torch_fidelity = pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency ([dev])")
 
 
 def image_set(n: int, size: int, channels: int, shift: float, seed: int) -> torch.Tensor:
