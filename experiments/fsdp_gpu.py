@@ -1,8 +1,12 @@
-"""The FSDP checks that need GPUs: Accelerate (1.16) runs FSDP only on accelerators (on CPUs vqgen refuses the
-FSDP config in one line, tests/vqgen/test_sharding.py), so the sharded prior is checked here, with the shipped
-config, on a machine with 2 or more GPUs (with one, the same checks run FSDP as a single process):
+"""The FSDP checks on GPUs: NCCL, CUDA and bf16 on a GPU, with the shipped config, on a machine with 2 or more GPUs
+(with one, the same checks run FSDP as a single process):
 
     python -m experiments.fsdp_gpu [--work runs/fsdp-gpu] [--num_processes 2]
+    python -m experiments.fsdp_gpu --cpu     # the same checks on 2 CPU processes (gloo)
+
+Accelerate (1.16) runs FSDP only on accelerators (on CPUs vqgen refuses the FSDP config in one line). With `--cpu`
+the training processes lift that device gate and nothing else (tests/fsdp_probe/sitecustomize.py), so FSDP2 runs
+for real on CPUs; tests/vqgen/test_sharding.py runs the same checks there in the test suite.
 
 1. DDP and FSDP (fp32, same seed, same global batch) train the tiny prior for 6 steps: their weights must agree
    to 1e-4 (absolute, float32 reductions in another order).
@@ -12,7 +16,7 @@ config, on a machine with 2 or more GPUs (with one, the same checks run FSDP as 
 3. FSDP with SIGTERM once the first checkpoint exists, under `vqgen.requeue`: exit 75, both ranks at the same step,
    a complete checkpoint, and `auto` resumes it to the end.
 4. The pipelines exported from the DDP and the FSDP runs sample the same images (to 1/255).
-Prints one line per check and exits 1 if any fails. Not run on the project's machines (no GPU lent so far).
+Prints the figures and exits 1 if any check fails. On GPUs: not yet run (no GPU lent to this project so far).
 """
 
 from __future__ import annotations
@@ -77,11 +81,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/fsdp-gpu")
     parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count())
-    parser.add_argument("--cpu_dry_run", action="store_true",
-                        help="check this script's own steps on CPUs, with DDP standing in for FSDP")  # fmt: skip
+    gate = "Accelerate's FSDP device gate lifted (tests/fsdp_probe)"
+    parser.add_argument("--cpu", action="store_true", help=f"run on 2 CPU processes, {gate}")
     args = parser.parse_args(argv)
-    if args.cpu_dry_run:
-        os.environ["ACCELERATE_USE_CPU"], args.num_processes = "true", 2
+    if args.cpu:
+        os.environ.update(ACCELERATE_USE_CPU="true", VQGEN_TEST_FSDP_ON_CPU="1", OMP_NUM_THREADS="1")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fsdp_probe"), str(ROOT)])
+        args.num_processes = 2
     if args.num_processes < 1:
         print("needs a GPU: Accelerate runs FSDP only on accelerators")
         return 2
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
     run = functools.partial(launch, codes=setup(work / "artefacts")["codes"])
     n = ["--num_processes", str(args.num_processes)]
     ddp = ["--multi_gpu", *n] if args.num_processes > 1 else n
-    fsdp = ddp if args.cpu_dry_run else ["--config_file", str(FSDP), *n]
+    fsdp = ["--config_file", str(FSDP), *n]
     results = {}
 
     for name, config in (("ddp", ddp), ("fsdp", fsdp), ("fsdp-again", fsdp)):
@@ -114,8 +120,7 @@ def main(argv=None) -> int:
     signal_tree(proc, signal.SIGKILL)
     proc.wait()
     assert not (killed / "model").exists(), "the run finished before the kill: raise train.max_steps"
-    if not args.cpu_dry_run:
-        ok["checkpoint sharded"] = any(killed.glob("checkpoints/*/pytorch_model_fsdp_0"))
+    ok["checkpoint sharded"] = any(killed.glob("checkpoints/*/pytorch_model_fsdp_0"))
     assert run(fsdp, killed, "--resume_from_checkpoint", "latest", *planned).wait() == 0
     assert run(fsdp, work / "fsdp-straight", "--overwrite_output_dir", *planned).wait() == 0
     results["kill -9 + latest vs uninterrupted"] = max_diff(weights(work / "fsdp-straight"), weights(killed))

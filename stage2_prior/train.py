@@ -274,13 +274,25 @@ def publish(model, state_dict: dict, cfg: Stage2Config, summary: dict) -> None:
         logger.info("pushed %s", upload_folder(out / "model", tc.hub_model_id))
 
 
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """The state dict without the tied output embedding. save_pretrained drops a tied tensor when it shares storage
+    with its source, but FSDP gathers the two as separate copies, which it would write as a second tensor."""
+    out = dict(state_dict)
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tied in out and source in out:
+            if not torch.equal(out[tied], out[source]):
+                raise RuntimeError(f"{tied} no longer equals {source}, which it is tied to: the tie broke in training")
+            del out[tied]
+    return out
+
+
 def save_final_prior(
     model, state_dict: dict, final: Path, cfg: Stage2Config, val: dict, run_dir: Path, repo_id: str | None = None
 ) -> None:
     """save_pretrained (safetensors, config.json, generation_config.json) + card, atomically."""
     layout, codes = layout_of(model), CodesMeta.from_json_dict(model.config.vqgen["codes"], "config.vqgen.codes")
     tmp = atomic_dir(final)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    model.save_pretrained(tmp, state_dict=without_tied_copies(model, state_dict))
     samples = sorted((run_dir / "samples").glob("samples_step_*.png"))
     if samples:
         shutil.copy(samples[-1], tmp / "samples.png")

@@ -2,6 +2,7 @@
 
 - Accelerate (1.16) runs FSDP only on accelerators: under an FSDP launcher config on CPUs it comes up as plain
   multi-CPU data parallelism, every parameter on every rank, and says nothing. vqgen refuses that in one line.
+  (The gate is Accelerate's policy: the tests lift it and run FSDP2 on gloo through this trainer, docs/cluster.md.)
 - With `TRANSFORMER_BASED_WRAP` and no `fsdp_transformer_layer_cls_to_wrap`, Accelerate wraps the classes the model
   names in `_no_split_modules` (GPT2Block for model.arch gpt2, LlamaDecoderLayer for llama), so the shipped config
   follows the architecture by itself. A class the model does not contain (a config written for the other
