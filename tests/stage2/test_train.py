@@ -11,6 +11,7 @@ from vqgen.cli import VqgenError
 
 from helpers import (
     resumed_equals_uninterrupted,
+    tiny_prior,
     train2,
 )
 
@@ -122,3 +123,15 @@ def test_the_streamed_codes_are_shuffled_by_the_runs_seed(stage1, tmp_path, monk
     monkeypatch.setattr(train, "load_code_splits", spy)
     train2(tmp_path / "run", codes, "data.streaming=true", "train.seed=7", "train.max_steps=1")
     assert seeds == [7]  # the trainer's stream follows train.seed (it was 0 whatever the seed)
+
+
+def test_a_tied_copy_is_left_out_of_the_saved_weights_and_a_broken_tie_is_an_error():
+    from stage2_prior.train import without_tied_copies
+
+    prior = tiny_prior()
+    gathered = {k: v.clone() for k, v in prior.state_dict().items()}  # separate tensors, as FSDP gathers them
+    assert "lm_head.weight" in gathered
+    assert without_tied_copies(prior, gathered).keys() == gathered.keys() - {"lm_head.weight"}
+    gathered["lm_head.weight"] += 1
+    with pytest.raises(RuntimeError, match="lm_head.weight no longer equals transformer.wte.weight"):
+        without_tied_copies(prior, gathered)
