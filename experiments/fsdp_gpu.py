@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from experiments.launcher_exits import setup
+from vqgen.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP = ROOT / "configs" / "accelerate" / "fsdp_bf16.yaml"
@@ -72,10 +73,12 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def wait_for(path_glob: str, root: Path, timeout: float = 600) -> None:
+def newest(run: Path, timeout: float = 600) -> int:
+    """The step of the run's newest complete checkpoint, once there is one."""
     end = time.time() + timeout
-    while not list(root.glob(path_glob)) and time.time() < end:
+    while not list_checkpoints(run / "checkpoints") and time.time() < end:
         time.sleep(0.2)
+    return list_checkpoints(run / "checkpoints")[-1][0]
 
 
 def main(argv=None) -> int:
@@ -110,10 +113,6 @@ def main(argv=None) -> int:
     ok["fsdp bf16 vs fp32 (max |dw|)"] = results["fsdp bf16 vs fp32 (max |dw|)"] < 0.05
 
     long = ["--overwrite_output_dir", "train.max_steps=1000000", "train.checkpoints_total_limit=2"]
-
-    def newest(folder: Path) -> int:
-        wait_for("checkpoints/checkpoint_*/trainer_state.json", folder)
-        return max(int(p.parent.name.split("_")[1]) for p in folder.glob("checkpoints/*/trainer_state.json"))
 
     # Killed at its first checkpoint, resumed, and compared with a run never killed: all three planned for the same
     # number of steps (the learning-rate schedule follows train.max_steps).

@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None):
                             push_requested=args.push_to_hub)  # fmt: skip
     if args.push_to_hub or args.hub_space_id:
         raise VqgenError("--push_to_hub and --hub_space_id go with --export_space DIR")
+    if args.queue_size < 1:  # (Gradio would answer every visitor "Queue is full")
+        raise VqgenError(f"--queue_size {args.queue_size}: the number of visitors who may wait must be at least 1")
     require_gradio()  # before the pipeline loads: a missing extra is the first thing said
     demo = build_app(load_model(args.pipeline, args.device))
     return serve(demo, args.queue_size, server_name=args.host, server_port=args.port, share=args.share)

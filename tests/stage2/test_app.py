@@ -252,6 +252,8 @@ def test_the_cli_refuses_push_flags_without_a_space_folder(pipeline_dir):
         main(["--pipeline", str(pipeline_dir), "--push_to_hub", "--hub_space_id", "me/x"])
     with pytest.raises(VqgenError, match="needs --hub_space_id"):
         main(["--pipeline", str(pipeline_dir), "--export_space", "unused", "--push_to_hub"])
+    with pytest.raises(VqgenError, match="--queue_size 0: .* at least 1"):
+        main(["--pipeline", str(pipeline_dir), "--queue_size", "0"])
 
 
 def test_an_unconditional_pipeline_hides_the_class_and_redraws_with_num_images(stage1, tmp_path):

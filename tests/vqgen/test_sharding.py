@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from vqgen.checkpoints import list_checkpoints
 from vqgen.sharding import wrap_problem
 
 from helpers import ROOT, TINY2, free_port, tiny_prior
@@ -100,11 +101,13 @@ def training_processes(proc: subprocess.Popen) -> list:
 
 
 def signal_training(proc: subprocess.Popen, sig: int, everything: bool = False, ranks=(0, 1)) -> None:
+    """`sig` to the training processes of `ranks`, or to the launcher and everything under it."""
     import psutil
 
-    targets = [w for r, w in enumerate(training_processes(proc)) if r in ranks]
     if everything:
-        targets += psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        targets = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    else:
+        targets = [w for r, w in enumerate(training_processes(proc)) if r in ranks]
     for p in targets:
         try:
             p.send_signal(sig)
@@ -113,12 +116,12 @@ def signal_training(proc: subprocess.Popen, sig: int, everything: bool = False, 
 
 
 def wait_for_checkpoint(out: Path, proc: subprocess.Popen, after: int = 0, timeout: float = 240) -> int:
-    """The step of the first complete checkpoint past `after` (its trainer_state.json is written last)."""
+    """The step of the first complete checkpoint past `after`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        steps = [int(p.parent.name.split("_")[1]) for p in out.glob("checkpoints/checkpoint_*/trainer_state.json")]
-        if any(s > after for s in steps):
-            return min(s for s in steps if s > after)
+        steps = [s for s, _ in list_checkpoints(out / "checkpoints") if s > after]
+        if steps:
+            return steps[0]
         assert proc.poll() is None, f"the run ended ({proc.returncode}) first:\n{proc.stderr.read()[-3000:]}"
         time.sleep(0.01)
     raise AssertionError(f"no checkpoint past step {after} within {timeout} s")
@@ -170,7 +173,7 @@ def test_fsdp_trains_like_ddp_and_survives_kill_9_and_sigterm_bit_for_bit(stage1
     signal_training(resumed, signal.SIGTERM, ranks=(1,))  # rank 0 learns at the next step's all-reduce
     code, stdout, err = finished(resumed)
     assert code == 75, err[-3000:]
-    step = max(int(p.parent.name.split("_")[1]) for p in out.glob("checkpoints/checkpoint_*/trainer_state.json"))
+    step = list_checkpoints(out / "checkpoints")[-1][0]
     assert f"resumed from {out / 'checkpoints' / f'checkpoint_{first}'}" in err, err[-3000:]
     assert f"stopped at step {step} (SIGTERM)" in err and f"[rank 1] stopped at step {step}" in stdout, err[-3000:]
     sharded_across_two_ranks(out / "checkpoints" / f"checkpoint_{step}")

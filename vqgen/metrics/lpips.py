@@ -45,9 +45,8 @@ class LPIPS(lpips.LPIPS):
         self.weights_paths = [path]
         if linear:
             lin_path = Path(lin) if lin is not None else Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-            for key, value in read_state_dict(
-                lin_path, "LPIPS weights file"
-            ).items():  # lin{j}.*, also held as lins.{j}.*
+            lins = read_state_dict(lin_path, "LPIPS weights file")
+            for key, value in lins.items():  # lin{j}.*, also held as lins.{j}.*
                 state[key] = state[re.sub(r"^lin(\d+)\.", r"lins.\1.", key)] = value
             self.weights_paths.append(lin_path)
         self.to_empty(device="cpu")

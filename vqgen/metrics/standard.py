@@ -105,30 +105,33 @@ def from_arguments(args) -> MetricsConfig:
     return MetricsConfig(args.standard_metrics, **{k: getattr(args, k) for k in names if hasattr(args, k)})
 
 
-def _found(cfg: MetricsConfig, spec: WeightFile, path: str | None, flag: str, what: str, level: int) -> bool:
-    """Whether to compute a metric: not when off; under auto a missing file is said at `level`, under on an error."""
-    if cfg.standard == "off" or find_weights(spec, path, flag, required=cfg.standard == "on") is not None:
-        return cfg.standard != "off"
-    logger.log(level, "%s not computed: %s", what, missing_message(spec, flag))
-    return False
+def _weights(cfg: MetricsConfig, spec: WeightFile, path: str | None, flag: str, what: str, level: int) -> Path | None:
+    """The file a metric needs, or None: standard off, or auto without the file (said at `level`); under on a
+    missing file is an error."""
+    if cfg.standard == "off":
+        return None
+    found = find_weights(spec, path, flag, required=cfg.standard == "on")
+    if found is None:
+        logger.log(level, "%s not computed: %s", what, missing_message(spec, flag))
+    return found
 
 
 def load_inception(cfg: MetricsConfig, flags: dict = FLAGS, level: int = logging.WARNING):
     """The Inception feature extractor, or None (standard off, or auto without the file)."""
-    if not _found(cfg, INCEPTION, cfg.inception_weights, flags["inception_weights"], "FID/KID/IS", level):
+    path = _weights(cfg, INCEPTION, cfg.inception_weights, flags["inception_weights"], "FID/KID/IS", level)
+    if path is None:
         return None
     from vqgen.metrics.inception import InceptionFeatures
 
-    return InceptionFeatures(find_weights(INCEPTION, cfg.inception_weights, flags["inception_weights"], True))
+    return InceptionFeatures(path)
 
 
 def load_lpips(cfg: MetricsConfig, flags: dict = FLAGS, level: int = logging.WARNING):
     """The LPIPS metric network (with its linear layers), or None."""
-    backbone = LPIPS_BACKBONES[cfg.lpips_net]
-    if not _found(cfg, backbone, cfg.lpips_backbone, flags["lpips_backbone"], "LPIPS", level):
+    spec = LPIPS_BACKBONES[cfg.lpips_net]
+    backbone = _weights(cfg, spec, cfg.lpips_backbone, flags["lpips_backbone"], "LPIPS", level)
+    if backbone is None:
         return None
     from vqgen.metrics.lpips import LPIPS
 
-    return LPIPS(
-        cfg.lpips_net, find_weights(backbone, cfg.lpips_backbone, flags["lpips_backbone"], True), cfg.lpips_weights
-    )
+    return LPIPS(cfg.lpips_net, backbone, cfg.lpips_weights)
