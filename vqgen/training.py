@@ -355,6 +355,7 @@ class Bookkeeper:
                 self.accelerator, step, note, self.tc.checkpoints_total_limit, self.stream
             )
         if plan.stop:
+            self.bar.close()  # before the stop's message (else tqdm redraws the bar at interpreter exit, after it)
             stop_run(self.accelerator, self.stopper, step, self.last_checkpoint)
         return plan.last
 

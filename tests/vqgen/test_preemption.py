@@ -2,6 +2,7 @@
 rank agreed on and exit code 75; `--resume_from_checkpoint auto` continues it bit for bit; extraction stops
 between shards; the SLURM recipe parses as sbatch reads it and its training command runs."""
 
+import gc
 import json
 import os
 import re
@@ -245,12 +246,16 @@ def test_the_requeue_wrapper_passes_every_other_exit_code_through(tmp_path):
     assert missing.returncode == 127 and missing.stderr.count("error:") == 1
 
 
-def test_the_time_budget_stops_with_a_checkpoint_within_one_step(tmp_path, image_folder):
+def test_the_time_budget_stops_with_a_checkpoint_within_one_step(tmp_path, image_folder, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train1(stage1_args(out, image_folder, "train.max_steps=100000", "train.checkpoint_every=0",
                            "train.max_time=3"))  # fmt: skip
     assert e.value.code == EXIT_PREEMPTED
+    capsys.readouterr()
+    del e  # the last reference to the run's frames: an unclosed progress bar would be redrawn now, after the message
+    gc.collect()
+    assert "stage 1" not in capsys.readouterr().err
     step = newest_step(out)
     state = json.loads((out / "checkpoints" / f"checkpoint_{step}" / "trainer_state.json").read_text())
     assert state["step"] == step > 0 and "max_time" in state["stopped_by"]
