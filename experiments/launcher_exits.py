@@ -1,15 +1,17 @@
 """Every 2-process command, run many times under torchrun: how often a rank exits non-zero after its work was done,
-and how often a rank warns that the process group was never destroyed (issue 36).
+how often a rank warns that the process group was never destroyed (issue 36), and how often a rank reached the
+interpreter's teardown, where gloo's threads can abort it (tests/launch_probe).
 
     python -m experiments.launcher_exits --runs 50 [--commands evaluate,extract] [--busy] --work runs/launcher_exits
 
 The tiny models and data are made once in --work (a 16x16 image folder, a 4-step VQ-VAE, its codes, a 2-step
 prior, the pipeline, a random Inception file in torch-fidelity's format for the sample metrics). Then each command
-runs --runs times in 2 CPU processes (`torch.distributed.run --nproc_per_node 2`, one thread each), each time on a
-fresh port and into a fresh output folder. `--busy` keeps one CPU-bound process running beside them (the abort of
-issue 36 was seen on a loaded machine). Prints one line per command: runs, failures (launcher exit code != 0),
-aborts (`terminate called` or SIGABRT in the output), undestroyed-group warnings, and seconds per run; with
---log, the output of every failed run.
+runs --runs times in 2 CPU processes (`torch.distributed.run --nproc_per_node 2`, one thread each; train2_fsdp
+under `accelerate launch` with the shipped FSDP config), each time on a fresh port and into a fresh output
+folder. `--busy` keeps one CPU-bound process running beside them (the aborts were seen on a loaded machine).
+Prints one line per command: runs, failures (launcher exit code != 0), aborts (`terminate called` or SIGABRT in
+the output), undestroyed-group warnings, runs where a rank reached the teardown, and seconds per run; with --log,
+the output of every failed run.
 """
 
 from __future__ import annotations
@@ -136,6 +138,18 @@ def commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
             "train.checkpoint_every=1",
             "train.report_to=none",
         ],  # fmt: skip
+        "train2_fsdp": [
+            "-m",
+            "stage2_prior.train",
+            "--config",
+            str(TINY2),
+            f"train.output_dir={out}",
+            f"data.codes={p['codes']}",
+            "train.max_steps=8",
+            "train.eval_every=8",
+            "train.checkpoint_every=4",
+            "train.report_to=none",
+        ],  # fmt: skip
         "evaluate2": [
             "-m",
             "stage2_prior.evaluate",
@@ -196,10 +210,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_once(argv: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]  # fmt: skip
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_bf16.yaml"
+PROBES = ROOT / "tests" / "launch_probe", ROOT / "tests" / "fsdp_probe"  # exit checks; FSDP's gate lifted on CPUs
+
+
+def run_once(name: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` in 2 CPU processes: under torchrun, or for train2_fsdp under `accelerate launch` with the shipped FSDP
+    config (fp32) and Accelerate's CPU gate lifted as the tests do (tests/fsdp_probe). tests/launch_probe says in
+    the output when a rank reached the interpreter's teardown."""
+    fsdp = name == "train2_fsdp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", VQGEN_TEST_FSDP_ON_CPU="1" if fsdp else "0",
+               PYTHONPATH=os.pathsep.join(map(str, [PROBES[1] if fsdp else PROBES[0], ROOT])))  # fmt: skip
+    if fsdp:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                    "--mixed_precision", "no", "--num_processes", "2", "--main_process_port",
+                    str(free_port())]  # fmt: skip
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port())]  # fmt: skip
     return subprocess.run([*launcher, *argv], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -227,17 +255,18 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         names = args.commands.split(",") if args.commands else list(commands(paths, work))
         for name in names:
-            counts = {"runs": 0, "failed": 0, "aborted": 0, "warned": 0}
+            counts = {"runs": 0, "failed": 0, "aborted": 0, "warned": 0, "teardown": 0}
             t0 = time.perf_counter()
             for i in range(args.runs):
                 out = work / "out" / f"{name}-{i}"
                 shutil.rmtree(out, ignore_errors=True)
-                proc = run_once(commands(paths, out)[name])
+                proc = run_once(name, commands(paths, out)[name])
                 text = proc.stdout + proc.stderr
                 counts["runs"] += 1
                 counts["failed"] += proc.returncode != 0
                 counts["aborted"] += "terminate called" in text or "SIGABRT" in text or "Signals.SIGABRT" in text
                 counts["warned"] += WARNING in text
+                counts["teardown"] += "reached the interpreter's teardown" in text
                 if args.log and (proc.returncode != 0 or WARNING in text):
                     with open(args.log, "a") as f:
                         f.write(f"===== {name} run {i}: exit {proc.returncode}\n{text}\n")

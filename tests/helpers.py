@@ -72,8 +72,8 @@ PROBE = os.path.join(ROOT, "tests", "launch_probe")  # its sitecustomize says wh
 
 def run_two_processes(*module_args: str, script: str | None = None) -> subprocess.CompletedProcess:
     """`python -m <module> ...` (or `python <script> ...`) in 2 CPU processes under torchrun (Accelerate on CPU,
-    one thread each), on a free port. Fails the test when any rank exits without destroying its process group,
-    the rare abort of issue 36."""
+    one thread each), on a free port. Fails the test when any rank exits without destroying its process group or
+    reaches the interpreter's teardown: the causes of the rare abort at exit (tests/launch_probe)."""
     port = free_port()
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([PROBE, ROOT]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
@@ -82,6 +82,9 @@ def run_two_processes(*module_args: str, script: str | None = None) -> subproces
     left = [line for line in proc.stderr.splitlines() if "process group was not destroyed" in line]
     if left or "destroy_process_group" in proc.stderr:
         pytest.fail(f"a rank exited with its process group alive: {left or proc.stderr[-2000:]}")
+    torn = [line for line in proc.stderr.splitlines() if "reached the interpreter's teardown" in line]
+    if torn:
+        pytest.fail(f"a rank ended through the interpreter's teardown, where gloo's threads can abort it: {torn}")
     return proc
 
 

@@ -28,8 +28,28 @@ def run_cli(main, argv: list[str] | None = None) -> None:
     """Run a script's main(); a VqgenError becomes one `error: ...` line on stderr and exit code 2.
 
     Under a launcher (accelerate launch, torchrun) every process stops; an error that every rank raises alike
-    is printed by rank 0 alone, any other by the rank that met it.
+    is printed by rank 0 alone, any other by the rank that met it. A process launched beside others then ends
+    without the interpreter's teardown (`leave_launched_process`), whatever way main() ended.
     """
+    if not launched_beside_others():
+        try:
+            call_main(main, argv)
+        finally:
+            end_process_group()
+        return
+    try:
+        call_main(main, argv)
+        code = 0
+    except SystemExit as e:
+        code = exit_status(e.code)
+    except BaseException:  # what the interpreter would print and exit with
+        sys.excepthook(*sys.exc_info())
+        code = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
+    end_process_group()
+    leave_launched_process(code)
+
+
+def call_main(main, argv: list[str] | None) -> None:
     try:
         main(argv)
     except VqgenError as e:
@@ -44,8 +64,47 @@ def run_cli(main, argv: list[str] | None = None) -> None:
               f"job during a collective ({said}): a node or process died. The last complete checkpoint is intact: "
               "requeue the same command with --resume_from_checkpoint auto", file=sys.stderr)  # fmt: skip
         raise SystemExit(1) from None
-    finally:
-        end_process_group()
+
+
+def launched_beside_others() -> bool:
+    """One of several processes of a launch (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def exit_status(code) -> int:
+    """The exit status SystemExit(code) gives: None is 0; a message is printed and is 1."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def leave_launched_process(code: int):
+    """Exit with `code` after what the interpreter does first on its way out (non-daemon threads joined, atexit
+    handlers run, streams flushed), but without its teardown.
+
+    Destroying the process group does not stop gloo's worker threads: the group outlives it (DDP's reducer and
+    FSDP's parameter groups still hold it), and a worker frees each finished collective after the rank has
+    seen it finish. Freeing one that holds tensors with Python objects (FSDP's all-gather outputs, kept by the
+    barrier after them) takes the GIL. When the main thread has meanwhile reached the teardown, that thread
+    exits inside a destructor: `std::terminate`, "terminate called without an active exception", SIGABRT, and
+    the launcher reports a finished job failed (a core dump of the FSDP test's rank 1 shows exactly this;
+    about 1 run in 40 on a loaded 2-core machine). Without the teardown nothing is left to race."""
+    import atexit
+    import gc
+    import threading
+
+    gc.collect()  # unreachable objects finalized while the interpreter is whole
+    shutdown = getattr(threading, "_shutdown", None)  # the interpreter's own first step: joins non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # What gloo and NCCL say when the other end of a collective is gone (a killed process, a failed node).
@@ -82,12 +141,10 @@ def launch_state():
 def end_process_group() -> None:
     """Destroy the default process group, if this process started one (every command ends here, whatever way).
 
-    A group left to the interpreter's exit keeps its backend's threads joinable while the process tears down:
-    gloo's then end in `std::terminate` ("terminate called without an active exception", SIGABRT), now and then
-    after a run whose work was done, and the launcher reports the whole job failed (issue 36); NCCL's warn that
-    `destroy_process_group()` was not called. The trainers' `end_training` already did it; the other commands
-    never end their Accelerator. On an error the other ranks may still wait in a collective: this rank's group
-    holds no work in flight then, and the launcher stops the others once this one exits."""
+    NCCL warns when `destroy_process_group()` was not called. (It was meant to end gloo's rare abort at exit
+    too, issue 36; that took `leave_launched_process`.) The trainers' `end_training` already did it; the other
+    commands never end their Accelerator. On an error the other ranks may still wait in a collective: this
+    rank's group holds no work in flight then, and the launcher stops the others once this one exits."""
     dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

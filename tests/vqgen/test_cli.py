@@ -1,6 +1,7 @@
 """The CLI wrapper (one error line, once under a launcher), console scripts, and imports that run one way."""
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,62 @@ def test_under_a_launcher_an_error_of_every_rank_prints_once_and_a_rank_s_own_er
             run_cli(fails(every_rank), [])
         assert e.value.code == 2
         assert ("error: the problem and the fix" in capsys.readouterr().err) == printed, (rank, every_rank)
+
+
+ENDS = """
+import atexit, os, sys, threading, time
+from vqgen.cli import VqgenError, run_cli
+
+def main(argv):
+    how, marker = argv
+    atexit.register(lambda: open(marker + ".atexit", "w").close())
+    # A non-daemon thread still working when main() returns: the interpreter would wait for it, and so must we.
+    threading.Thread(target=lambda: (time.sleep(0.3), open(marker + ".thread", "w").close())).start()
+    print("buffered", end="")  # no newline: still in the buffer when the process ends
+    if how == "exit75":
+        raise SystemExit(75)
+    if how == "message":
+        raise SystemExit("a message")
+    if how == "user":
+        raise VqgenError("the problem and the fix", every_rank=True)
+    if how == "bug":
+        raise ValueError("a bug")
+
+run_cli(main, sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # subprocesses: about a second each
+@pytest.mark.parametrize(
+    "how,rank,code,said",
+    [("done", "1", 0, ""), ("exit75", "1", 75, ""), ("message", "1", 1, "a message"),
+     ("user", "0", 2, "error: the problem and the fix"), ("user", "1", 2, ""),
+     ("bug", "1", 1, "ValueError: a bug")],
+)  # fmt: skip
+def test_a_launched_rank_ends_with_mains_status_without_the_interpreters_teardown(tmp_path, how, rank, code, said):
+    """Under a launcher, run_cli ends the rank before the interpreter's teardown (where gloo's threads can abort
+    it): with main()'s exit status, after what the interpreter itself does first (threads joined, atexit run,
+    output flushed). tests/launch_probe says when a process reaches the teardown."""
+    import subprocess
+    import sys
+
+    from helpers import PROBE
+
+    env = dict(os.environ, WORLD_SIZE="2", RANK=rank, PYTHONPATH=os.pathsep.join([PROBE, ROOT]))
+    marker = str(tmp_path / "m")
+    proc = subprocess.run([sys.executable, "-c", ENDS, how, marker], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "buffered"
+    assert os.path.exists(marker + ".atexit") and os.path.exists(marker + ".thread")
+    assert "teardown" not in proc.stderr and "not destroyed" not in proc.stderr, proc.stderr
+    assert said in proc.stderr and (said or proc.stderr == ""), proc.stderr
+    # Outside a launch the interpreter ends the process as usual.
+    if how == "done":
+        env["WORLD_SIZE"] = "1"
+        alone = subprocess.run([sys.executable, "-c", ENDS, how, marker], env=env, capture_output=True, text=True,
+                               timeout=60, cwd=ROOT)  # fmt: skip
+        assert alone.returncode == 0 and alone.stdout == "buffered" and alone.stderr == ""
 
 
 @pytest.mark.slow  # subprocesses or a compilation: seconds each

@@ -87,6 +87,8 @@ def finished(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, st
     except subprocess.TimeoutExpired:
         signal_training(proc, signal.SIGKILL, everything=True)
         raise AssertionError(f"no exit within {timeout} s") from None
+    probe = [line for line in err.splitlines() if "vqgen-test:" in line]  # tests/launch_probe's exit checks
+    assert not probe, f"a rank ended in a way that can abort it at exit: {probe}"
     return proc.returncode, out, err
 
 
