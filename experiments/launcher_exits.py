@@ -91,6 +91,8 @@ def setup(work: Path) -> dict[str, Path]:
 
 def commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
     """Each command users run under a launcher, at test size, writing into `out`."""
+    train2 = ["-m", "stage2_prior.train", "--config", str(TINY2), f"train.output_dir={out}", f"data.codes={p['codes']}",
+              "train.report_to=none"]  # fmt: skip
     return {
         "train1": [
             "-m",
@@ -126,30 +128,9 @@ def commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
             "--batch_size",
             "4",
         ],  # fmt: skip
-        "train2": [
-            "-m",
-            "stage2_prior.train",
-            "--config",
-            str(TINY2),
-            f"train.output_dir={out}",
-            f"data.codes={p['codes']}",
-            "train.max_steps=2",
-            "train.eval_every=0",
-            "train.checkpoint_every=1",
-            "train.report_to=none",
-        ],  # fmt: skip
-        "train2_fsdp": [
-            "-m",
-            "stage2_prior.train",
-            "--config",
-            str(TINY2),
-            f"train.output_dir={out}",
-            f"data.codes={p['codes']}",
-            "train.max_steps=8",
-            "train.eval_every=8",
-            "train.checkpoint_every=4",
-            "train.report_to=none",
-        ],  # fmt: skip
+        "train2": [*train2, "train.max_steps=2", "train.eval_every=0", "train.checkpoint_every=1"],
+        # As tests/vqgen/test_sharding.py trains under FSDP: an evaluation (its sample grid) and checkpoints.
+        "train2_fsdp": [*train2, "train.max_steps=8", "train.eval_every=8", "train.checkpoint_every=4"],
         "evaluate2": [
             "-m",
             "stage2_prior.evaluate",
