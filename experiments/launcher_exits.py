@@ -200,7 +200,7 @@ def run_once(name: str, argv: list[str]) -> subprocess.CompletedProcess:
     config (fp32) and Accelerate's CPU gate lifted as the tests do (tests/fsdp_probe). tests/launch_probe says in
     the output when a rank reached the interpreter's teardown."""
     fsdp = name == "train2_fsdp"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", VQGEN_TEST_FSDP_ON_CPU="1" if fsdp else "0",
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", VQGEN_TEST_FSDP_ON_CPU="1",
                PYTHONPATH=os.pathsep.join(map(str, [PROBES[1] if fsdp else PROBES[0], ROOT])))  # fmt: skip
     if fsdp:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),

@@ -42,9 +42,9 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         code = 0
     except SystemExit as e:
         code = exit_status(e.code)
-    except BaseException:  # what the interpreter would print and exit with
-        sys.excepthook(*sys.exc_info())
-        code = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
+    except BaseException as e:  # what the interpreter would print and exit with
+        sys.excepthook(type(e), e, e.__traceback__)
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
     end_process_group()
     leave_launched_process(code)
 

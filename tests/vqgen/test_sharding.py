@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from vqgen.checkpoints import list_checkpoints
 from vqgen.sharding import wrap_problem
 
-from helpers import ROOT, TINY2, free_port, tiny_prior
+from helpers import ROOT, TINY2, free_port, probe_says, tiny_prior
 
 FSDP_CONFIG = os.path.join(ROOT, "configs", "accelerate", "fsdp_bf16.yaml")
 
@@ -87,8 +87,8 @@ def finished(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, st
     except subprocess.TimeoutExpired:
         signal_training(proc, signal.SIGKILL, everything=True)
         raise AssertionError(f"no exit within {timeout} s") from None
-    probe = [line for line in err.splitlines() if "vqgen-test:" in line]  # tests/launch_probe's exit checks
-    assert not probe, f"a rank ended in a way that can abort it at exit: {probe}"
+    said = probe_says(err)
+    assert not said, f"a rank ended in a way that can abort it at exit: {said}"
     return proc.returncode, out, err
 
 
